@@ -1,0 +1,20 @@
+# The two commands of the README. Both create .venv and install fqn into it first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fqn-installed
+
+.PHONY: quickstart test lint
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/fqn quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fqn tests tools

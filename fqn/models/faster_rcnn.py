@@ -1,0 +1,160 @@
+"""torchvision Faster R-CNN builders and the fully quantized detector (FQN scope)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import faster_rcnn as tv_frcnn
+from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import FrozenBatchNorm2d
+
+from fqn.config import QuantConfig
+from fqn.models.quantizable import CONVERTERS
+from fqn.quant.modules import QConv2d, act_quantizer
+from fqn.quant.prepare import is_prepared, scope_summary, swap_modules
+
+log = logging.getLogger(__name__)
+
+_RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
+BACKBONES = (*_RESNETS, "mobilenet_v3_large")
+# torchvision ships COCO Faster R-CNN weights for these backbones only.
+_DETECTION_BUILDERS = {"resnet50": tv_frcnn.fasterrcnn_resnet50_fpn,
+                       "mobilenet_v3_large": tv_frcnn.fasterrcnn_mobilenet_v3_large_fpn}
+
+
+def build_detector(backbone: str, num_classes: int, *, weights: Any = None, weights_backbone: Any = None,
+                   min_size: int = 800, max_size: int = 1333, trainable_backbone_layers: int | None = None,
+                   **kwargs: Any) -> FasterRCNN:
+    """A torchvision Faster R-CNN with an FPN on the named backbone.
+
+    Without pretrained weights the backbone uses trainable ``BatchNorm2d``
+    (a from-scratch float model must learn its BN statistics); with weights it
+    uses ``FrozenBatchNorm2d``, as torchvision does. ``weights`` (COCO
+    detection weights, resnet50 and mobilenet_v3_large only) and
+    ``weights_backbone`` (ImageNet) are passed to torchvision; with COCO
+    weights and ``num_classes != 91`` the box predictor is replaced.
+
+    Args:
+        backbone: ``resnet18``, ``resnet34``, ``resnet50`` or ``mobilenet_v3_large``.
+        num_classes: number of classes including the background.
+        weights, weights_backbone: torchvision weight enums or their names.
+        min_size, max_size: resize bounds of torchvision's transform.
+
+    Example:
+        >>> model = build_detector("resnet18", num_classes=3, min_size=128, max_size=128)
+        >>> type(model).__name__
+        'FasterRCNN'
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {list(BACKBONES)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes!r}")
+    if min_size < 32 or max_size < min_size:
+        raise ValueError(f"need 32 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+    if weights is not None:
+        if backbone not in _DETECTION_BUILDERS:
+            raise ValueError(f"torchvision has no COCO Faster R-CNN weights for {backbone}; use weights_backbone "
+                             "(ImageNet) instead, or resnet50 / mobilenet_v3_large")
+        model = _DETECTION_BUILDERS[backbone](weights=weights, weights_backbone=None, min_size=min_size,
+                                              max_size=max_size, trainable_backbone_layers=trainable_backbone_layers,
+                                              **kwargs)
+        if num_classes != model.roi_heads.box_predictor.cls_score.out_features:
+            in_features = model.roi_heads.box_predictor.cls_score.in_features
+            model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+        return model
+
+    trained = weights_backbone is not None
+    norm_layer = FrozenBatchNorm2d if trained else nn.BatchNorm2d
+    layers = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if trained else 5)
+    if backbone in _RESNETS:
+        body = _RESNETS[backbone](weights=weights_backbone, norm_layer=norm_layer)
+        feat = _resnet_fpn_extractor(body, layers)
+    else:
+        body = mobilenet_v3_large(weights=weights_backbone, norm_layer=norm_layer, dilated=True)
+        feat = _mobilenet_extractor(body, True, min(layers, 6))
+    if backbone == "mobilenet_v3_large":
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+        sizes = ((32, 64, 128, 256, 512),) * 3
+        ratios = ((0.5, 1.0, 2.0),) * len(sizes)
+        kwargs.setdefault("rpn_anchor_generator", AnchorGenerator(sizes, ratios))
+    return FasterRCNN(feat, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+
+
+def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """Make a torchvision Faster R-CNN fully quantized as FQN says, in place; returns it.
+
+    Quantized: the normalised input, every conv and linear of the backbone,
+    FPN, RPN head, box head and box predictor (BN folded per ``cfg.freeze_bn``),
+    the residual and FPN adds, the SE products, and the head outputs that feed
+    box decoding and NMS. Anchors, box decoding, RoIAlign and NMS work on
+    dequantized values. ``cfg.keep_float`` patterns leave named modules float.
+    The model leaves in the ``float`` phase (quantizers are identities) until
+    `calibrate` fixes the ranges. ``model.fqn_scope`` lists what was swapped.
+
+    Example:
+        >>> from fqn import QuantConfig, build_detector
+        >>> model = build_detector("resnet18", 3, min_size=128, max_size=128)
+        >>> model = prepare_qat(model, QuantConfig(bits_w=4, bits_a=4))
+        >>> scope_summary(model)["conv:quantized"]
+        36
+    """
+    if not isinstance(cfg, QuantConfig):
+        raise TypeError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")
+    if is_prepared(model) or getattr(model, "fqn_config", None) is not None:
+        raise ValueError("this model is already prepared for quantization; prepare_qat must be called once, "
+                         "on a float model (build a fresh one or reload the float checkpoint)")
+    num_levels = len(model.rpn.anchor_generator.sizes) if hasattr(model, "rpn") else 5
+    ctx = swap_modules(model, cfg, CONVERTERS, {"num_levels": num_levels})
+    _quantize_network_input(model, cfg)
+    from fqn.quant.fake_quant import set_phase
+
+    set_phase(model, "float")
+    model.fqn_config = cfg
+    model.fqn_scope = {"quantized": ctx.swapped, "float": ctx.kept_float}
+    log.info("fqn scope (%s, w%d/a%d): %s; kept float: %s", cfg.flags, cfg.bits_w, cfg.bits_a,
+             scope_summary(model), ctx.kept_float or "none")
+    return model
+
+
+def _quantize_network_input(model: nn.Module, cfg: QuantConfig) -> None:
+    """The normalised input (after torchvision's transform) is quantized at the first conv of the backbone."""
+    backbone = getattr(model, "backbone", model)
+    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    if isinstance(first, QConv2d) and first.is_quantized and first.input_fq is None:
+        first.input_fq = act_quantizer(cfg)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: Iterable[Tensor], *, batch_size: int = 2) -> nn.Module:
+    """Set the BatchNorm running statistics of a float model from data (cumulative average).
+
+    A randomly initialised detector has BN statistics (mean 0, var 1) that do
+    not match its activations, which makes any quantization look terrible;
+    this gives such a model realistic statistics for demos and tests. Only
+    ``nn.BatchNorm2d`` is touched (``FrozenBatchNorm2d`` stays frozen).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    backbone = getattr(model, "backbone", model)
+    transform = getattr(model, "transform", None)
+    imgs = list(images)
+    for i in range(0, len(imgs), batch_size):
+        chunk = imgs[i:i + batch_size]
+        batch = transform(chunk)[0].tensors if transform is not None else torch.stack(chunk)
+        backbone(batch)
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+    return model

@@ -1,0 +1,125 @@
+"""Calibration: run a few batches with observers on and fake quantization off, then fix the ranges."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fqn.quant.fake_quant import current_phase, quantizers, set_phase
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def calibration_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, activation observers on, fake quantization off; restores mode and phase on exit.
+
+    Example:
+        >>> with calibration_mode(model):  # doctest: +SKIP
+        ...     model(images)
+    """
+    was_training = model.training
+    phase = current_phase(model) or "float"
+    model.eval()
+    set_phase(model, "observe")
+    try:
+        yield model
+    finally:
+        set_phase(model, phase)
+        model.train(was_training)
+
+
+def batch_images(batch: Any) -> list[Tensor]:
+    """The list of 3xHxW images in a batch: a list of images, or an ``(images, targets)`` pair."""
+    if isinstance(batch, Tensor):
+        if batch.dim() == 4:
+            return list(batch)
+        if batch.dim() == 3:
+            return [batch]
+    if isinstance(batch, (list, tuple)) and batch:
+        if len(batch) == 2 and isinstance(batch[0], (list, tuple, Tensor)) and not _is_image(batch[0]):
+            return batch_images(batch[0])
+        if all(_is_image(x) for x in batch):
+            return list(batch)
+    raise ValueError("a calibration batch must be a list of 3xHxW image tensors or an (images, targets) pair; "
+                     f"got {type(batch).__name__}")
+
+
+def _is_image(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.dim() == 3
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int, *, progress: bool = True) -> nn.Module:
+    """Record activation statistics on ``num_batches`` batches, then fix every activation range.
+
+    Observers start from scratch, run in eval mode with fake quantization off
+    (ranges of the float activations), are reduced across DDP ranks, and the
+    model leaves in the ``quantize`` phase. Returns the model.
+
+    Example:
+        >>> import torch
+        >>> from fqn import QuantConfig, build_detector, prepare_qat
+        >>> model = prepare_qat(build_detector("resnet18", 3, min_size=128, max_size=128), QuantConfig())
+        >>> model = calibrate(model, [[torch.rand(3, 128, 128)]], 1, progress=False)
+    """
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    acts = quantizers(model, "act")
+    if not acts:
+        raise ValueError("the model has no activation quantizers: call prepare_qat(model, cfg) first")
+    for _, fq in acts:
+        fq.observer.reset()
+    device = _device(model)
+    seen = 0
+    bar = _progress(num_batches, progress)
+    with calibration_mode(model), torch.no_grad():
+        for batch in batches:
+            if seen >= num_batches:
+                break
+            model([img.to(device) for img in batch_images(batch)])
+            seen += 1
+            bar.update(1)
+    bar.close()
+    if seen < num_batches:
+        log.warning("calibration asked for %d batches but the data gave only %d", num_batches, seen)
+    if seen == 0:
+        raise ValueError("calibration got no batches: the calibration data is empty")
+    empty = []
+    for name, fq in acts:
+        fq.observer.sync()
+        fq.update_qparams()
+        if not fq.calibrated:
+            empty.append(name)
+    if empty:
+        log.warning("%d activation quantizers saw no data during calibration (e.g. no RoIs): %s", len(empty),
+                    ", ".join(empty[:5]))
+    set_phase(model, "quantize")
+    return model
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional for the method itself
+        return _NoBar()
+    return tqdm(total=total, desc="calibrate", unit="batch", leave=False)

@@ -1,0 +1,203 @@
+"""k-bit affine fake quantization with zero-point alignment and the FQN straight-through estimator.
+
+Forward uses torch's fused fake-quantize kernels; backward is eq. 8 of the
+FQN paper: the gradient passes unchanged inside [lb, ub] and is zero outside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fqn.quant.observers import Observer
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range: ``[0, 2^k-1]`` (asymmetric) or ``[-(2^(k-1)-1), 2^(k-1)-1]`` (symmetric, zero point 0)."""
+    if symmetric:
+        q = 2 ** (bits - 1) - 1
+        return -q, q
+    return 0, 2**bits - 1
+
+
+def calc_qparams(lb: Tensor, ub: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero point for the range [lb, ub], with zero-point alignment (FQN 3.6).
+
+    The range is widened to contain 0 and the zero point is rounded to an
+    integer, so real 0 (zero padding, ReLU floor) is represented exactly; the
+    bounds are nudged accordingly to ``(qmin - z)*scale`` and ``(qmax - z)*scale``.
+
+    Example:
+        >>> s, z = calc_qparams(torch.tensor([-1.0]), torch.tensor([3.0]), 8, False)
+        >>> int(z), round(float(s) * 255, 4)
+        (64, 4.0)
+    """
+    qmin, qmax = quant_range(bits, symmetric)
+    lb = torch.minimum(lb.float(), torch.zeros_like(lb, dtype=torch.float32))
+    ub = torch.maximum(ub.float(), torch.zeros_like(ub, dtype=torch.float32))
+    if symmetric:
+        scale = (torch.maximum(-lb, ub) / qmax).clamp_min(_EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = ((ub - lb) / (qmax - qmin)).clamp_min(_EPS)
+    zero_point = (qmin - torch.round(lb / scale)).clamp(qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fused fake quantization forward, eq. 8 mask backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
+        xf = x.float()
+        if axis is None:
+            out = torch.fake_quantize_per_tensor_affine(xf, scale, zero_point, qmin, qmax)
+            lb = (qmin - zero_point.float()) * scale
+            ub = (qmax - zero_point.float()) * scale
+        else:
+            out = torch.fake_quantize_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax)
+            shape = [1] * x.dim()
+            shape[axis] = -1
+            lb = ((qmin - zero_point.float()) * scale).reshape(shape)
+            ub = ((qmax - zero_point.float()) * scale).reshape(shape)
+        ctx.save_for_backward((xf >= lb) & (xf <= ub))
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None, None
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                  axis: int | None = None) -> Tensor:
+    """Quantize-dequantize ``x`` (per tensor if ``axis`` is None, else per channel along ``axis``)."""
+    if axis is None:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax, axis)
+
+
+class FakeQuantize(nn.Module):
+    """A named quantizer: an observer that proposes ranges and an affine fake quantizer.
+
+    Its phase lives in buffers so it is saved in checkpoints: ``observer_enabled``
+    (record statistics), ``fake_quant_enabled`` (quantize) and ``calibrated``
+    (qparams were computed from data). With fake quantization disabled the
+    module is exactly the identity.
+
+    Args:
+        observer: proposes [lb, ub].
+        bits: bit-width k.
+        symmetric: zero point 0 and a symmetric integer range (weights).
+        ch_axis: per-channel quantization along this axis, or None.
+        role: ``"weight"`` (range recomputed from the current weight at every
+            call) or ``"act"`` (range from the observer's accumulated statistics).
+    """
+
+    def __init__(self, observer: Observer, bits: int, *, symmetric: bool = False, ch_axis: int | None = None,
+                 num_channels: int = 1, role: str = "act") -> None:
+        super().__init__()
+        self.observer = observer
+        self.bits = bits
+        self.symmetric = symmetric
+        self.ch_axis = ch_axis
+        self.role = role
+        self.qmin, self.qmax = quant_range(bits, symmetric)
+        n = num_channels if ch_axis is not None else 1
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
+        self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("fake_quant_enabled", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
+
+    def extra_repr(self) -> str:
+        axis = "per-tensor" if self.ch_axis is None else f"per-channel(axis={self.ch_axis})"
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"role={self.role}, bits={self.bits}, {kind}, {axis}, q=[{self.qmin},{self.qmax}]"
+
+    def update_qparams(self) -> None:
+        """Recompute scale and zero point from the observer's current range."""
+        if not self.observer.has_data:
+            return
+        lb, ub = self.observer.compute_range()
+        scale, zp = calc_qparams(lb, ub, self.bits, self.symmetric)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.calibrated.fill_(1)
+
+    @property
+    def range(self) -> tuple[Tensor, Tensor]:
+        """The nudged range [lb, ub] that the quantizer actually represents."""
+        zp = self.zero_point.float()
+        return (self.qmin - zp) * self.scale, (self.qmax - zp) * self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        observed = False
+        if self.observer_enabled and x.numel() > 0:
+            self.observer(x.detach())
+            observed = True
+        if not self.fake_quant_enabled:
+            return x
+        if observed:
+            self.update_qparams()
+        if x.numel() == 0:
+            return x
+        if not self.calibrated:
+            raise RuntimeError(
+                f"this {self.role} quantizer has no range yet: run fqn.calibrate(model, batches, n) "
+                "before enabling fake quantization")
+        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
+
+
+def weight_quantizer(weight: Tensor, bits: int, *, per_channel: bool, symmetric: bool) -> FakeQuantize:
+    """A weight quantizer: min/max of the current weight, per output channel (C) or per tensor."""
+    from fqn.quant.observers import MinMaxObserver
+
+    n = weight.shape[0]
+    axis = 0 if per_channel else None
+    obs = MinMaxObserver(ch_axis=axis, num_channels=n, accumulate=False)
+    fq = FakeQuantize(obs, bits, symmetric=symmetric, ch_axis=axis, num_channels=n, role="weight")
+    return fq.to(weight.device)
+
+
+PHASES = {
+    # name: (activation observers on, fake quantization on)
+    "float": (False, False),
+    "observe": (True, False),
+    "quantize": (False, True),
+    "observe_quantize": (True, True),
+}
+
+
+def quantizers(model: nn.Module, role: str | None = None) -> list[tuple[str, FakeQuantize]]:
+    """All quantizers of ``model`` with their names, optionally only one role."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, FakeQuantize) and (role is None or m.role == role)]
+
+
+def set_phase(model: nn.Module, phase: str) -> None:
+    """Switch every quantizer of ``model`` to a named phase.
+
+    * ``float``: identity everywhere (no observing, no quantizing).
+    * ``observe``: activation observers record statistics, no quantization (calibration).
+    * ``quantize``: fixed ranges, fake quantization on (P: after calibration).
+    * ``observe_quantize``: EMA ranges keep updating while quantizing ([17], P off).
+
+    Weight quantizers always recompute their range from the current weight when quantizing.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"unknown quantizer phase {phase!r}; choose one of {sorted(PHASES)}")
+    observe, quantize = PHASES[phase]
+    for _, fq in quantizers(model):
+        fq.fake_quant_enabled.fill_(int(quantize))
+        fq.observer_enabled.fill_(int(observe) if fq.role == "act" else 1)
+
+
+def current_phase(model: nn.Module) -> str | None:
+    """The phase of the activation quantizers, or None if they disagree or there are none."""
+    states = {(bool(fq.observer_enabled), bool(fq.fake_quant_enabled)) for _, fq in quantizers(model, "act")}
+    if len(states) != 1:
+        return None
+    (state,) = states
+    return next(name for name, value in PHASES.items() if value == state)

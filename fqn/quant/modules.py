@@ -1,0 +1,196 @@
+"""Quantized layers by module swapping: subclasses of the float layers that keep ``weight``/``bias``.
+
+Quantizers are role-named children: ``weight_fq`` (the weight), ``input_fq``
+(an input that no upstream quantizer produced: the normalised image, RoIAlign
+or pooling output), ``preact_fq`` (conv output before a non-ReLU activation)
+and ``act_fq`` (the output, after the fused activation). A quantizer that is
+None is not there: such a layer computes in float at that point.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fqn.config import QuantConfig
+from fqn.quant.fake_quant import FakeQuantize, weight_quantizer
+from fqn.quant.fold import batch_stats, bn_stats, fold_conv_bn_weights
+from fqn.quant.observers import make_activation_observer
+
+GRID_PRESERVING = (nn.ReLU, nn.ReLU6)
+
+
+def act_quantizer(cfg: QuantConfig) -> FakeQuantize:
+    """An activation quantizer (asymmetric, per tensor) with the observer the config asks for."""
+    obs = make_activation_observer(cfg.activation_observer, gamma=cfg.gamma, momentum=cfg.ema_momentum,
+                                   bits=cfg.bits_a, bins=cfg.histogram_bins)
+    return FakeQuantize(obs, cfg.bits_a, symmetric=False, role="act")
+
+
+def _maybe(fq_on: bool, cfg: QuantConfig) -> FakeQuantize | None:
+    return act_quantizer(cfg) if fq_on else None
+
+
+class _QuantLayerMixin:
+    """Shared wiring of QConv2d and QLinear."""
+
+    weight_fq: FakeQuantize | None
+    input_fq: FakeQuantize | None
+    preact_fq: FakeQuantize | None
+    act_fq: FakeQuantize | None
+    activation: nn.Module | None
+
+    def _setup(self, cfg: QuantConfig | None, *, activation: nn.Module | None, input_quant: bool,
+               output_quant: bool) -> None:
+        self.activation = activation
+        quant = cfg is not None
+        self.weight_fq = (weight_quantizer(self.weight, cfg.bits_w, per_channel=cfg.per_channel,
+                                           symmetric=cfg.symmetric_weights) if quant else None)
+        self.input_fq = _maybe(quant and input_quant, cfg)
+        needs_preact = activation is not None and not isinstance(activation, GRID_PRESERVING)
+        self.preact_fq = _maybe(quant and output_quant and needs_preact, cfg)
+        self.act_fq = _maybe(quant and output_quant, cfg)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_fq is not None
+
+    def _q_weight(self, w: Tensor) -> Tensor:
+        return self.weight_fq(w) if self.weight_fq is not None else w
+
+    def _q_input(self, x: Tensor) -> Tensor:
+        return self.input_fq(x) if self.input_fq is not None else x
+
+    def _q_output(self, y: Tensor) -> Tensor:
+        if self.activation is not None:
+            if self.preact_fq is not None:
+                y = self.preact_fq(y)
+            y = self.activation(y)
+        return self.act_fq(y) if self.act_fq is not None else y
+
+
+class QConv2d(_QuantLayerMixin, nn.Conv2d):
+    """Conv2d with fake-quantized weight, optional input quantizer, fused activation and output quantizer."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, cfg: QuantConfig | None, *, bias: Tensor | None = None,
+                   weight: Tensor | None = None, activation: nn.Module | None = None, input_quant: bool = False,
+                   output_quant: bool = True) -> QConv2d:
+        """Swap ``conv`` (``cfg=None`` keeps it float); ``weight``/``bias`` override, e.g. BN-folded ones."""
+        w = conv.weight if weight is None else weight
+        b = conv.bias if bias is None else bias
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, bias=b is not None, padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            q.weight.copy_(w)
+            if b is not None:
+                q.bias.copy_(b)
+        q.weight.requires_grad_(conv.weight.requires_grad)
+        if q.bias is not None:
+            q.bias.requires_grad_(conv.weight.requires_grad)
+        q._setup(cfg, activation=activation, input_quant=input_quant, output_quant=output_quant)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._q_output(self._conv_forward(self._q_input(x), self._q_weight(self.weight), self.bias))
+
+
+class QConvBn2d(QConv2d):
+    """Conv + BN folded with batch statistics while training, EMA updated (eqs. 11-12, F off).
+
+    In eval mode, or once `bn_frozen` is set (the [18] variant: frozen for the
+    last N steps), it folds the EMA statistics instead (eqs. 13-14).
+    """
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, cfg: QuantConfig, **kw) -> QConvBn2d:
+        q = cls.from_float(conv, cfg, **kw)
+        gamma, beta, mean, var, eps = bn_stats(bn)
+        trainable = isinstance(gamma, nn.Parameter) and gamma.requires_grad
+        q.bn_weight = nn.Parameter(gamma.detach().clone(), requires_grad=trainable)
+        q.bn_bias = nn.Parameter(beta.detach().clone(), requires_grad=trainable)
+        q.register_buffer("running_mean", mean.detach().clone())
+        q.register_buffer("running_var", var.detach().clone())
+        q.register_buffer("bn_frozen", torch.tensor(0, dtype=torch.uint8))
+        q.bn_eps = eps
+        momentum = getattr(bn, "momentum", None)
+        q.bn_momentum = 0.1 if momentum is None else float(momentum)
+        return q
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bn_eps={self.bn_eps}, bn_momentum={self.bn_momentum}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._q_input(x)
+        if self.training and not self.bn_frozen:
+            y = self._conv_forward(x, self.weight, self.bias)
+            mean, var = batch_stats(y)
+            with torch.no_grad():  # EMA update as nn.BatchNorm2d does (unbiased running variance)
+                n = y.numel() // y.shape[1]
+                m = self.bn_momentum
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
+        else:
+            mean, var = self.running_mean, self.running_var
+        w, b = _fold_differentiable(self.weight, self.bias, self.bn_weight, self.bn_bias, mean, var, self.bn_eps)
+        return self._q_output(self._conv_forward(x, self._q_weight(w), b))
+
+
+def _fold_differentiable(weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor, mean: Tensor,
+                         var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    factor = gamma / torch.sqrt(var + eps)
+    b = bias if bias is not None else torch.zeros_like(mean)
+    return weight * factor.reshape(-1, 1, 1, 1), (b - mean) * factor + beta
+
+
+class QLinear(_QuantLayerMixin, nn.Linear):
+    """Linear with fake-quantized weight, optional input quantizer, fused activation and output quantizer."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, cfg: QuantConfig | None, *, activation: nn.Module | None = None,
+                   input_quant: bool = False, output_quant: bool = True) -> QLinear:
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            q.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias)
+        q.weight.requires_grad_(linear.weight.requires_grad)
+        if q.bias is not None:
+            q.bias.requires_grad_(linear.weight.requires_grad)
+        q._setup(cfg, activation=activation, input_quant=input_quant, output_quant=output_quant)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._q_output(F.linear(self._q_input(x), self._q_weight(self.weight), self.bias))
+
+
+class QAdd(nn.Module):
+    """Element-wise add of two quantized tensors, optional fused ReLU, quantized output (FQN 3.6)."""
+
+    def __init__(self, cfg: QuantConfig | None, relu: bool = False) -> None:
+        super().__init__()
+        self.relu = relu
+        self.act_fq = _maybe(cfg is not None, cfg)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        y = a + b
+        if self.relu:
+            y = F.relu(y)
+        return self.act_fq(y) if self.act_fq is not None else y
+
+
+class QMul(nn.Module):
+    """Element-wise product (squeeze-excitation scaling) with a quantized output."""
+
+    def __init__(self, cfg: QuantConfig | None) -> None:
+        super().__init__()
+        self.act_fq = _maybe(cfg is not None, cfg)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        y = a * b
+        return self.act_fq(y) if self.act_fq is not None else y
+
+
+__all__ = ["QConv2d", "QConvBn2d", "QLinear", "QAdd", "QMul", "act_quantizer", "fold_conv_bn_weights"]

@@ -1,0 +1,143 @@
+"""The one module-swap walker.
+
+It walks a model top-down and swaps layers for their quantized versions:
+model-specific converters (keyed by exact class) first, then conv->BN->act
+runs inside ordered containers, then any remaining Conv2d/Linear. Names that
+match ``cfg.keep_float`` are left alone. It knows no model: the detector's
+converters come from `fqn.models`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fqn.config import QuantConfig
+from fqn.quant.fake_quant import FakeQuantize
+from fqn.quant.fold import BN_TYPES, fold_bn
+from fqn.quant.modules import QAdd, QConv2d, QConvBn2d, QLinear, QMul
+
+log = logging.getLogger(__name__)
+
+FUSABLE_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU)
+
+
+@dataclass
+class SwapContext:
+    """What converters need: the config, the keep-float test, the walker itself, and a record of swaps."""
+
+    cfg: QuantConfig
+    converters: dict[type, Callable[..., nn.Module]]
+    extra: dict = field(default_factory=dict)
+    swapped: list[str] = field(default_factory=list)
+    kept_float: list[str] = field(default_factory=list)
+
+    def is_float(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.cfg.keep_float)
+
+    def conv_bn(self, name: str, conv: nn.Conv2d, bn: nn.Module | None, *, activation: nn.Module | None = None,
+                input_quant: bool = False, output_quant: bool = True) -> nn.Conv2d:
+        """Swap conv(+BN)(+act): BN folded with frozen stats (F) or folded per step from batch stats (not F).
+
+        A name kept float returns the conv itself if there is nothing to fuse, else a float `QConv2d`
+        (folded BN, fused activation, no quantizers), since the quantized block no longer calls its BN.
+        """
+        cfg = None if self.is_float(name) else self.cfg
+        (self.kept_float if cfg is None else self.swapped).append(name)
+        if cfg is None and bn is None and activation is None:
+            return conv  # nothing to fuse: the float layer itself stays
+        kw = dict(activation=activation, input_quant=input_quant, output_quant=output_quant)
+        if bn is None:
+            return QConv2d.from_float(conv, cfg, **kw)
+        if cfg is not None and not cfg.freeze_bn:
+            return QConvBn2d.from_conv_bn(conv, bn, cfg, **kw)
+        return QConv2d.from_float(fold_bn(conv, bn), cfg, **kw)
+
+    def linear(self, name: str, linear: nn.Linear, *, activation: nn.Module | None = None,
+               input_quant: bool = False, output_quant: bool = True) -> QLinear:
+        cfg = None if self.is_float(name) else self.cfg
+        (self.kept_float if cfg is None else self.swapped).append(name)
+        if cfg is None and activation is None:
+            return linear
+        return QLinear.from_float(linear, cfg, activation=activation, input_quant=input_quant,
+                                  output_quant=output_quant)
+
+    def walk(self, module: nn.Module, prefix: str = "") -> None:
+        """Swap the children of ``module`` in place (recursively)."""
+        if isinstance(module, (nn.Sequential, nn.ModuleDict)):
+            self._fuse_ordered(module, prefix)
+        for name, child in list(module.named_children()):
+            full = f"{prefix}{name}"
+            if isinstance(child, (QConv2d, QLinear, QAdd, QMul, FakeQuantize)) or child is None:
+                continue
+            if self.is_float(full):
+                if any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in child.modules()):
+                    self.kept_float.append(full)
+                continue
+            converter = self.converters.get(type(child))
+            if converter is not None:
+                setattr(module, name, converter(child, full, self))
+            elif type(child) is nn.Conv2d:
+                setattr(module, name, self.conv_bn(full, child, None, input_quant=True))
+            elif type(child) is nn.Linear:
+                setattr(module, name, self.linear(full, child, input_quant=True))
+            else:
+                self.walk(child, full + ".")
+
+    def _fuse_ordered(self, seq: nn.Module, prefix: str) -> None:
+        """Fuse conv -> [BN] -> [activation] runs among the children of an ordered container."""
+        items = list(seq.named_children())
+        i = 0
+        while i < len(items):
+            name, mod = items[i]
+            if type(mod) is not nn.Conv2d or self.is_float(prefix + name):
+                i += 1
+                continue
+            j, bn, act = i + 1, None, None
+            if j < len(items) and isinstance(items[j][1], BN_TYPES):
+                bn = items[j][1]
+                j += 1
+            if j < len(items) and isinstance(items[j][1], FUSABLE_ACTS):
+                act = type(items[j][1])()
+                j += 1
+            setattr(seq, name, self.conv_bn(prefix + name, mod, bn, activation=act))
+            for k in range(i + 1, j):
+                setattr(seq, items[k][0], nn.Identity())
+            i = j
+
+
+def swap_modules(model: nn.Module, cfg: QuantConfig, converters: dict[type, Callable[..., nn.Module]],
+                 extra: dict | None = None) -> SwapContext:
+    """Swap every layer in scope; returns the context holding the swapped and kept-float names."""
+    ctx = SwapContext(cfg, converters, extra or {})
+    ctx.walk(model)
+    return ctx
+
+
+def scope_summary(model: nn.Module) -> dict[str, int]:
+    """Counts by kind of what is quantized and what computes in float, read off the model itself."""
+    counts: Counter[str] = Counter()
+    for _, m in model.named_modules():
+        if isinstance(m, (QConv2d, QLinear)):
+            kind = "conv" if isinstance(m, QConv2d) else "linear"
+            counts[f"{kind}:quantized" if m.is_quantized else f"{kind}:float"] += 1
+        elif isinstance(m, nn.Conv2d):
+            counts["conv:float"] += 1
+        elif isinstance(m, nn.Linear):
+            counts["linear:float"] += 1
+        elif isinstance(m, QAdd):
+            counts["add:quantized" if m.act_fq is not None else "add:float"] += 1
+        elif isinstance(m, QMul):
+            counts["mul:quantized" if m.act_fq is not None else "mul:float"] += 1
+        elif isinstance(m, FakeQuantize):
+            counts[f"quantizer:{m.role}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return any(isinstance(m, FakeQuantize) for m in model.modules())

@@ -1,0 +1,140 @@
+"""Fake quantization against a hand-written reference of FQN eqs. 2-6 with zero-point alignment, and eq. 8."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fqn.quant.fake_quant import FakeQuantize, calc_qparams, fake_quantize, quant_range, set_phase
+from fqn.quant.observers import MinMaxObserver
+
+
+def reference_qparams(lb: float, ub: float, k: int, symmetric: bool) -> tuple[float, int, int, int]:
+    """Eqs. 3-4 plus zero-point alignment (FQN 3.6), in float64: (delta, z, qmin, qmax)."""
+    lb, ub = min(lb, 0.0), max(ub, 0.0)
+    if symmetric:  # lb = -ub, zero point 0, levels -(2^(k-1)-1) .. 2^(k-1)-1
+        q = 2 ** (k - 1) - 1
+        return max(max(-lb, ub) / q, np.finfo(np.float32).eps), 0, -q, q
+    delta = max((ub - lb) / (2**k - 1), np.finfo(np.float32).eps)  # eq. 4
+    z = int(np.clip(np.round(-lb / delta), 0, 2**k - 1))  # integer index of real 0
+    return delta, z, 0, 2**k - 1
+
+
+def reference_fake_quant(x: np.ndarray, lb: float, ub: float, k: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Eqs. 5, 6 and 2 on the aligned range: (indices X^I in [0, 2^k-1] or [0, 2^k-2], X^Q)."""
+    delta, z, qmin, qmax = reference_qparams(lb, ub, k, symmetric)
+    lb_al, ub_al = (qmin - z) * delta, (qmax - z) * delta  # aligned: lb_al = -(z - qmin) * delta
+    xc = np.clip(x.astype(np.float64), lb_al, ub_al)  # eq. 5
+    xi = np.round((xc - lb_al) / delta)  # eq. 6
+    return xi.astype(np.int64), delta * xi + lb_al  # eq. 2: delta * (X^I - (z - qmin))
+
+
+def not_near_tie(x: np.ndarray, lb: float, ub: float, k: int, symmetric: bool) -> np.ndarray:
+    """Mask of values not within 1e-3 steps of a rounding tie, where float32 and float64 may round apart."""
+    delta, z, qmin, _ = reference_qparams(lb, ub, k, symmetric)
+    lb_al = (qmin - z) * delta
+    return np.abs(((x.astype(np.float64) - lb_al) / delta) % 1.0 - 0.5) > 1e-3
+
+
+def codes(out: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int) -> np.ndarray:
+    """Integer indices counted from qmin, recovered from the dequantized output."""
+    return (torch.round(out.double() / scale.double()) + zp.double() - qmin).long().numpy()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_per_tensor_matches_reference(bits, symmetric):
+    g = torch.Generator().manual_seed(bits)
+    lb, ub = -0.73, 2.3
+    x = torch.rand(20000, generator=g) * 4 - 1.5  # also outside [lb, ub]
+    x = x[torch.from_numpy(not_near_tie(x.numpy(), lb, ub, bits, symmetric))]
+    scale, zp = calc_qparams(torch.tensor([lb]), torch.tensor([ub]), bits, symmetric)
+    delta, z, qmin, qmax = reference_qparams(lb, ub, bits, symmetric)
+    assert (qmin, qmax) == quant_range(bits, symmetric)
+    assert int(zp) == z
+    assert float(scale) == pytest.approx(delta, rel=1e-6)
+    out = fake_quantize(x, scale, zp, qmin, qmax)
+    ref_idx, ref_val = reference_fake_quant(x.numpy(), lb, ub, bits, symmetric)
+    np.testing.assert_array_equal(codes(out, scale, zp, qmin), ref_idx)  # integer codes bit-exact
+    # values: equal up to float32 rounding of the product
+    np.testing.assert_allclose(out.double().numpy(), ref_val, rtol=1e-6, atol=1e-6 * delta)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_per_channel_matches_reference(bits, symmetric):
+    g = torch.Generator().manual_seed(10 + bits)
+    mags = torch.tensor([1e-3, 0.01, 0.1, 1.0, 3.0, 0.5]).reshape(-1, 1, 1, 1)
+    w = torch.randn(6, 3, 3, 3, generator=g) * mags
+    w[5] = w[5].abs()  # a channel with lb > 0: alignment must widen it to include 0
+    fq = FakeQuantize(MinMaxObserver(ch_axis=0, num_channels=6, accumulate=False), bits, symmetric=symmetric,
+                      ch_axis=0, num_channels=6, role="weight")
+    fq.fake_quant_enabled.fill_(1)
+    out = fq(w)
+    assert fq.scale.shape == (6,)
+    for c in range(6):
+        lb, ub = float(w[c].min()), float(w[c].max())
+        delta, z, qmin, _ = reference_qparams(lb, ub, bits, symmetric)
+        assert int(fq.zero_point[c]) == z
+        assert float(fq.scale[c]) == pytest.approx(delta, rel=1e-6)
+        keep = not_near_tie(w[c].numpy().ravel(), lb, ub, bits, symmetric)
+        ref_idx, ref_val = reference_fake_quant(w[c].numpy().ravel(), lb, ub, bits, symmetric)
+        got = codes(out[c].ravel(), fq.scale[c], fq.zero_point[c], qmin)
+        np.testing.assert_array_equal(got[keep], ref_idx[keep])
+        got_val = out[c].ravel().double().numpy()[keep]
+        np.testing.assert_allclose(got_val, ref_val[keep], rtol=1e-6, atol=1e-6 * delta)
+
+
+def test_zero_is_exact_and_levels_are_few():
+    for bits in (2, 4, 8):
+        for lb, ub in [(-0.3, 1.7), (0.2, 5.0), (-4.0, -1.0), (-1e-3, 1e-3)]:
+            scale, zp = calc_qparams(torch.tensor([lb]), torch.tensor([ub]), bits, False)
+            qmin, qmax = quant_range(bits, False)
+            x = torch.linspace(lb - 1, ub + 1, 5001)
+            y = fake_quantize(torch.cat([x, torch.zeros(3)]), scale, zp, qmin, qmax)
+            assert torch.all(y[-3:] == 0)
+            assert y.unique().numel() <= 2**bits
+
+
+def test_ste_mask_is_eq8():
+    """Gradient 1 inside the aligned [lb, ub], 0 outside, also within half a step outside (unlike rounding)."""
+    scale, zp = calc_qparams(torch.tensor([-1.0]), torch.tensor([3.0]), 4, False)
+    qmin, qmax = quant_range(4, False)
+    lb, ub = float((qmin - zp) * scale), float((qmax - zp) * scale)
+    d = float(scale)
+    x = torch.tensor([lb - d, lb - 0.3 * d, lb, 0.0, 1.234, ub, ub + 0.3 * d, ub + 2 * d], requires_grad=True)
+    fake_quantize(x, scale, zp, qmin, qmax).backward(torch.arange(1.0, 9.0))
+    expected = torch.tensor([0, 0, 3, 4, 5, 6, 0, 0], dtype=torch.float32)
+    assert torch.equal(x.grad, expected)
+
+
+def test_per_channel_ste_mask():
+    scale = torch.tensor([0.1, 1.0])
+    zp = torch.zeros(2, dtype=torch.int32)
+    x = torch.tensor([[0.5, 20.0], [0.5, 20.0]], requires_grad=True)
+    fake_quantize(x, scale, zp, -7, 7, axis=0).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    y = torch.tensor([[0.5, 0.75], [0.5, 6.5]], requires_grad=True)
+    fake_quantize(y, scale, zp, -7, 7, axis=0).sum().backward()
+    assert torch.equal(y.grad, torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+
+
+def test_disabled_is_identity_and_uncalibrated_is_an_error():
+    fq = FakeQuantize(MinMaxObserver(), 4)
+    x = torch.randn(1000) * 7
+    fq.observer_enabled.fill_(0)
+    assert fq(x) is x
+    fq.fake_quant_enabled.fill_(1)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        fq(x)
+    with pytest.raises(ValueError, match="phase"):
+        set_phase(torch.nn.Sequential(fq), "bogus")
+
+
+def test_half_precision_input_round_trips():
+    scale, zp = calc_qparams(torch.tensor([-1.0]), torch.tensor([1.0]), 8, False)
+    x = torch.randn(100).half()
+    y = fake_quantize(x, scale, zp, 0, 255)
+    assert y.dtype == torch.float16
+    assert torch.allclose(y.float(), fake_quantize(x.float(), scale, zp, 0, 255), atol=1e-3)
