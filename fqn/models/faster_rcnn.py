@@ -103,8 +103,8 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         >>> from fqn import QuantConfig, build_detector
         >>> model = build_detector("resnet18", 3, min_size=128, max_size=128)
         >>> model = prepare_qat(model, QuantConfig(bits_w=4, bits_a=4))
-        >>> scope_summary(model)["conv:quantized"]
-        36
+        >>> scope_summary(model)["conv:quantized"], model.fqn_scope["float"]
+        (31, [])
     """
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")

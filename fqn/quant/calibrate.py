@@ -98,7 +98,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int, *, pro
     for name, fq in acts:
         fq.observer.sync()
         fq.update_qparams()
-        if not fq.calibrated:
+        if not fq.is_calibrated:
             empty.append(name)
     if empty:
         log.warning("%d activation quantizers saw no data during calibration (e.g. no RoIs): %s", len(empty),

@@ -83,8 +83,10 @@ class FakeQuantize(nn.Module):
 
     Its phase lives in buffers so it is saved in checkpoints: ``observer_enabled``
     (record statistics), ``fake_quant_enabled`` (quantize) and ``calibrated``
-    (qparams were computed from data). With fake quantization disabled the
-    module is exactly the identity.
+    (qparams were computed from data). Python mirrors of the three flags are
+    what ``forward`` reads, so a GPU step never waits on them; change them with
+    `enable_observer` / `enable_fake_quant` (or `set_phase`). With fake
+    quantization disabled the module is exactly the identity.
 
     Args:
         observer: proposes [lb, ub].
@@ -110,6 +112,33 @@ class FakeQuantize(nn.Module):
         self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.tensor(0, dtype=torch.uint8))
         self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
+        self._observe, self._quantize, self._calibrated = True, False, False
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+
+    def _refresh(self) -> None:
+        self._observe = bool(self.observer_enabled)
+        self._quantize = bool(self.fake_quant_enabled)
+        self._calibrated = bool(self.calibrated)
+
+    def enable_observer(self, on: bool = True) -> None:
+        self.observer_enabled.fill_(int(on))
+        self._observe = bool(on)
+
+    def enable_fake_quant(self, on: bool = True) -> None:
+        self.fake_quant_enabled.fill_(int(on))
+        self._quantize = bool(on)
+
+    @property
+    def observing(self) -> bool:
+        return self._observe
+
+    @property
+    def quantizing(self) -> bool:
+        return self._quantize
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibrated
 
     def extra_repr(self) -> str:
         axis = "per-tensor" if self.ch_axis is None else f"per-channel(axis={self.ch_axis})"
@@ -125,6 +154,7 @@ class FakeQuantize(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
         self.calibrated.fill_(1)
+        self._calibrated = True
 
     @property
     def range(self) -> tuple[Tensor, Tensor]:
@@ -134,16 +164,16 @@ class FakeQuantize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         observed = False
-        if self.observer_enabled and x.numel() > 0:
+        if self._observe and x.numel() > 0:
             self.observer(x.detach())
             observed = True
-        if not self.fake_quant_enabled:
+        if not self._quantize:
             return x
         if observed:
             self.update_qparams()
         if x.numel() == 0:
             return x
-        if not self.calibrated:
+        if not self._calibrated:
             raise RuntimeError(
                 f"this {self.role} quantizer has no range yet: run fqn.calibrate(model, batches, n) "
                 "before enabling fake quantization")
@@ -184,19 +214,19 @@ def set_phase(model: nn.Module, phase: str) -> None:
     * ``quantize``: fixed ranges, fake quantization on (P: after calibration).
     * ``observe_quantize``: EMA ranges keep updating while quantizing ([17], P off).
 
-    Weight quantizers always recompute their range from the current weight when quantizing.
+    Weight quantizers recompute their range from the current weight whenever they quantize.
     """
     if phase not in PHASES:
         raise ValueError(f"unknown quantizer phase {phase!r}; choose one of {sorted(PHASES)}")
     observe, quantize = PHASES[phase]
     for _, fq in quantizers(model):
-        fq.fake_quant_enabled.fill_(int(quantize))
-        fq.observer_enabled.fill_(int(observe) if fq.role == "act" else 1)
+        fq.enable_fake_quant(quantize)
+        fq.enable_observer(observe if fq.role == "act" else quantize)
 
 
 def current_phase(model: nn.Module) -> str | None:
     """The phase of the activation quantizers, or None if they disagree or there are none."""
-    states = {(bool(fq.observer_enabled), bool(fq.fake_quant_enabled)) for _, fq in quantizers(model, "act")}
+    states = {(fq.observing, fq.quantizing) for _, fq in quantizers(model, "act")}
     if len(states) != 1:
         return None
     (state,) = states

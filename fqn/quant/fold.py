@@ -29,14 +29,11 @@ def fold_conv_bn_weights(weight: Tensor, bias: Tensor | None, gamma: Tensor, bet
                          var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Eqs. 11-14: ``W_fold = gamma/sqrt(var+eps) * W``, ``b_fold = gamma/sqrt(var+eps) * (b - mean) + beta``.
 
-    Computed in float64 so that folding itself adds no error worth measuring.
+    Differentiable: `QConvBn2d` calls it at every training step with batch statistics (eqs. 11-12).
     """
-    dtype = weight.dtype
-    factor = gamma.double() / torch.sqrt(var.double() + eps)
-    b = bias.double() if bias is not None else torch.zeros_like(mean, dtype=torch.float64)
-    w_fold = weight.double() * factor.reshape(-1, *([1] * (weight.dim() - 1)))
-    b_fold = (b - mean.double()) * factor + beta.double()
-    return w_fold.to(dtype), b_fold.to(dtype)
+    factor = gamma / torch.sqrt(var + eps)
+    b = bias if bias is not None else torch.zeros_like(mean)
+    return weight * factor.reshape(-1, *([1] * (weight.dim() - 1))), (b - mean) * factor + beta
 
 
 @torch.no_grad()
@@ -49,7 +46,11 @@ def fold_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
         >>> bool(torch.allclose(fold_bn(conv, bn)(x), bn(conv(x)), atol=1e-5))
         True
     """
-    w, b = fold_conv_bn_weights(conv.weight, conv.bias, *bn_stats(bn))
+    gamma, beta, mean, var, eps = bn_stats(bn)
+    bias = conv.bias.double() if conv.bias is not None else None
+    # in float64, so that folding itself adds no error worth measuring
+    w, b = fold_conv_bn_weights(conv.weight.double(), bias, gamma.double(), beta.double(), mean.double(),
+                                var.double(), eps)
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
                       device=conv.weight.device, dtype=conv.weight.dtype)

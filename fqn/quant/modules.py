@@ -113,6 +113,8 @@ class QConvBn2d(QConv2d):
         q.register_buffer("running_mean", mean.detach().clone())
         q.register_buffer("running_var", var.detach().clone())
         q.register_buffer("bn_frozen", torch.tensor(0, dtype=torch.uint8))
+        q._frozen = False  # mirror of bn_frozen, read without a device sync
+        q.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_frozen", bool(module.bn_frozen)))
         q.bn_eps = eps
         momentum = getattr(bn, "momentum", None)
         q.bn_momentum = 0.1 if momentum is None else float(momentum)
@@ -121,9 +123,14 @@ class QConvBn2d(QConv2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn_eps={self.bn_eps}, bn_momentum={self.bn_momentum}"
 
+    def freeze_bn(self, frozen: bool = True) -> None:
+        """Fold the EMA statistics from now on and stop updating them (the [18] schedule's last N steps)."""
+        self.bn_frozen.fill_(int(frozen))
+        self._frozen = bool(frozen)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self._q_input(x)
-        if self.training and not self.bn_frozen:
+        if self.training and not self._frozen:
             y = self._conv_forward(x, self.weight, self.bias)
             mean, var = batch_stats(y)
             with torch.no_grad():  # EMA update as nn.BatchNorm2d does (unbiased running variance)
@@ -133,15 +140,19 @@ class QConvBn2d(QConv2d):
                 self.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
         else:
             mean, var = self.running_mean, self.running_var
-        w, b = _fold_differentiable(self.weight, self.bias, self.bn_weight, self.bn_bias, mean, var, self.bn_eps)
+        w, b = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, mean, var, self.bn_eps)
         return self._q_output(self._conv_forward(x, self._q_weight(w), b))
 
 
-def _fold_differentiable(weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor, mean: Tensor,
-                         var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    factor = gamma / torch.sqrt(var + eps)
-    b = bias if bias is not None else torch.zeros_like(mean)
-    return weight * factor.reshape(-1, 1, 1, 1), (b - mean) * factor + beta
+def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> int:
+    """Freeze (or unfreeze) the BN statistics of every `QConvBn2d`; returns how many there are.
+
+    Without F the trainer calls this ``freeze_bn_last_steps`` steps before the end.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QConvBn2d)]
+    for m in layers:
+        m.freeze_bn(frozen)
+    return len(layers)
 
 
 class QLinear(_QuantLayerMixin, nn.Linear):
@@ -193,4 +204,4 @@ class QMul(nn.Module):
         return self.act_fq(y) if self.act_fq is not None else y
 
 
-__all__ = ["QConv2d", "QConvBn2d", "QLinear", "QAdd", "QMul", "act_quantizer", "fold_conv_bn_weights"]
+__all__ = ["QConv2d", "QConvBn2d", "QLinear", "QAdd", "QMul", "act_quantizer", "freeze_bn_stats"]

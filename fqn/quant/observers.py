@@ -25,15 +25,21 @@ class Observer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("num_seen", torch.zeros((), dtype=torch.int64))
+        self._seen = 0  # Python mirror of num_seen: reading a GPU buffer would sync at every step
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+
+    def _refresh(self) -> None:
+        self._seen = int(self.num_seen)
 
     @property
     def has_data(self) -> bool:
-        return bool(self.num_seen > 0)
+        return self._seen > 0
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() > 0:
             self._update(x.detach())
             self.num_seen += 1
+            self._seen += 1
         return x
 
     def _update(self, x: Tensor) -> None:
@@ -44,6 +50,7 @@ class Observer(nn.Module):
 
     def reset(self) -> None:
         self.num_seen.zero_()
+        self._seen = 0
 
     def sync(self) -> None:
         """Make the statistics identical on every DDP rank (no-op without DDP)."""
@@ -89,6 +96,7 @@ class MinMaxObserver(Observer):
             dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
             dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX)
             dist.all_reduce(self.num_seen, op=dist.ReduceOp.MAX)
+            self._refresh()
 
 
 class EMAMinMaxObserver(Observer):
@@ -128,6 +136,7 @@ class EMAMinMaxObserver(Observer):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 t.div_(ws)
             dist.all_reduce(self.num_seen, op=dist.ReduceOp.MAX)
+            self._refresh()
 
 
 class HistogramObserver(Observer):
@@ -237,6 +246,7 @@ class HistogramObserver(Observer):
         self.min_val.fill_(lo)
         self.max_val.fill_(hi)
         self.num_seen.fill_(sum(g[0] for g in gathered))
+        self._refresh()
 
 
 class PercentileObserver(HistogramObserver):

@@ -130,7 +130,7 @@ def test_calibrate_accepts_detection_loader_batches_and_rejects_junk(float_detec
     pairs = [((scenes[0], scenes[1]), tuple(targets_for([1, 0])))]
     calibrate(model, pairs, 1, progress=False)
     acts = [fq for n, fq in model.named_modules() if isinstance(fq, FakeQuantize) and fq.role == "act"]
-    assert all(fq.calibrated for fq in acts)
+    assert all(fq.is_calibrated and bool(fq.calibrated) for fq in acts)
     with pytest.raises(ValueError, match="batch"):
         calibrate(model, [["not an image"]], 1, progress=False)
     with pytest.raises(ValueError, match="num_batches"):
@@ -157,3 +157,17 @@ def test_train_step_gives_finite_losses_and_every_weight_a_gradient(float_detect
     with torch.no_grad():
         detections = model(scenes[6:7])
     assert detections[0]["boxes"].shape[1] == 4
+
+
+def test_quantizer_state_round_trips_through_state_dict(float_detector, scenes, tmp_path):
+    """Ranges, calibrated flags and phase live in buffers: a fresh prepared model loaded from disk is identical."""
+    cfg = QuantConfig(bits_w=4, bits_a=4, freeze_bn=False, percentile=False)
+    model = calibrate(prepare_qat(float_detector(), cfg), [[img] for img in scenes[:2]], 2, progress=False)
+    torch.save(model.state_dict(), tmp_path / "qat.pt")
+    fresh = prepare_qat(float_detector(), cfg)
+    assert current_phase(fresh) == "float"
+    fresh.load_state_dict(torch.load(tmp_path / "qat.pt", weights_only=True), strict=True)
+    assert current_phase(fresh) == "quantize"
+    images = scenes[6:]
+    ref, out = head_outputs(model, images), head_outputs(fresh, images)
+    assert all(torch.equal(ref[k], out[k]) for k in ref)

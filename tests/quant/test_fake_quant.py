@@ -70,7 +70,7 @@ def test_per_channel_matches_reference(bits, symmetric):
     w[5] = w[5].abs()  # a channel with lb > 0: alignment must widen it to include 0
     fq = FakeQuantize(MinMaxObserver(ch_axis=0, num_channels=6, accumulate=False), bits, symmetric=symmetric,
                       ch_axis=0, num_channels=6, role="weight")
-    fq.fake_quant_enabled.fill_(1)
+    fq.enable_fake_quant()
     out = fq(w)
     assert fq.scale.shape == (6,)
     for c in range(6):
@@ -123,9 +123,9 @@ def test_per_channel_ste_mask():
 def test_disabled_is_identity_and_uncalibrated_is_an_error():
     fq = FakeQuantize(MinMaxObserver(), 4)
     x = torch.randn(1000) * 7
-    fq.observer_enabled.fill_(0)
+    fq.enable_observer(False)
     assert fq(x) is x
-    fq.fake_quant_enabled.fill_(1)
+    fq.enable_fake_quant()
     with pytest.raises(RuntimeError, match="calibrate"):
         fq(x)
     with pytest.raises(ValueError, match="phase"):

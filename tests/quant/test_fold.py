@@ -10,7 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from fqn.config import QuantConfig
 from fqn.quant.fake_quant import set_phase
 from fqn.quant.fold import fold_bn
-from fqn.quant.modules import QConvBn2d
+from fqn.quant.modules import QConvBn2d, freeze_bn_stats
 
 
 def random_bn(bn: nn.Module, c: int, g: torch.Generator) -> nn.Module:
@@ -52,8 +52,6 @@ def test_conv_bn_batch_statistics_match_torch_batchnorm_in_training():
     bn = random_bn(nn.BatchNorm2d(6, momentum=0.1), 6, g)
     q = QConvBn2d.from_conv_bn(conv, bn, QuantConfig(freeze_bn=False))
     set_phase(q, "float")
-    for module in (q.weight_fq, q.act_fq):
-        module.fake_quant_enabled.fill_(0)
     bn.train()
     q.train()
     for _ in range(3):
@@ -68,7 +66,7 @@ def test_conv_bn_batch_statistics_match_torch_batchnorm_in_training():
     x = torch.randn(2, 4, 10, 10, generator=g)
     assert torch.allclose(q(x), bn(conv(x)), atol=1e-5)
     q.train()
-    q.bn_frozen.fill_(1)  # the [18] variant: frozen for the last N steps
+    assert freeze_bn_stats(q) == 1  # the [18] variant: frozen for the last N steps
     mean = q.running_mean.clone()
     assert torch.allclose(q(x), bn(conv(x)), atol=1e-5)
     assert torch.equal(q.running_mean, mean)
