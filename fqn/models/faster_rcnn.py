@@ -17,6 +17,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from fqn.config import QuantConfig
 from fqn.models.quantizable import CONVERTERS
+from fqn.quant.fake_quant import set_phase
 from fqn.quant.modules import QConv2d, act_quantizer
 from fqn.quant.prepare import is_prepared, scope_summary, swap_modules
 
@@ -114,8 +115,6 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     num_levels = len(model.rpn.anchor_generator.sizes) if hasattr(model, "rpn") else 5
     ctx = swap_modules(model, cfg, CONVERTERS, {"num_levels": num_levels})
     _quantize_network_input(model, cfg)
-    from fqn.quant.fake_quant import set_phase
-
     set_phase(model, "float")
     model.fqn_config = cfg
     model.fqn_scope = {"quantized": ctx.swapped, "float": ctx.kept_float}

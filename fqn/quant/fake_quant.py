@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fqn.quant.observers import Observer
+from fqn.quant.observers import MinMaxObserver, Observer
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -182,8 +182,6 @@ class FakeQuantize(nn.Module):
 
 def weight_quantizer(weight: Tensor, bits: int, *, per_channel: bool, symmetric: bool) -> FakeQuantize:
     """A weight quantizer: min/max of the current weight, per output channel (C) or per tensor."""
-    from fqn.quant.observers import MinMaxObserver
-
     n = weight.shape[0]
     axis = 0 if per_channel else None
     obs = MinMaxObserver(ch_axis=axis, num_channels=n, accumulate=False)

@@ -41,6 +41,16 @@ class _QuantLayerMixin:
     act_fq: FakeQuantize | None
     activation: nn.Module | None
 
+    @torch.no_grad()
+    def _copy_params(self, weight: Tensor, bias: Tensor | None, requires_grad: bool) -> None:
+        """Take the float layer's (or BN-folded) weight and bias, trainable as the float weight was."""
+        self.weight.copy_(weight)
+        if bias is not None:
+            self.bias.copy_(bias)
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(requires_grad)
+
     def _setup(self, cfg: QuantConfig | None, *, activation: nn.Module | None, input_quant: bool,
                output_quant: bool) -> None:
         self.activation = activation
@@ -82,13 +92,7 @@ class QConv2d(_QuantLayerMixin, nn.Conv2d):
         b = conv.bias if bias is None else bias
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, bias=b is not None, padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            q.weight.copy_(w)
-            if b is not None:
-                q.bias.copy_(b)
-        q.weight.requires_grad_(conv.weight.requires_grad)
-        if q.bias is not None:
-            q.bias.requires_grad_(conv.weight.requires_grad)
+        q._copy_params(w, b, conv.weight.requires_grad)
         q._setup(cfg, activation=activation, input_quant=input_quant, output_quant=output_quant)
         return q
 
@@ -163,13 +167,7 @@ class QLinear(_QuantLayerMixin, nn.Linear):
                    input_quant: bool = False, output_quant: bool = True) -> QLinear:
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                q.bias.copy_(linear.bias)
-        q.weight.requires_grad_(linear.weight.requires_grad)
-        if q.bias is not None:
-            q.bias.requires_grad_(linear.weight.requires_grad)
+        q._copy_params(linear.weight, linear.bias, linear.weight.requires_grad)
         q._setup(cfg, activation=activation, input_quant=input_quant, output_quant=output_quant)
         return q
 

@@ -73,7 +73,7 @@ class SwapContext:
             self._fuse_ordered(module, prefix)
         for name, child in list(module.named_children()):
             full = f"{prefix}{name}"
-            if isinstance(child, (QConv2d, QLinear, QAdd, QMul, FakeQuantize)) or child is None:
+            if isinstance(child, (QConv2d, QLinear, QAdd, QMul, FakeQuantize)):
                 continue
             if self.is_float(full):
                 if any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in child.modules()):
