@@ -107,6 +107,12 @@ class QConvBn2d(QConv2d):
     last N steps), it folds the EMA statistics instead (eqs. 13-14).
     """
 
+    def folded_weight(self) -> Tensor:
+        """The weight folded with the EMA statistics: what eval mode quantizes and what int8 export stores."""
+        w, _ = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean,
+                                    self.running_var, self.bn_eps)
+        return w
+
     @classmethod
     def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, cfg: QuantConfig, **kw) -> QConvBn2d:
         q = cls.from_float(conv, cfg, **kw)
@@ -120,6 +126,7 @@ class QConvBn2d(QConv2d):
         q._frozen = False  # mirror of bn_frozen, read without a device sync
         q.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_frozen", bool(module.bn_frozen)))
         q.bn_eps = eps
+        q.last_batch_stats = None
         momentum = getattr(bn, "momentum", None)
         q.bn_momentum = 0.1 if momentum is None else float(momentum)
         return q
@@ -138,6 +145,7 @@ class QConvBn2d(QConv2d):
             y = self._conv_forward(x, self.weight, self.bias)
             mean, var = batch_stats(y)
             with torch.no_grad():  # EMA update as nn.BatchNorm2d does (unbiased running variance)
+                self.last_batch_stats = (mean.detach(), var.detach())  # for monitoring (paper's Figure 1)
                 n = y.numel() // y.shape[1]
                 m = self.bn_momentum
                 self.running_mean.mul_(1 - m).add_(m * mean.detach())
