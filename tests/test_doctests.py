@@ -9,7 +9,8 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["fqn", "fqn.config", "fqn.quant.fake_quant", "fqn.quant.fold",
-                                    "fqn.quant.calibrate", "fqn.models.faster_rcnn"])
+                                    "fqn.quant.calibrate", "fqn.models.faster_rcnn",
+                                    "fqn.train.monitor"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0

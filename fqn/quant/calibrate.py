@@ -123,3 +123,28 @@ def _progress(total: int, enabled: bool):
     except ImportError:  # tqdm is optional for the method itself
         return _NoBar()
     return tqdm(total=total, desc="calibrate", unit="batch", leave=False)
+
+
+@torch.no_grad()
+def sync_ema_observers(model: nn.Module) -> None:
+    """Average the EMA ranges of all activation quantizers over DDP ranks in one all-reduce.
+
+    While fine-tuning without P the EMA observers see each rank's own batches; averaging after each
+    step keeps every rank's ranges identical (a no-op without an initialised process group).
+    """
+    import torch.distributed as dist
+
+    from fqn.quant.observers import EMAMinMaxObserver
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    acts = [fq for _, fq in quantizers(model, "act") if isinstance(fq.observer, EMAMinMaxObserver)]
+    if not acts:
+        return
+    flat = torch.cat([torch.cat([fq.observer.min_val, fq.observer.max_val]) for fq in acts])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    for i, fq in enumerate(acts):
+        fq.observer.min_val.copy_(flat[2 * i:2 * i + 1])
+        fq.observer.max_val.copy_(flat[2 * i + 1:2 * i + 2])
+        fq.update_qparams()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fqn.quant.observers import MinMaxObserver, Observer
+from fqn.quant.observers import MinMaxObserver, Observer, refresh_after_load
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -113,7 +113,7 @@ class FakeQuantize(nn.Module):
         self.register_buffer("fake_quant_enabled", torch.tensor(0, dtype=torch.uint8))
         self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
         self._observe, self._quantize, self._calibrated = True, False, False
-        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+        self.register_load_state_dict_post_hook(refresh_after_load)
 
     def _refresh(self) -> None:
         self._observe = bool(self.observer_enabled)

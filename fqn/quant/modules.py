@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fqn.config import QuantConfig
 from fqn.quant.fake_quant import FakeQuantize, weight_quantizer
 from fqn.quant.fold import batch_stats, bn_stats, fold_conv_bn_weights
-from fqn.quant.observers import make_activation_observer
+from fqn.quant.observers import make_activation_observer, refresh_after_load
 
 GRID_PRESERVING = (nn.ReLU, nn.ReLU6)
 
@@ -124,7 +124,7 @@ class QConvBn2d(QConv2d):
         q.register_buffer("running_var", var.detach().clone())
         q.register_buffer("bn_frozen", torch.tensor(0, dtype=torch.uint8))
         q._frozen = False  # mirror of bn_frozen, read without a device sync
-        q.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_frozen", bool(module.bn_frozen)))
+        q.register_load_state_dict_post_hook(refresh_after_load)
         q.bn_eps = eps
         q.last_batch_stats = None
         momentum = getattr(bn, "momentum", None)
@@ -133,6 +133,9 @@ class QConvBn2d(QConv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn_eps={self.bn_eps}, bn_momentum={self.bn_momentum}"
+
+    def _refresh(self) -> None:
+        self._frozen = bool(self.bn_frozen)
 
     def freeze_bn(self, frozen: bool = True) -> None:
         """Fold the EMA statistics from now on and stop updating them (the [18] schedule's last N steps)."""

@@ -19,6 +19,11 @@ def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def refresh_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    """load_state_dict post-hook: re-read the Python mirrors of a module's flag buffers (picklable, unlike a lambda)."""
+    module._refresh()
+
+
 class Observer(nn.Module):
     """Base class: ``forward(x)`` records statistics, ``compute_range()`` proposes [lb, ub]."""
 
@@ -26,7 +31,7 @@ class Observer(nn.Module):
         super().__init__()
         self.register_buffer("num_seen", torch.zeros((), dtype=torch.int64))
         self._seen = 0  # Python mirror of num_seen: reading a GPU buffer would sync at every step
-        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+        self.register_load_state_dict_post_hook(refresh_after_load)
 
     def _refresh(self) -> None:
         self._seen = int(self.num_seen)

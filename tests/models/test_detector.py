@@ -171,3 +171,12 @@ def test_quantizer_state_round_trips_through_state_dict(float_detector, scenes, 
     images = scenes[6:]
     ref, out = head_outputs(model, images), head_outputs(fresh, images)
     assert all(torch.equal(ref[k], out[k]) for k in ref)
+
+
+def test_prepared_model_pickles(float_detector):
+    """torch.save(model), spawn-based DDP and worker processes need a picklable prepared model."""
+    import pickle
+
+    model = prepare_qat(float_detector(), QuantConfig(freeze_bn=False))
+    clone = pickle.loads(pickle.dumps(model))
+    assert scope_summary(clone) == scope_summary(model)

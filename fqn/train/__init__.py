@@ -1,0 +1,1 @@
+"""Training with PyTorch Lightning: the LightningModule, the data module and the QAT callbacks."""
