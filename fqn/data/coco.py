@@ -1,0 +1,138 @@
+"""COCO-format detection data: a JSON annotation file plus an image folder, read with pycocotools.
+
+Category ids are remapped by *name* to contiguous labels 1..C (0 is background, as torchvision expects), so a train
+and a val file that number their categories differently still agree. Crowd annotations are ignored (torchvision
+has no crowd handling in training); images without annotations stay in as negatives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from pycocotools.coco import COCO
+
+from fqn.data.sanitize import (
+    DataError,
+    FileDetection,
+    Sample,
+    SanitizeStats,
+    check_image_file,
+    image_size,
+    is_finite_box,
+    sanitize_boxes,
+)
+
+
+def load_coco(ann_file: str) -> COCO:
+    """A pycocotools index of ``ann_file``, quietly (pycocotools prints to stdout), or DataError naming the file."""
+    if not os.path.isfile(ann_file):
+        raise DataError(f"{ann_file}: COCO annotation file is missing", "missing annotations")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            dataset = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{ann_file}: not a readable JSON file ({e})", "bad annotations") from e
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
+        raise DataError(f"{ann_file}: not a COCO detection file (needs 'images', 'annotations', 'categories')",
+                        "bad annotations")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def category_names(coco: COCO, ann_file: str) -> dict[int, str]:
+    """``{category id: name}`` in id order; duplicate names would make the name-based label map ambiguous."""
+    names = {int(c["id"]): str(c["name"]) for c in sorted(coco.dataset.get("categories", []), key=lambda c: c["id"])}
+    if not names:
+        raise DataError(f"{ann_file}: the file has no categories", "bad annotations")
+    if len(set(names.values())) != len(names):
+        raise DataError(f"{ann_file}: duplicate category names {sorted(names.values())}", "bad annotations")
+    return names
+
+
+def coco_class_names(ann_file: str) -> list[str]:
+    """Every category name of ``ann_file`` ordered by category id: the default class list of :class:`CocoDetection`."""
+    return list(category_names(load_coco(ann_file), ann_file).values())
+
+
+class CocoDetection(FileDetection):
+    """Items ``(image 3xHxW float in [0, 1], {"boxes" xyxy float32, "labels" int64 1..C, "image_id"})``.
+
+    Args:
+        image_dir: folder the ``file_name`` entries of the JSON are relative to.
+        ann_file: the COCO JSON file.
+        class_names: the classes to train, label ``i + 1`` for ``class_names[i]``; default: every category of the
+            file in category-id order. Each name must be a category of the file.
+        transforms: called as ``transforms(image, target)`` on every item (e.g. :class:`TrainAugment`).
+        skip_bad: skip (and count in ``stats``) images that are missing, unreadable or carry an annotation outside
+            ``class_names``, instead of raising :class:`DataError`.
+
+    Example:
+        >>> ds = CocoDetection("data/val", "data/annotations/val.json")  # doctest: +SKIP
+        >>> image, target = ds[0]  # doctest: +SKIP
+    """
+
+    def __init__(self, image_dir: str, ann_file: str, class_names: list[str] | None = None,
+                 transforms: Callable | None = None, skip_bad: bool = False) -> None:
+        coco = load_coco(ann_file)
+        cats = category_names(coco, ann_file)
+        names = list(class_names) if class_names is not None else list(cats.values())
+        unknown = [n for n in names if n not in cats.values()]
+        if unknown or not names or len(set(names)) != len(names):
+            raise DataError(f"{ann_file}: class_names {names} must be distinct categories of this file; "
+                            f"not found: {unknown}; the file has {list(cats.values())}", "bad class names")
+        self.ann_file = ann_file
+        self.image_dir = image_dir
+        self._cats = cats
+        self._label_of = {cid: names.index(name) + 1 for cid, name in cats.items() if name in names}
+        stats = SanitizeStats()
+        samples = []
+        for img_id in sorted(coco.imgs):
+            try:
+                samples.append(self._sample(coco, img_id, names, stats))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                stats.skip(e.reason, str(e))
+        super().__init__(samples, names, stats, f"COCO {ann_file}", transforms, skip_bad)
+
+    def _sample(self, coco: COCO, img_id: int, names: list[str], stats: SanitizeStats) -> Sample:
+        """Check one image entry and its annotations; DataError (naming the files) for what cannot be repaired."""
+        info = coco.imgs[img_id]
+        path = os.path.join(self.image_dir, str(info.get("file_name", "")))
+        check_image_file(path)
+        boxes, labels = [], []
+        for ann in coco.imgToAnns.get(img_id, []):
+            if ann.get("iscrowd", 0):
+                continue
+            labels.append(self._label(ann, path, names))
+            bbox = ann.get("bbox")
+            if is_finite_box(bbox):
+                x, y, w, h = (float(v) for v in bbox)
+                boxes.append([x, y, x + w, y + h])
+            else:  # keep rows aligned with labels; sanitize_boxes drops and counts it as non-finite
+                boxes.append([float("nan")] * 4)
+        if "width" in info and "height" in info:
+            size = (int(info["width"]), int(info["height"]))
+        else:
+            size = image_size(path)
+        kept, keep = sanitize_boxes(boxes, size[0], size[1], stats)
+        label_tensor = torch.tensor(labels, dtype=torch.int64)[keep]
+        return Sample(path, kept, label_tensor, int(img_id), size)
+
+    def _label(self, ann: dict, path: str, names: list[str]) -> int:
+        cid = ann.get("category_id")
+        if cid not in self._cats:
+            raise DataError(f"{self.ann_file}: annotation {ann.get('id')} of {path} has category_id {cid!r}, "
+                            f"which is not in the file's categories {sorted(self._cats)}", "unknown label")
+        if cid not in self._label_of:
+            raise DataError(f"{self.ann_file}: annotation {ann.get('id')} of {path} has category "
+                            f"{self._cats[cid]!r} (id {cid}), which is not in class_names {names}", "unknown label")
+        return self._label_of[cid]

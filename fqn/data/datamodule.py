@@ -1,0 +1,231 @@
+"""One LightningDataModule for the three data sources: the embedded synthetic set, COCO files and KITTI.
+
+Everything LightningCLI needs to link into the model (``num_classes``) is known right after ``__init__``; the data
+sets themselves are built in ``setup()``, per process. Calibration data come from :meth:`calibration_batches`:
+the first training batches without augmentation, shuffling or a distributed sampler, so every DDP rank calibrates
+its quantizers on the same images and PTQ and QAT start from the same ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from fqn.data.coco import CocoDetection, coco_class_names
+from fqn.data.kitti import KittiDetection, kitti_class_names
+from fqn.data.sampler import ResumableLoader, ShardedShuffleSampler
+from fqn.data.synthetic import SyntheticConfig, SyntheticDetection
+from fqn.data.transforms import TrainAugment
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("synthetic", "coco", "kitti")
+DEFAULT_SYNTHETIC = SyntheticConfig()
+
+
+def collate_detection(batch: list) -> tuple:
+    """``[(image, target), ...] -> ((images...), (targets...))``: detection images differ in size, so no stacking.
+
+    Module-level (not a lambda) so DataLoader workers can pickle it under the spawn start method.
+    """
+    return tuple(zip(*batch))
+
+
+class AugmentedDataset(Dataset):
+    """``base`` with ``transform(image, target, sample_seed)`` applied to each item.
+
+    The augmentation of item ``i`` in epoch ``e`` is drawn from a seed made of (seed, e, i) alone, so it
+    does not depend on worker count, order or on where a resumed run restarted.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable, seed: int = 0) -> None:
+        self.base = base
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.class_names = getattr(base, "class_names", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        sample_seed = self.seed * 1_000_003 + self.epoch * 100_003 + index
+        return self.transform(*self.base[index], sample_seed=sample_seed)
+
+
+class DetectionDataModule(pl.LightningDataModule):
+    """Detection data for training, validation, testing and quantizer calibration.
+
+    Args:
+        source: "synthetic" (embedded, no files), "coco" (JSON + image folder) or "kitti" (``image_2``/``label_2``).
+        synthetic: generator settings of the synthetic source.
+        num_train, num_val: synthetic split sizes (val size is also the synthetic test size).
+        data_root: KITTI folder holding ``image_2/`` and ``label_2/``.
+        train_images, train_ann, val_images, val_ann: COCO image folders and JSON files.
+        class_names: COCO classes to use (default: every category of ``train_ann``, by category id). For the other
+            sources they follow from the config and, if given, must match.
+        kitti_class_map: KITTI type -> class name or None (ignored); default ``fqn.data.kitti.DEFAULT_CLASS_MAP``.
+        val_fraction, split_seed: KITTI's seeded train/val split (kept apart from ``seed`` so changing the training
+            seed never changes the validation frames).
+        batch_size, val_batch_size: images per batch (val defaults to ``batch_size``).
+        num_workers: DataLoader worker processes.
+        augment: albumentations training augmentation (:class:`TrainAugment`); never applied to val/test/calibration.
+        skip_bad: skip and count bad samples instead of raising ``DataError`` (see ``fqn.data.sanitize``).
+        seed: training shuffle and augmentation seed.
+
+    Example:
+        >>> dm = DetectionDataModule(num_train=8, num_val=4, batch_size=2)
+        >>> dm.num_classes, len(dm.calibration_batches(2))
+        (5, 2)
+    """
+
+    def __init__(self, source: str = "synthetic", synthetic: SyntheticConfig = DEFAULT_SYNTHETIC,
+                 num_train: int = 2000, num_val: int = 200, data_root: str | None = None,
+                 train_images: str | None = None, train_ann: str | None = None, val_images: str | None = None,
+                 val_ann: str | None = None, class_names: list[str] | None = None,
+                 kitti_class_map: dict[str, str | None] | None = None, val_fraction: float = 0.2,
+                 split_seed: int = 0, batch_size: int = 4, val_batch_size: int | None = None, num_workers: int = 0,
+                 augment: bool = True, skip_bad: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        if isinstance(synthetic, dict):  # rebuilt from a checkpoint's hyper-parameters
+            synthetic = SyntheticConfig(**synthetic)
+        # plain values only, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["synthetic"])
+        self.hparams["synthetic"] = dataclasses.asdict(synthetic)
+        if source not in SOURCES:
+            raise ValueError(f"data source must be one of {SOURCES}, got {source!r}")
+        _check_positive(batch_size=batch_size, val_batch_size=val_batch_size or batch_size, num_train=num_train,
+                        num_val=num_val)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.source = source
+        self.synthetic = synthetic
+        self.num_train, self.num_val = num_train, num_val
+        self.data_root = data_root
+        self.coco_paths = {"train_images": train_images, "train_ann": train_ann, "val_images": val_images,
+                           "val_ann": val_ann}
+        self.kitti_class_map = kitti_class_map
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.augment, self.skip_bad, self.seed = num_workers, augment, skip_bad, seed
+        self._check_paths()
+        self._class_names = self._read_class_names(class_names)
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        self._train_base: Dataset | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names; label ``i + 1`` is ``class_names[i]`` (0 is background)."""
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including background, as torchvision's ``FasterRCNN(num_classes=...)`` counts them."""
+        return len(self._class_names) + 1
+
+    def _check_paths(self) -> None:
+        """Fail at construction, naming the argument, rather than deep inside ``setup()`` on every rank."""
+        if self.source == "coco":
+            for name, path in self.coco_paths.items():
+                if path is None:
+                    raise ValueError(f"data source 'coco' needs {name} (COCO image folder and JSON for train and val)")
+                exists = os.path.isdir(path) if name.endswith("images") else os.path.isfile(path)
+                if not exists:
+                    kind = "folder" if name.endswith("images") else "file"
+                    raise ValueError(f"{name}={path!r}: no such {kind}")
+        elif self.source == "kitti":
+            if self.data_root is None:
+                raise ValueError("data source 'kitti' needs data_root (the folder with image_2/ and label_2/)")
+            for sub in ("image_2", "label_2"):
+                if not os.path.isdir(os.path.join(self.data_root, sub)):
+                    raise ValueError(f"data_root={self.data_root!r}: no {sub}/ folder in it (KITTI object layout)")
+
+    def _read_class_names(self, given: list[str] | None) -> list[str]:
+        if self.source == "coco":
+            return list(given) if given is not None else coco_class_names(self.coco_paths["train_ann"])
+        derived = self.synthetic.class_names if self.source == "synthetic" else kitti_class_names(self.kitti_class_map)
+        if given is not None and list(given) != derived:
+            origin = "synthetic.num_classes" if self.source == "synthetic" else "kitti_class_map"
+            raise ValueError(f"class_names {list(given)} do not match {derived} given by {origin}; "
+                             f"leave class_names unset for source {self.source!r}")
+        return derived
+
+    def _build(self, split: str) -> Dataset:
+        """The un-augmented data set of ``split`` ("train", "val" or "test"; COCO and KITTI test = val)."""
+        if self.source == "synthetic":
+            return SyntheticDetection(self.num_train if split == "train" else self.num_val, self.synthetic, split)
+        if self.source == "coco":
+            key = "train" if split == "train" else "val"
+            return CocoDetection(self.coco_paths[f"{key}_images"], self.coco_paths[f"{key}_ann"], self.class_names,
+                                 skip_bad=self.skip_bad)
+        return KittiDetection(self.data_root, "train" if split == "train" else "val", self.kitti_class_map,
+                              self.val_fraction, self.split_seed, skip_bad=self.skip_bad)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_dataset is None:
+            self._train_base = self._build("train")
+            self.train_dataset = (AugmentedDataset(self._train_base, TrainAugment(seed=self.seed), self.seed)
+                                  if self.augment else self._train_base)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._build("val")
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            reuse = self.source != "synthetic" and self.val_dataset is not None
+            self.test_dataset = self.val_dataset if reuse else self._build("test")
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, stage: str, persistent: bool = True,
+                **kwargs: Any) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"call setup({stage!r}) before asking for its dataloader")
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate_detection,
+                          persistent_workers=persistent and self.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """Seeded shuffle per epoch, sharded by rank, resumable mid-epoch (see `fqn.data.sampler`)."""
+        if self.train_dataset is None:
+            raise RuntimeError("call setup('fit') before asking for its dataloader")
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ShardedShuffleSampler(len(self.train_dataset), self.seed, rank, world)
+        return ResumableLoader(self.train_dataset, self.batch_size, sampler, num_workers=self.num_workers,
+                               collate_fn=collate_detection)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.val_batch_size, "validate", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.val_batch_size, "test", shuffle=False)
+
+    def calibration_batches(self, n: int) -> list:
+        """The first ``n`` training batches, un-augmented and in order: identical on every call and every rank.
+
+        The FQN paper calibrates on ``n_cal = 20`` training batches; taking them outside the trainer's sampler
+        keeps DDP ranks from calibrating on different shards and so ending with different quantizer ranges.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"calibration needs a positive number of batches, got {n!r}")
+        if self._train_base is None:
+            self._train_base = self._build("train")
+        loader = self._loader(self._train_base, self.batch_size, "fit", shuffle=False, persistent=False)
+        batches = list(itertools.islice(loader, n))
+        if len(batches) < n:
+            log.warning("calibration asked for %d batches; the training set gives only %d", n, len(batches))
+        return batches
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")

@@ -1,0 +1,50 @@
+"""Detection metrics shared by the trainer and the tools: COCO mAP columns of the FQN paper's Table 1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.detection import MeanAveragePrecision
+
+# torchmetrics key -> the column name used in logs and tables
+MAP_COLUMNS = {"map": "AP", "map_50": "AP50", "map_75": "AP75", "map_small": "APs", "map_medium": "APm",
+               "map_large": "APl", "mar_1": "AR1", "mar_10": "AR10", "mar_100": "AR100"}
+
+
+def make_map_metric() -> MeanAveragePrecision:
+    """COCO-style box mAP (pycocotools backend) with the paper's AP/AR columns."""
+    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", max_detection_thresholds=[1, 10, 100])
+
+
+def map_columns(result: dict[str, Tensor]) -> dict[str, float]:
+    """The Table 1 columns from a `MeanAveragePrecision.compute()` result (-1 where a size bin is empty)."""
+    return {name: float(result[key]) for key, name in MAP_COLUMNS.items()}
+
+
+def detections_for_metric(preds: list[dict[str, Tensor]], targets: Iterable[dict[str, Tensor]]) -> tuple[list, list]:
+    """Detach and move to CPU the fields the metric reads."""
+    p = [{k: d[k].detach().cpu() for k in ("boxes", "scores", "labels")} for d in preds]
+    t = [{k: d[k].detach().cpu() for k in ("boxes", "labels")} for d in targets]
+    return p, t
+
+
+@torch.no_grad()
+def evaluate_map(model: nn.Module, batches: Iterable[Any], *, device: torch.device | str = "cpu",
+                 progress: bool = True) -> dict[str, float]:
+    """mAP columns of ``model`` (eval mode) over ``(images, targets)`` batches, restoring its training flag."""
+    was_training = model.training
+    model.eval()
+    metric = make_map_metric()
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="evaluate", unit="batch", leave=False)
+    for images, targets in iterator:
+        preds = model([img.to(device) for img in images])
+        metric.update(*detections_for_metric(preds, targets))
+    model.train(was_training)
+    return map_columns(metric.compute())

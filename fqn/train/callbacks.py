@@ -1,0 +1,51 @@
+"""Lightning callbacks that schedule the quantization phases during fine-tuning.
+
+The maths stays in `fqn.quant`; this only decides *when* each phase applies.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+from fqn.config import QuantConfig
+from fqn.quant.calibrate import sync_ema_observers
+from fqn.quant.fake_quant import current_phase, set_phase
+from fqn.quant.modules import freeze_bn_stats
+
+
+def training_phase(cfg: QuantConfig) -> str:
+    """P: ranges fixed after calibration. Not P ([17]): EMA ranges keep updating while fine-tuning."""
+    return "observe_quantize" if cfg.activation_observer == "ema" else "quantize"
+
+
+class QuantPhaseScheduler(pl.Callback):
+    """Switches quantizer phases: training phase per config, fixed ranges for evaluation, BN freeze for the last N.
+
+    It expects the LightningModule to expose ``model`` (the prepared detector) and ``qcfg`` (its QuantConfig).
+    """
+
+    def __init__(self) -> None:
+        self._train_phase: str | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_phase = training_phase(pl_module.qcfg)
+        set_phase(pl_module.model, self._train_phase)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        cfg = pl_module.qcfg
+        last = cfg.freeze_bn_last_steps
+        if last and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps - last:
+            freeze_bn_stats(pl_module.model)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self._train_phase == "observe_quantize" and trainer.world_size > 1:
+            sync_ema_observers(pl_module.model)  # every rank keeps identical EMA ranges
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if current_phase(pl_module.model) == "observe_quantize":
+            set_phase(pl_module.model, "quantize")  # evaluation must not move the ranges
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._train_phase is not None and trainer.training:
+            set_phase(pl_module.model, self._train_phase)

@@ -1,0 +1,195 @@
+"""The LightningModule: float training and FQN quantization-aware fine-tuning of a torchvision Faster R-CNN.
+
+Thin on purpose: the quantization maths lives in `fqn.quant`, the phase schedule in
+`fqn.train.callbacks`, metrics in `fqn.evaluation`. This class wires them to Lightning:
+build (and prepare) the detector, calibrate once, log the PTQ mAP, optimise, evaluate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from fqn.config import QuantConfig
+from fqn.evaluation import detections_for_metric, evaluate_map, make_map_metric, map_columns
+from fqn.models.faster_rcnn import build_detector, prepare_qat
+from fqn.quant.calibrate import calibrate
+from fqn.quant.fake_quant import quantizers
+from fqn.quant.prepare import scope_summary
+from fqn.train.callbacks import QuantPhaseScheduler
+
+log = logging.getLogger(__name__)
+
+
+def load_float_state(path: str | Path) -> dict[str, Tensor]:
+    """The detector weights of a float checkpoint: a Lightning ``.ckpt`` of this module or a plain state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from checkpoint {path} does not exist; train the float model first "
+                                "(fqn fit --config configs/synthetic_float.yaml) or pass the right path")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in state:
+        hparams = state.get("hyper_parameters", {})
+        if hparams.get("quant"):
+            raise ValueError(f"init_from {path} is a quantized (QAT) checkpoint; QAT starts from a float one")
+        state = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    if not state:
+        raise ValueError(f"init_from {path} holds no detector weights")
+    return state
+
+
+class DetectionModule(pl.LightningModule):
+    """Faster R-CNN training: float when ``quant`` is None, FQN QAT when it is a `QuantConfig`.
+
+    Args:
+        backbone: ``resnet18``, ``resnet34``, ``resnet50`` or ``mobilenet_v3_large``.
+        num_classes: classes including the background (must match the data).
+        quant: None for float training, else the QuantConfig of the QAT run.
+        init_from: float checkpoint to start QAT from (required for QAT unless ``weights`` is given).
+        weights, weights_backbone: torchvision weight names (need internet once).
+        min_size, max_size: torchvision's resize bounds.
+        detector: extra FasterRCNN keyword arguments (RPN/RoI sampling sizes...).
+        lr: learning rate at ``base_batch_size`` images per step; scaled linearly with the real total batch.
+        warmup_steps, warmup_factor: linear warm-up from ``lr*warmup_factor``.
+        lr_steps, lr_gamma: step decay (float training); QAT uses a fixed LR as the paper.
+        seed: per-step RNG seed base, so interrupted and resumed runs sample identical RoIs.
+    """
+
+    def __init__(self, backbone: str = "resnet18", num_classes: int = 5, quant: QuantConfig | None = None,
+                 init_from: str | None = None, weights: str | None = None, weights_backbone: str | None = None,
+                 min_size: int = 160, max_size: int = 160, detector: dict[str, Any] | None = None,
+                 lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9, weight_decay: float = 1e-4,
+                 warmup_steps: int = 100, warmup_factor: float = 0.001, lr_steps: list[int] | None = None,
+                 lr_gamma: float = 0.1, class_names: list[str] | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if isinstance(quant, dict):  # rebuilt from a checkpoint's hyper-parameters
+            quant = QuantConfig.from_dict(quant)
+        if lr <= 0 or base_batch_size < 1 or warmup_steps < 0 or not 0 < warmup_factor <= 1:
+            raise ValueError("need lr > 0, base_batch_size >= 1, warmup_steps >= 0 and 0 < warmup_factor <= 1")
+        self.save_hyperparameters(ignore=["quant"])
+        self.hparams["quant"] = quant.to_dict() if quant is not None else None
+        self.qcfg = quant
+        self.class_names = class_names
+        self.model = build_detector(backbone, num_classes, weights=weights, weights_backbone=weights_backbone,
+                                    min_size=min_size, max_size=max_size, **(detector or {}))
+        if init_from:
+            self._load_float(init_from, backbone, num_classes)
+        elif quant is not None and weights is None:
+            log.warning("QAT without init_from or weights starts from random weights")
+        if quant is not None:
+            prepare_qat(self.model, quant)
+            log.info("quantized scope: %s", scope_summary(self.model))
+        self.val_map = make_map_metric()
+        self.test_map = make_map_metric()
+        self.ptq_metrics: dict[str, float] | None = None
+
+    def _load_float(self, path: str, backbone: str, num_classes: int) -> None:
+        hint = f"init_from {path} does not fit a {backbone} detector with {num_classes} classes"
+        try:
+            missing, unexpected = self.model.load_state_dict(load_float_state(path), strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"{hint}: {str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
+                             ) from None
+        if missing or unexpected:
+            raise ValueError(f"{hint}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    # -- training -------------------------------------------------------
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [QuantPhaseScheduler()] if self.qcfg is not None else []
+
+    def on_fit_start(self) -> None:
+        """Calibrate once and log the PTQ mAP, before the phase scheduler sets the training phase."""
+        if self.qcfg is None or self._is_calibrated():
+            return  # float training, or a resumed QAT run: ranges come from the checkpoint
+        dm = self.trainer.datamodule
+        batches = dm.calibration_batches(self.qcfg.n_cal)
+        calibrate(self.model, batches, self.qcfg.n_cal, progress=self.trainer.is_global_zero)
+        self.ptq_metrics = evaluate_map(self.model, dm.val_dataloader(), device=self.device,
+                                        progress=self.trainer.is_global_zero)
+        self.model.train()
+        if self.trainer.is_global_zero:
+            log.info("PTQ after calibration (w%d/a%d %s): %s", self.qcfg.bits_w, self.qcfg.bits_a, self.qcfg.flags,
+                     {k: round(v, 4) for k, v in self.ptq_metrics.items()})
+        for logger in self.loggers:
+            logger.log_metrics({f"ptq/{k}": v for k, v in self.ptq_metrics.items()}, step=0)
+
+    def _is_calibrated(self) -> bool:
+        acts = quantizers(self.model, "act")
+        return bool(acts) and all(fq.is_calibrated for _, fq in acts)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "batches_done"):  # the loader's resumable position (see fqn.data.sampler)
+            loader.batches_done = batch_idx + 1
+        # RoI/anchor sampling draws from the global RNG: seed it from the step so a resumed run replays it
+        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 101 + self.global_rank)
+
+    def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.model(list(images), list(targets))
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}: "
+                                     f"{ {k: float(v) for k, v in losses.items()} }; lower the learning rate")
+        bs = len(images)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        dm = getattr(self.trainer, "datamodule", None)
+        batch = getattr(dm, "batch_size", hp.base_batch_size) * self.trainer.world_size
+        total = batch * self.trainer.accumulate_grad_batches
+        lr = hp.lr * total / hp.base_batch_size  # linear scaling rule (the paper: 0.004 at 16x2 images)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        steps = sorted(hp.lr_steps or [])
+
+        def factor(step: int) -> float:
+            warm = 1.0 if step >= hp.warmup_steps else hp.warmup_factor + (1 - hp.warmup_factor) * step / max(
+                hp.warmup_steps, 1)
+            return warm * hp.lr_gamma ** sum(step >= s for s in steps)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation -----------------------------------------------------
+    def validation_step(self, batch: tuple, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.val_map)
+
+    def test_step(self, batch: tuple, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.test_map)
+
+    def _eval_step(self, batch: tuple, metric) -> dict[str, Any]:
+        images, targets = batch
+        preds = self.model(list(images))
+        metric.update(*detections_for_metric(preds, targets))
+        return {"preds": preds}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_map("val", self.val_map)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_map("test", self.test_map)
+
+    def _log_map(self, prefix: str, metric) -> None:
+        values = map_columns(metric.compute())
+        metric.reset()
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)}, sync_dist=False,
+                      prog_bar=False)
+        self.log(f"{prefix}/mAP", values["AP"], prog_bar=True)
+
+    # -- checkpoints ----------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fqn"] = {"quant_config": self.qcfg.to_dict() if self.qcfg else None,
+                             "ptq_metrics": self.ptq_metrics}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.ptq_metrics = checkpoint.get("fqn", {}).get("ptq_metrics")

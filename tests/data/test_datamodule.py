@@ -1,0 +1,113 @@
+"""DetectionDataModule: every source gives detection batches; calibration data are fixed; bad config fails early."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+import torch
+
+from fqn.data.datamodule import DetectionDataModule
+from fqn.data.synthetic import SyntheticConfig, SyntheticDetection
+from tests.data.files import kitti_line, write_kitti
+from tests.data.test_coco import export_tool
+
+SMALL = SyntheticConfig(image_size=48, num_classes=3, min_size=8, max_size=24)
+
+
+def check_batch(batch, batch_size: int, num_classes: int) -> None:
+    images, targets = batch
+    assert isinstance(images, tuple) and isinstance(targets, tuple) and len(images) == len(targets) == batch_size
+    for image, target in zip(images, targets):
+        assert image.dtype == torch.float32 and image.dim() == 3 and image.shape[0] == 3
+        assert target["boxes"].dtype == torch.float32 and target["boxes"].shape[1:] == (4,)
+        assert target["labels"].dtype == torch.int64 and len(target["labels"]) == len(target["boxes"])
+        assert ((target["labels"] >= 1) & (target["labels"] < num_classes)).all()
+        assert target["image_id"].dtype == torch.int64
+
+
+def same_batches(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x, y) and torch.equal(s["boxes"], t["boxes"]) and torch.equal(s["labels"], t["labels"])
+        for (xs, ss), (ys, ts) in zip(a, b) for x, y, s, t in zip(xs, ys, ss, ts))
+
+
+def run_loaders(dm: DetectionDataModule, batch_size: int) -> None:
+    dm.setup("fit")
+    check_batch(next(iter(dm.train_dataloader())), batch_size, dm.num_classes)
+    check_batch(next(iter(dm.val_dataloader())), batch_size, dm.num_classes)
+    dm.setup("test")
+    check_batch(next(iter(dm.test_dataloader())), batch_size, dm.num_classes)
+    cal = dm.calibration_batches(2)
+    assert len(cal) == 2 and same_batches(cal, dm.calibration_batches(2))
+    check_batch(cal[0], batch_size, dm.num_classes)
+
+
+def test_synthetic_source():
+    dm = DetectionDataModule(synthetic=SMALL, num_train=8, num_val=4, batch_size=2, seed=1)
+    assert dm.class_names == ["rectangle", "disk", "triangle"] and dm.num_classes == 4  # known before setup()
+    run_loaders(dm, 2)
+    cal = dm.calibration_batches(3)  # the un-augmented, un-shuffled first training images
+    ref = SyntheticDetection(8, SMALL, "train")
+    assert [t["image_id"].item() for _, targets in cal for t in targets] == list(range(6))
+    assert torch.equal(cal[1][0][0], ref[2][0]) and torch.equal(cal[1][1][0]["boxes"], ref[2][1]["boxes"])
+    order = [[t["image_id"].item() for _, ts in dm.train_dataloader() for t in ts] for _ in range(2)]
+    assert order[0] == order[1] and sorted(order[0]) == list(range(8)) and order[0] != list(range(8))
+    assert len(dm.calibration_batches(10)) == 4  # fewer batches than asked: what there is (and a warning)
+
+
+def test_coco_source(tmp_path):
+    w = export_tool().export(str(tmp_path), num_train=4, num_val=2, image_size=48, num_classes=2, progress=False)
+    dm = DetectionDataModule("coco", train_images=w["train"]["image_dir"], train_ann=w["train"]["ann_file"],
+                             val_images=w["val"]["image_dir"], val_ann=w["val"]["ann_file"], batch_size=2)
+    assert dm.class_names == ["rectangle", "disk"] and dm.num_classes == 3
+    run_loaders(dm, 2)
+    assert dm.test_dataset is dm.val_dataset
+    sub = DetectionDataModule("coco", train_images=w["train"]["image_dir"], train_ann=w["train"]["ann_file"],
+                              val_images=w["val"]["image_dir"], val_ann=w["val"]["ann_file"], class_names=["disk"],
+                              skip_bad=True)
+    assert sub.num_classes == 2
+
+
+def test_kitti_source(tmp_path):
+    frames = {f"{i:06d}": [kitti_line("Car", (2, 3, 20, 15)), kitti_line("DontCare", (1, 1, 4, 4))]
+              + [kitti_line("Cyclist", (30, 2, 40, 30))] * (i % 2) for i in range(10)}
+    root = str(write_kitti(tmp_path, frames))
+    dm = DetectionDataModule("kitti", data_root=root, batch_size=2, val_fraction=0.2,
+                             kitti_class_map={"Car": "car", "Cyclist": "cyclist", "Van": "car"})
+    assert dm.class_names == ["car", "cyclist"] and dm.num_classes == 3
+    run_loaders(dm, 2)
+    assert len(dm.train_dataset) == 8 and len(dm.val_dataset) == 2
+    assert DetectionDataModule("kitti", data_root=root).num_classes == 8
+
+
+def test_bad_configuration_fails_early(tmp_path):
+    with pytest.raises(ValueError, match=r"data source must be one of \('synthetic', 'coco', 'kitti'\), got 'voc'"):
+        DetectionDataModule("voc")
+    with pytest.raises(ValueError, match="data source 'coco' needs train_images"):
+        DetectionDataModule("coco")
+    with pytest.raises(ValueError, match=r"train_images='/no/such/dir': no such folder"):
+        DetectionDataModule("coco", train_images="/no/such/dir", train_ann="a.json", val_images="v", val_ann="v")
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(ValueError, match=r"val_ann='.*missing\.json': no such file"):
+        DetectionDataModule("coco", train_images=str(tmp_path / "imgs"), train_ann=__file__,
+                            val_images=str(tmp_path / "imgs"), val_ann=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="data source 'kitti' needs data_root"):
+        DetectionDataModule("kitti")
+    with pytest.raises(ValueError, match=r"data_root='.*': no image_2/ folder"):
+        DetectionDataModule("kitti", data_root=str(tmp_path))
+    with pytest.raises(ValueError, match=r"class_names \['a'\] do not match"):
+        DetectionDataModule(class_names=["a"])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        DetectionDataModule(batch_size=0)
+    with pytest.raises(ValueError, match="positive number of batches"):
+        DetectionDataModule(synthetic=SMALL, num_train=2).calibration_batches(0)
+    with pytest.raises(RuntimeError, match=r"call setup\('fit'\)"):
+        DetectionDataModule().train_dataloader()
+
+
+@pytest.mark.parametrize("module", ["fqn.data.sanitize", "fqn.data.kitti", "fqn.data.transforms",
+                                    "fqn.data.datamodule"])
+def test_docstring_examples(module):
+    assert doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS).failed == 0

@@ -1,0 +1,148 @@
+"""The Lightning trainer on tiny real models: float and QAT fits, checkpoints, resume, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from fqn import QuantConfig
+from fqn.quant.fake_quant import current_phase, quantizers
+from fqn.quant.modules import QConvBn2d
+from fqn.train.module import DetectionModule
+
+from .tiny import tiny_data, tiny_module, tiny_trainer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory) -> Path:
+    """A float checkpoint after 2 training steps (the QAT starting point)."""
+    root = tmp_path_factory.mktemp("float")
+    model, data = tiny_module(), tiny_data()
+    trainer = tiny_trainer(str(root), max_steps=2)
+    trainer.fit(model, data)
+    path = root / "float.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_float_fast_dev_run(tmp_path):
+    trainer = tiny_trainer(str(tmp_path), fast_dev_run=1)
+    trainer.fit(tiny_module(), tiny_data())
+    assert "val/mAP" in trainer.callback_metrics
+
+
+def test_qat_4bit_calibrates_logs_ptq_and_trains(float_ckpt, tmp_path):
+    cfg = QuantConfig(bits_w=4, bits_a=4, n_cal=2)
+    model = tiny_module(quant=cfg, init_from=str(float_ckpt))
+    trainer = tiny_trainer(str(tmp_path), max_steps=2, val_check_interval=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.fit(model, tiny_data())
+    assert model.ptq_metrics is not None and set(model.ptq_metrics) >= {"AP", "AP50", "AP75", "AR100"}
+    assert all(fq.is_calibrated for _, fq in quantizers(model.model, "act"))
+    assert current_phase(model.model) == "quantize"  # P: ranges fixed after calibration
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) > 10
+    assert "val/AP50" in trainer.callback_metrics
+
+
+def test_qat_without_p_updates_ema_in_training_and_not_in_validation(float_ckpt, tmp_path):
+    cfg = QuantConfig(bits_w=8, bits_a=8, n_cal=1, percentile=False, freeze_bn=False)
+    model = tiny_module(quant=cfg, init_from=str(float_ckpt))
+    assert any(isinstance(m, QConvBn2d) for m in model.modules())
+    trainer = tiny_trainer(str(tmp_path), max_steps=2, limit_val_batches=0)
+    trainer.fit(model, tiny_data())
+    assert current_phase(model.model) == "observe_quantize"  # [17]: EMA ranges keep moving while fine-tuning
+
+
+def test_init_from_errors_are_clear(tmp_path, float_ckpt):
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        tiny_module(quant=QuantConfig(), init_from=str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ValueError, match="does not fit"):
+        tiny_module(quant=QuantConfig(), init_from=str(float_ckpt), num_classes=7)
+
+
+def test_checkpoint_alone_rebuilds_the_quantized_model(float_ckpt, tmp_path):
+    cfg = QuantConfig(bits_w=4, bits_a=4, n_cal=2)
+    model = tiny_module(quant=cfg, init_from=str(float_ckpt))
+    trainer = tiny_trainer(str(tmp_path), max_steps=1, limit_val_batches=0)
+    trainer.fit(model, tiny_data())
+    path = tmp_path / "qat.ckpt"
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, weights_only=True)  # loadable without unpickling code
+    assert raw["fqn"]["quant_config"] == cfg.to_dict()
+    rebuilt = DetectionModule.load_from_checkpoint(path, init_from=None)
+    assert rebuilt.qcfg == cfg
+    images = [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    model.eval()
+    rebuilt.eval()
+    with torch.no_grad():
+        a, b = model.model(images), rebuilt.model(images)
+    for x, y in zip(a, b):
+        assert torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["scores"], y["scores"])
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+class _Crash(pl.Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise _Killed("simulated kill")
+
+
+def _qat_run(root: Path, float_ckpt: Path, *, crash_at: int | None = None, resume: Path | None = None):
+    cfg = QuantConfig(bits_w=4, bits_a=4, n_cal=2, percentile=False, freeze_bn=False)  # EMA + BN stats: stateful
+    model = tiny_module(quant=cfg, init_from=str(float_ckpt), seed=3)
+    data = tiny_data(seed=5)  # 12 images / batch 2 = 6 batches per epoch: step 3 is mid-epoch
+    ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=1)
+    callbacks = [ckpt] + ([_Crash(crash_at)] if crash_at is not None else [])
+    pl.seed_everything(0)
+    trainer = tiny_trainer(str(root), max_steps=5, limit_val_batches=0, callbacks=callbacks,
+                           enable_checkpointing=True)
+    trainer.fit(model, data, ckpt_path=str(resume) if resume else None)
+    return model, trainer
+
+
+def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(float_ckpt, tmp_path):
+    full, _ = _qat_run(tmp_path / "full", float_ckpt)
+    with pytest.raises(_Killed):
+        _qat_run(tmp_path / "killed", float_ckpt, crash_at=3)
+    last = tmp_path / "killed" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    resumed, trainer = _qat_run(tmp_path / "resumed", float_ckpt, resume=last)
+    assert trainer.global_step == 5
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def _fqn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("fqn")
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_fit_print_config_and_unknown_keys(tmp_path):
+    tiny = ["--data.num_train", "4", "--data.num_val", "2", "--data.synthetic.image_size", "96",
+            "--data.synthetic.max_size", "48", "--model.min_size", "96", "--model.max_size", "96",
+            "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1"]
+    result = _fqn("fit", "--config", str(REPO / "configs/synthetic_float.yaml"), *tiny, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "runs" / "synthetic_float").glob("version_*/checkpoints/last.ckpt"))
+    printed = _fqn("fit", "--config", str(REPO / "configs/synthetic_w4a4.yaml"), "--print_config", cwd=tmp_path)
+    assert printed.returncode == 0 and "bits_w: 4" in printed.stdout
+    bad = _fqn("fit", "--config", str(REPO / "configs/synthetic_float.yaml"), "--model.bogus", "1", cwd=tmp_path)
+    assert bad.returncode != 0 and "bogus" in bad.stderr
+    bad_value = _fqn("fit", "--config", str(REPO / "configs/synthetic_w4a4.yaml"), "--model.quant.bits_w", "12",
+                     *tiny, cwd=tmp_path)
+    assert bad_value.returncode != 0 and "bits_w" in bad_value.stderr
