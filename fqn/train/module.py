@@ -100,6 +100,13 @@ class DetectionModule(pl.LightningModule):
             raise ValueError(f"{hint}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
     # -- training -------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        n_data = getattr(dm, "num_classes", None)
+        if n_data is not None and n_data != self.hparams.num_classes:
+            raise ValueError(f"model.num_classes={self.hparams.num_classes} but the data has {n_data} classes "
+                             f"including the background ({dm.class_names}); set model.num_classes: {n_data}")
+
     def configure_callbacks(self) -> list[pl.Callback]:
         return [QuantPhaseScheduler()] if self.qcfg is not None else []
 
@@ -161,6 +168,17 @@ class DetectionModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation -----------------------------------------------------
+    def on_validation_start(self) -> None:
+        self._require_calibration()
+
+    def on_test_start(self) -> None:
+        self._require_calibration()
+
+    def _require_calibration(self) -> None:
+        if self.qcfg is not None and not self._is_calibrated():
+            raise RuntimeError("this quantized model has no calibrated ranges: evaluate a QAT checkpoint "
+                               "(--ckpt_path runs/.../last.ckpt) or run `fqn fit` first")
+
     def validation_step(self, batch: tuple, batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, self.val_map)
 

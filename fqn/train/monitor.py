@@ -304,8 +304,15 @@ class QuantMonitor(pl.Callback):
         for i, (image, target, pred) in enumerate(zip(images, targets, outputs["preds"])):
             if i >= self.num_images:
                 break
-            drawn = draw_detections(image, target, pred, self.class_names, self.score_threshold)
+            drawn = draw_detections(image, target, pred, self._names(trainer), self.score_threshold)
             writer.add_image(f"val/image_{i}", drawn, trainer.global_step, dataformats="CHW")
+
+    def _names(self, trainer: pl.Trainer) -> list[str] | None:
+        """The given names, else the data module's (``class_names[i]`` is label ``i + 1``)."""
+        if self.class_names is not None:
+            return self.class_names
+        names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+        return ["background", *names] if names else None
 
     def _detach_clip_counter(self) -> ClipCounter | None:
         clip, self._clip = self._clip, None

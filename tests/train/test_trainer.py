@@ -138,7 +138,13 @@ def test_cli_fit_print_config_and_unknown_keys(tmp_path):
             "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1"]
     result = _fqn("fit", "--config", str(REPO / "configs/synthetic_float.yaml"), *tiny, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert list((tmp_path / "runs" / "synthetic_float").glob("version_*/checkpoints/last.ckpt"))
+    last = tmp_path / "runs" / "synthetic_float" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    two_steps = [("2" if a == "1" and tiny[i - 1] == "--trainer.max_steps" else a) for i, a in enumerate(tiny)]
+    resumed = _fqn("fit", "--config", str(REPO / "configs/synthetic_float.yaml"), *two_steps,
+                   "--ckpt_path", str(last), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 2
     printed = _fqn("fit", "--config", str(REPO / "configs/synthetic_w4a4.yaml"), "--print_config", cwd=tmp_path)
     assert printed.returncode == 0 and "bits_w: 4" in printed.stdout
     bad = _fqn("fit", "--config", str(REPO / "configs/synthetic_float.yaml"), "--model.bogus", "1", cwd=tmp_path)
@@ -146,3 +152,9 @@ def test_cli_fit_print_config_and_unknown_keys(tmp_path):
     bad_value = _fqn("fit", "--config", str(REPO / "configs/synthetic_w4a4.yaml"), "--model.quant.bits_w", "12",
                      *tiny, cwd=tmp_path)
     assert bad_value.returncode != 0 and "bits_w" in bad_value.stderr
+
+
+def test_validating_an_uncalibrated_qat_model_is_a_clear_error(tmp_path):
+    model = tiny_module(quant=QuantConfig(n_cal=1))
+    with pytest.raises(RuntimeError, match="no calibrated ranges"):
+        tiny_trainer(str(tmp_path)).validate(model, tiny_data())
