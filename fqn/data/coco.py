@@ -22,6 +22,7 @@ from fqn.data.sanitize import (
     Sample,
     SanitizeStats,
     check_image_file,
+    collect_samples,
     image_size,
     is_finite_box,
     sanitize_boxes,
@@ -93,14 +94,7 @@ class CocoDetection(FileDetection):
         self._cats = cats
         self._label_of = {cid: names.index(name) + 1 for cid, name in cats.items() if name in names}
         stats = SanitizeStats()
-        samples = []
-        for img_id in sorted(coco.imgs):
-            try:
-                samples.append(self._sample(coco, img_id, names, stats))
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                stats.skip(e.reason, str(e))
+        samples = collect_samples(sorted(coco.imgs), lambda i: self._sample(coco, i, names, stats), stats, skip_bad)
         super().__init__(samples, names, stats, f"COCO {ann_file}", transforms, skip_bad)
 
     def _sample(self, coco: COCO, img_id: int, names: list[str], stats: SanitizeStats) -> Sample:

@@ -14,7 +14,16 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from fqn.data.sanitize import DataError, FileDetection, Sample, SanitizeStats, check_label, image_size, sanitize_boxes
+from fqn.data.sanitize import (
+    DataError,
+    FileDetection,
+    Sample,
+    SanitizeStats,
+    check_label,
+    collect_samples,
+    image_size,
+    sanitize_boxes,
+)
 
 #: KITTI type -> our class name; ``None`` ignores the type (its objects are neither trained nor penalised).
 DEFAULT_CLASS_MAP: dict[str, str | None] = {
@@ -135,15 +144,11 @@ class KittiDetection(FileDetection):
         all_ids = frame_ids(root)
         position = {frame: i for i, frame in enumerate(all_ids)}
         stats = SanitizeStats()
-        samples = []
-        for frame in split_frames(all_ids, split, val_fraction, split_seed):
-            image_id = int(frame) if frame.isdigit() else position[frame]
-            try:
-                samples.append(self._sample(frame, image_id, names, stats))
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                stats.skip(e.reason, str(e))
+
+        def build(frame: str) -> Sample:
+            return self._sample(frame, int(frame) if frame.isdigit() else position[frame], names, stats)
+
+        samples = collect_samples(split_frames(all_ids, split, val_fraction, split_seed), build, stats, skip_bad)
         super().__init__(samples, names, stats, f"KITTI {root} ({split})", transforms, skip_bad)
 
     def _sample(self, frame: str, image_id: int, names: list[str], stats: SanitizeStats) -> Sample:

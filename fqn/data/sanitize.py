@@ -13,8 +13,9 @@ import math
 import os
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -181,6 +182,20 @@ class Sample:
     labels: Tensor
     image_id: int
     size: tuple[int, int] | None = None
+
+
+def collect_samples(keys: Iterable[Any], build: Callable[[Any], Sample], stats: SanitizeStats,
+                    skip_bad: bool) -> list[Sample]:
+    """``build(key)`` for each key; a `DataError` is raised, or with ``skip_bad`` counted and the key skipped."""
+    samples = []
+    for key in keys:
+        try:
+            samples.append(build(key))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            stats.skip(e.reason, str(e))
+    return samples
 
 
 class FileDetection(Dataset):
