@@ -1,6 +1,6 @@
 """A short, self-contained demo of the quantization API on a randomly initialised detector.
 
-It needs no data and no weights: it draws synthetic scenes, gives the random
+It needs no data and no weights: it draws scenes of the embedded synthetic set, gives the random
 model realistic BN statistics, then prepares, calibrates and compares a
 w8a8 and a w4a4 FQN detector with the float one. The numbers say how far
 each quantized model's features and head outputs are from the float ones
@@ -17,28 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from fqn.config import QuantConfig
+from fqn.data.synthetic import SyntheticConfig, render
 from fqn.models.faster_rcnn import build_detector, prepare_qat, recalibrate_bn
 from fqn.quant.calibrate import calibrate
 from fqn.quant.prepare import scope_summary
 
 
 def synthetic_scenes(n: int, size: int = 256, seed: int = 0) -> list[Tensor]:
-    """Images of filled rectangles and ellipses on a textured background (deterministic)."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    images = []
-    for _ in range(n):
-        img = 0.3 * torch.rand(3, 1, 1, generator=g) + 0.1 * torch.rand(3, size, size, generator=g)
-        for _ in range(int(torch.randint(2, 7, (1,), generator=g))):
-            cx, cy = (torch.rand(2, generator=g) * size).tolist()
-            w, h = (torch.rand(2, generator=g) * size * 0.3 + 8).tolist()
-            if torch.rand(1, generator=g) < 0.5:
-                mask = ((xx - cx).abs() < w / 2) & ((yy - cy).abs() < h / 2)
-            else:
-                mask = ((xx - cx) / (w / 2)) ** 2 + ((yy - cy) / (h / 2)) ** 2 < 1
-            img = torch.where(mask, torch.rand(3, 1, 1, generator=g), img)
-        images.append(img.clamp(0, 1))
-    return images
+    """``n`` images of the embedded synthetic benchmark (its ``cal`` split, disjoint from train/val)."""
+    cfg = SyntheticConfig(image_size=size, max_size=min(80, size), seed=seed)
+    return [render(i, cfg, "cal")[0] for i in range(n)]
 
 
 def sqnr_db(ref: Tensor, test: Tensor) -> float:
