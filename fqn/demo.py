@@ -10,7 +10,6 @@ each quantized model's features and head outputs are from the float ones
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from fqn.config import QuantConfig
 from fqn.data.synthetic import SyntheticConfig, render
+from fqn.evaluation import sqnr_db
 from fqn.models.faster_rcnn import build_detector, prepare_qat, recalibrate_bn
 from fqn.quant.calibrate import calibrate
 from fqn.quant.prepare import scope_summary
@@ -27,13 +27,6 @@ def synthetic_scenes(n: int, size: int = 256, seed: int = 0) -> list[Tensor]:
     """``n`` images of the embedded synthetic benchmark (its ``cal`` split, disjoint from train/val)."""
     cfg = SyntheticConfig(image_size=size, max_size=min(80, size), seed=seed)
     return [render(i, cfg, "cal")[0] for i in range(n)]
-
-
-def sqnr_db(ref: Tensor, test: Tensor) -> float:
-    """Signal-to-quantization-noise ratio of ``test`` against ``ref`` in dB."""
-    noise = (ref.double() - test.double()).pow(2).sum()
-    signal = ref.double().pow(2).sum()
-    return math.inf if noise == 0 else float(10 * torch.log10(signal / noise))
 
 
 @torch.no_grad()
@@ -64,7 +57,7 @@ def run_demo(backbone: str = "resnet18", size: int = 256, n_cal: int = 4, seed: 
         calibrate(model, [[img] for img in cal], num_batches=n_cal)
         out = head_outputs(model, test)
         rows.append({"config": f"w{bits}a{bits} {cfg.flags}", "scope": scope_summary(model),
-                     "sqnr_db": {k: round(sqnr_db(ref[k], out[k]), 1) for k in ref},
+                     "sqnr_db": {k: round(float(sqnr_db(ref[k], out[k])), 1) for k in ref},
                      "seconds": round(time.perf_counter() - t0, 1)})
     return rows
 

@@ -14,6 +14,16 @@ MAP_COLUMNS = {"map": "AP", "map_50": "AP50", "map_75": "AP75", "map_small": "AP
                "map_large": "APl", "mar_1": "AR1", "mar_10": "AR10", "mar_100": "AR100"}
 
 
+def sqnr_db(ref: Tensor, test: Tensor) -> Tensor:
+    """Signal-to-quantization-noise ratio of ``test`` against ``ref`` in dB, a 0-d float64 tensor.
+
+    Stays on the tensors' device (no sync); ``inf`` when ``test`` equals a non-zero ``ref``.
+    """
+    signal = ref.double().square().sum()
+    noise = (ref.double() - test.double()).square().sum()
+    return 10 * torch.log10(signal / noise)
+
+
 def make_map_metric() -> MeanAveragePrecision:
     """COCO-style box mAP (pycocotools backend) with the paper's AP/AR columns."""
     return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", max_detection_thresholds=[1, 10, 100])

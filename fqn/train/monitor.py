@@ -29,6 +29,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes
 
+from fqn.evaluation import sqnr_db
 from fqn.quant.fake_quant import FakeQuantize, calc_qparams, fake_quantize, quantizers
 from fqn.quant.modules import QConv2d, QConvBn2d, QLinear
 
@@ -68,10 +69,7 @@ def weight_sqnr_db(layer: QConv2d | QLinear) -> Tensor:
         raise ValueError("this layer has no weight quantizer (it is kept float)")
     w = layer.folded_weight() if isinstance(layer, QConvBn2d) else layer.weight
     w = w.detach().float()
-    wq = quantize_weight_like(layer.weight_fq, w)
-    signal = w.double().square().sum()
-    noise = (w.double() - wq.double()).square().sum()
-    return 10 * torch.log10(signal / noise)
+    return sqnr_db(w, quantize_weight_like(layer.weight_fq, w))
 
 
 def _bounds(fq: FakeQuantize, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,8 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from fqn import QuantConfig, build_detector, calibrate, prepare_qat
-from fqn.demo import head_outputs, sqnr_db
+from fqn.demo import head_outputs
+from fqn.evaluation import sqnr_db
 from fqn.quant.fake_quant import FakeQuantize, current_phase, set_phase
 from fqn.quant.modules import QAdd, QConv2d, QConvBn2d, QLinear
 from fqn.quant.prepare import scope_summary
