@@ -8,9 +8,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from fqn.quant.fake_quant import current_phase, quantizers, set_phase
+from fqn.quant.observers import EMAMinMaxObserver, dist_ready
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +134,7 @@ def sync_ema_observers(model: nn.Module) -> None:
     While fine-tuning without P the EMA observers see each rank's own batches; averaging after each
     step keeps every rank's ranges identical (a no-op without an initialised process group).
     """
-    import torch.distributed as dist
-
-    from fqn.quant.observers import EMAMinMaxObserver
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not dist_ready():
         return
     acts = [fq for _, fq in quantizers(model, "act") if isinstance(fq.observer, EMAMinMaxObserver)]
     if not acts:

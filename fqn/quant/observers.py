@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-def _dist_ready() -> bool:
+def dist_ready() -> bool:
+    """True under an initialised process group of more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -97,7 +98,7 @@ class MinMaxObserver(Observer):
         self.max_val.fill_(-math.inf)
 
     def sync(self) -> None:
-        if _dist_ready():
+        if dist_ready():
             dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
             dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX)
             dist.all_reduce(self.num_seen, op=dist.ReduceOp.MAX)
@@ -135,7 +136,7 @@ class EMAMinMaxObserver(Observer):
         self.max_val.zero_()
 
     def sync(self) -> None:
-        if _dist_ready():
+        if dist_ready():
             ws = dist.get_world_size()
             for t in (self.min_val, self.max_val):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -229,7 +230,7 @@ class HistogramObserver(Observer):
         self.kmin.zero_()
 
     def sync(self) -> None:
-        if not _dist_ready():
+        if not dist_ready():
             return
         state = (int(self.num_seen), int(self.exponent), int(self.kmin), self.counts.cpu(),
                  float(self.min_val), float(self.max_val))

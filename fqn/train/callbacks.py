@@ -39,8 +39,8 @@ class QuantPhaseScheduler(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if self._train_phase == "observe_quantize" and trainer.world_size > 1:
-            sync_ema_observers(pl_module.model)  # every rank keeps identical EMA ranges
+        if self._train_phase == "observe_quantize":
+            sync_ema_observers(pl_module.model)  # every rank keeps identical EMA ranges (no-op on one rank)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if current_phase(pl_module.model) == "observe_quantize":
