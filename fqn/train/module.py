@@ -66,7 +66,7 @@ class DetectionModule(pl.LightningModule):
                  min_size: int = 160, max_size: int = 160, detector: dict[str, Any] | None = None,
                  lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9, weight_decay: float = 1e-4,
                  warmup_steps: int = 100, warmup_factor: float = 0.001, lr_steps: list[int] | None = None,
-                 lr_gamma: float = 0.1, class_names: list[str] | None = None, seed: int = 0) -> None:
+                 lr_gamma: float = 0.1, seed: int = 0) -> None:
         super().__init__()
         if isinstance(quant, dict):  # rebuilt from a checkpoint's hyper-parameters
             quant = QuantConfig.from_dict(quant)
@@ -75,7 +75,6 @@ class DetectionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["quant"])
         self.hparams["quant"] = quant.to_dict() if quant is not None else None
         self.qcfg = quant
-        self.class_names = class_names
         self.model = build_detector(backbone, num_classes, weights=weights, weights_backbone=weights_backbone,
                                     min_size=min_size, max_size=max_size, **(detector or {}))
         if init_from:
@@ -93,9 +92,8 @@ class DetectionModule(pl.LightningModule):
         hint = f"init_from {path} does not fit a {backbone} detector with {num_classes} classes"
         try:
             missing, unexpected = self.model.load_state_dict(load_float_state(path), strict=False)
-        except RuntimeError as err:  # shape mismatches
-            raise ValueError(f"{hint}: {str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
-                             ) from None
+        except RuntimeError as err:  # shape mismatches: torch's message lists them after its first line
+            raise ValueError(f"{hint}: {str(err).strip().splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise ValueError(f"{hint}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
