@@ -12,28 +12,31 @@ import argparse
 import logging
 import sys
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 def lightning_main(argv: list[str]) -> None:
     """Run a LightningCLI subcommand on `DetectionModule` and `DetectionDataModule`."""
+    import tempfile
+
     from pytorch_lightning.cli import LightningCLI
 
     from fqn.data.datamodule import DetectionDataModule
     from fqn.train.module import DetectionModule
 
     sys.argv = sys.argv[:1]  # the arguments come through args=, expanded
-    LightningCLI(DetectionModule, DetectionDataModule, args=expand_config_bases(argv), seed_everything_default=0,
-                 save_config_kwargs={"overwrite": True})
+    with tempfile.TemporaryDirectory(prefix="fqn-config-") as tmp:
+        LightningCLI(DetectionModule, DetectionDataModule, args=expand_config_bases(argv, tmp),
+                     seed_everything_default=0, save_config_kwargs={"overwrite": True})
 
 
-def expand_config_bases(argv: list[str]) -> list[str]:
+def expand_config_bases(argv: list[str], tmp_dir: str) -> list[str]:
     """Replace ``--config FILE`` by the chain of its ``__base__`` files followed by FILE itself.
 
     A config may start with ``__base__: base.yaml`` (a path relative to it), so overrides stay short;
-    each file of the chain is passed to LightningCLI as its own ``--config``, base first.
+    each file of the chain is passed to LightningCLI as its own ``--config``, base first; the
+    overrides, stripped of ``__base__``, are written to ``tmp_dir``.
     """
-    import tempfile
     from pathlib import Path
 
     import yaml
@@ -59,10 +62,9 @@ def expand_config_bases(argv: list[str]) -> list[str]:
             if base is None:
                 chain.append(str(current))
                 break
-            tmp = tempfile.NamedTemporaryFile("w", suffix=f"_{current.name}", delete=False)
-            yaml.safe_dump(data, tmp)
-            tmp.close()
-            chain.append(tmp.name)
+            stripped = Path(tmp_dir) / f"{len(out)}_{len(chain)}_{current.name}"
+            stripped.write_text(yaml.safe_dump(data))
+            chain.append(str(stripped))
             current = current.parent / base
         for item in reversed(chain):
             out += ["--config", item]
