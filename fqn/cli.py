@@ -84,6 +84,108 @@ def quickstart_main(argv: list[str]) -> None:
     print_demo(run_demo(args.backbone, args.size, args.n_cal))
 
 
+def load_data_config(path: str | None) -> dict:
+    """The ``data:`` section of a training config (its ``__base__`` chain merged), or {} for the defaults."""
+    from pathlib import Path
+
+    import yaml
+
+    if path is None:
+        return {}
+    chain, current = [], Path(path)
+    while True:
+        if not current.is_file():
+            raise SystemExit(f"fqn: config file {current} not found")
+        cfg = yaml.safe_load(current.read_text()) or {}
+        chain.append(cfg.get("data") or {})
+        if "__base__" not in cfg:
+            break
+        current = current.parent / cfg["__base__"]
+    merged: dict = {}
+    for section in reversed(chain):
+        for key, value in section.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+def _data_module(config: str | None, num_val: int | None):
+    from fqn.data.datamodule import DetectionDataModule
+
+    data = load_data_config(config)
+    data["augment"] = False
+    if num_val is not None:
+        data["num_val"] = num_val
+    return DetectionDataModule(**data)
+
+
+def convert_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="fqn convert", description="write a QAT checkpoint (or, with --ptq-bits, a PTQ of a float checkpoint) "
+        "as one int8 ONNX file run by ONNX Runtime")
+    parser.add_argument("checkpoint", help="a QAT checkpoint (runs/.../last.ckpt); a float one needs --ptq-bits")
+    parser.add_argument("output", help="the .onnx file to write")
+    parser.add_argument("--ptq-bits", type=int, choices=range(2, 9), metavar="{2..8}",
+                        help="post-training quantize a float checkpoint at this bit-width first")
+    parser.add_argument("--calibration", default="percentile", choices=["percentile", "histogram", "minmax"])
+    parser.add_argument("--n-cal", type=int, default=20, help="calibration batches (PTQ)")
+    parser.add_argument("--config", help="training config whose data: section gives the calibration data")
+    args = parser.parse_args(argv)
+    from fqn.demo import synthetic_scenes
+    from fqn.int8 import convert_int8
+    from fqn.models.checkpoint import load_detector
+
+    try:
+        model, hp = load_detector(args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"fqn convert: {err}") from None
+    quantized = getattr(model, "fqn_config", None) is not None
+    if quantized and args.ptq_bits:
+        raise SystemExit("fqn convert: --ptq-bits needs a float checkpoint; this one is already quantized")
+    if not quantized and not args.ptq_bits:
+        raise SystemExit(f"fqn convert: {args.checkpoint} is a float-only checkpoint: convert a QAT checkpoint, "
+                         "or add --ptq-bits 8 to post-training quantize it first")
+    if args.ptq_bits:
+        from fqn.ptq import post_training_quantize, ptq_config
+
+        cfg = ptq_config(args.ptq_bits, args.calibration, n_cal=args.n_cal)
+        batches = _data_module(args.config, None).calibration_batches(args.n_cal)
+        model = post_training_quantize(model, batches, cfg)
+    example = synthetic_scenes(1, hp["min_size"])
+    path = convert_int8(model, args.output, example, metadata={"source": str(args.checkpoint)})
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {model.fqn_config.flags} "
+          f"w{model.fqn_config.bits_w}a{model.fqn_config.bits_a}); run it with fqn.load_int8('{path}')")
+
+
+def compare_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="fqn compare", description="FP32 vs fqn PTQ vs fqn QAT vs ORT / torchao PTQ: accuracy, size, latency")
+    parser.add_argument("--float", dest="float_ckpt", required=True, help="the FP32 checkpoint")
+    parser.add_argument("--qat", nargs="*", default=[], help="QAT checkpoints (any bit-widths)")
+    parser.add_argument("--out", required=True, help="output folder (compare.json, .onnx files, tensorboard/)")
+    parser.add_argument("--config", help="training config whose data: section gives the val/calibration data")
+    parser.add_argument("--ptq-bits", type=int, nargs="*", default=[8, 4])
+    parser.add_argument("--calibration", default="percentile", choices=["percentile", "histogram", "minmax"])
+    parser.add_argument("--n-cal", type=int, default=20)
+    parser.add_argument("--peers", nargs="*", default=["ort", "torchao"], choices=["ort", "torchao"])
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per model (median reported)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-val", type=int, help="synthetic validation images (default: the config's)")
+    args = parser.parse_args(argv)
+    from fqn.compare import run_compare
+
+    try:
+        cmp = run_compare(args.float_ckpt, args.qat, args.out, _data_module(args.config, args.num_val),
+                          ptq_bits=args.ptq_bits, calibration=args.calibration, n_cal=args.n_cal, peers=args.peers,
+                          runs=args.runs, threads=args.threads)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"fqn compare: {err}") from None
+    print(cmp.markdown())
+    print(f"\nresults: {cmp.out / 'compare.json'}; TensorBoard: tensorboard --logdir {cmp.out / 'tensorboard'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -91,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         lightning_main(argv)
     elif argv and argv[0] == "quickstart":
         quickstart_main(argv[1:])
+    elif argv and argv[0] == "convert":
+        convert_main(argv[1:])
+    elif argv and argv[0] == "compare":
+        compare_main(argv[1:])
     else:
-        print("usage: fqn {fit,validate,test,quickstart} [--config FILE] [--key value ...]\n"
+        print("usage: fqn {fit,validate,test,convert,compare,quickstart} [--config FILE] [--key value ...]\n"
               "       fqn fit --help | fqn fit --print_config", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return 0

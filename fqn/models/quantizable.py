@@ -17,10 +17,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import SqueezeExcitation
 
-from fqn.quant.modules import QAdd, QMul, act_quantizer
+from fqn.quant.fake_quant import input_scale, tag_scale
+from fqn.quant.modules import GridMaxPool2d, QAdd, QMul, act_quantizer
 from fqn.quant.prepare import SwapContext
 
 
@@ -191,7 +192,30 @@ def _convert_predictor(pred: FastRCNNPredictor, name: str, ctx: SwapContext) -> 
     return pred
 
 
+class QuantLastLevelMaxPool(LastLevelMaxPool):
+    """The FPN's extra "pool" level, passing the grid of its input on (the RPN head quantizes its bias with it)."""
+
+    def forward(self, x: list[Tensor], y: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        s = input_scale(x[-1])
+        results, names = super().forward(x, y, names)
+        if s is not None:
+            tag_scale(results[-1], s)
+        return results, names
+
+    @classmethod
+    def convert(cls, pool: LastLevelMaxPool, name: str, ctx: SwapContext) -> QuantLastLevelMaxPool:
+        pool.__class__ = cls
+        return pool
+
+
+def _grid_max_pool(pool: nn.MaxPool2d, name: str, ctx: SwapContext) -> GridMaxPool2d:
+    pool.__class__ = GridMaxPool2d
+    return pool
+
+
 CONVERTERS = {
+    nn.MaxPool2d: _grid_max_pool,
+    LastLevelMaxPool: QuantLastLevelMaxPool.convert,
     BasicBlock: QuantBasicBlock.convert,
     Bottleneck: QuantBottleneck.convert,
     InvertedResidual: QuantInvertedResidual.convert,

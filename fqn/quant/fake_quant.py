@@ -177,7 +177,38 @@ class FakeQuantize(nn.Module):
             raise RuntimeError(
                 f"this {self.role} quantizer has no range yet: run fqn.calibrate(model, batches, n) "
                 "before enabling fake quantization")
-        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
+        out = fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
+        if self.ch_axis is None:
+            tag_scale(out, self.scale)
+        return out
+
+
+SCALE_TAG = "fqn_scale"
+
+
+def tag_scale(t: Tensor, scale: Tensor) -> Tensor:
+    """Mark ``t`` as lying on the grid of step ``scale``, so the layer that reads it can quantize its bias.
+
+    Integer kernels add the bias as int32 on the grid ``s_in * s_w`` of their accumulator; a layer
+    knows ``s_w`` but only its input knows ``s_in``. Grid-preserving ops (max pooling) pass the tag on.
+    """
+    setattr(t, SCALE_TAG, scale)
+    return t
+
+
+def input_scale(t: Tensor) -> Tensor | None:
+    """The step of the grid ``t`` lies on (see `tag_scale`), or None when no quantizer produced it."""
+    return getattr(t, SCALE_TAG, None)
+
+
+def quantize_bias(bias: Tensor, scale: Tensor) -> Tensor:
+    """The bias on the int32 accumulator grid ``scale`` (= s_in * s_w), gradient passed straight through.
+
+    The int8 runtime rounds the bias this way; simulating it makes the fake-quant model and the
+    converted model compute the same integers.
+    """
+    scale = scale.to(bias.dtype).clamp_min(_EPS * _EPS)
+    return bias + (torch.round(bias / scale) * scale - bias).detach()
 
 
 def weight_quantizer(weight: Tensor, bits: int, *, per_channel: bool, symmetric: bool) -> FakeQuantize:

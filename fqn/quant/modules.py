@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fqn.config import QuantConfig
-from fqn.quant.fake_quant import FakeQuantize, weight_quantizer
+from fqn.quant.fake_quant import FakeQuantize, input_scale, quantize_bias, tag_scale, weight_quantizer
 from fqn.quant.fold import batch_stats, bn_stats, fold_conv_bn_weights
 from fqn.quant.observers import make_activation_observer, refresh_after_load
 
@@ -54,6 +54,7 @@ class _QuantLayerMixin:
     def _setup(self, cfg: QuantConfig | None, *, activation: nn.Module | None, input_quant: bool,
                output_quant: bool) -> None:
         self.activation = activation
+        self.bias_quantized = False  # set by each forward: was the bias put on the int32 grid s_in * s_w?
         quant = cfg is not None
         self.weight_fq = (weight_quantizer(self.weight, cfg.bits_w, per_channel=cfg.per_channel,
                                            symmetric=cfg.symmetric_weights) if quant else None)
@@ -68,6 +69,15 @@ class _QuantLayerMixin:
 
     def _q_weight(self, w: Tensor) -> Tensor:
         return self.weight_fq(w) if self.weight_fq is not None else w
+
+    def _q_bias(self, bias: Tensor | None, x: Tensor) -> Tensor | None:
+        """The bias on the int32 grid ``s_in * s_w`` when the weight is quantized and ``x`` is on a known grid."""
+        fq = self.weight_fq
+        s_in = input_scale(x)
+        self.bias_quantized = bias is not None and fq is not None and fq.quantizing and s_in is not None
+        if not self.bias_quantized:
+            return bias
+        return quantize_bias(bias, s_in * fq.scale)
 
     def _q_input(self, x: Tensor) -> Tensor:
         return self.input_fq(x) if self.input_fq is not None else x
@@ -97,7 +107,9 @@ class QConv2d(_QuantLayerMixin, nn.Conv2d):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._q_output(self._conv_forward(self._q_input(x), self._q_weight(self.weight), self.bias))
+        x = self._q_input(x)
+        w = self._q_weight(self.weight)
+        return self._q_output(self._conv_forward(x, w, self._q_bias(self.bias, x)))
 
 
 class QConvBn2d(QConv2d):
@@ -156,7 +168,8 @@ class QConvBn2d(QConv2d):
         else:
             mean, var = self.running_mean, self.running_var
         w, b = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, mean, var, self.bn_eps)
-        return self._q_output(self._conv_forward(x, self._q_weight(w), b))
+        w = self._q_weight(w)
+        return self._q_output(self._conv_forward(x, w, self._q_bias(b, x)))
 
 
 def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> int:
@@ -183,7 +196,18 @@ class QLinear(_QuantLayerMixin, nn.Linear):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._q_output(F.linear(self._q_input(x), self._q_weight(self.weight), self.bias))
+        x = self._q_input(x)
+        w = self._q_weight(self.weight)
+        return self._q_output(F.linear(x, w, self._q_bias(self.bias, x)))
+
+
+class GridMaxPool2d(nn.MaxPool2d):
+    """Max pooling that passes its input's grid (`tag_scale`) on: its outputs are input values."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        s = input_scale(x)
+        return tag_scale(y, s) if s is not None else y
 
 
 class QAdd(nn.Module):
@@ -213,4 +237,4 @@ class QMul(nn.Module):
         return self.act_fq(y) if self.act_fq is not None else y
 
 
-__all__ = ["QConv2d", "QConvBn2d", "QLinear", "QAdd", "QMul", "act_quantizer", "freeze_bn_stats"]
+__all__ = ["QConv2d", "QConvBn2d", "QLinear", "QAdd", "QMul", "GridMaxPool2d", "act_quantizer", "freeze_bn_stats"]

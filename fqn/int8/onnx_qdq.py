@@ -1,0 +1,306 @@
+"""Writer of the int8 backend: a fake-quantized fqn model as an ONNX graph in QDQ form.
+
+Every fqn quantizer becomes QuantizeLinear -> DequantizeLinear with exactly its
+scale and zero point; ONNX Runtime (or OpenVINO) then fuses DQ -> Conv/Gemm/Add
+-> Q into integer kernels. Nothing is recalibrated or re-quantized by another
+tool: the weight codes are computed here with torch's own fake-quantize op, the
+one the simulation used, and stored as integer initializers (int4, packed, at
+4 bits or less), so the file holds integers, not floats.
+
+Why a custom ``symbolic``: torch's exporter accepts only the (0,255),
+(-128,127) and (0,127) ranges, while fqn's weights use the symmetric [-127,127]
+range and k < 8 bits use narrower ones. Activations of k < 8 bits are stored
+with 8-bit Q/DQ (the integer kernels are 8-bit) followed by an explicit
+DQ -> Clip -> Q -> DQ to the k-bit levels *after* the kernel's own
+requantization, so the conv/add still fuses and the values are exactly the
+k-bit ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import fqn.quant.fake_quant as fq_mod
+from fqn.quant.fake_quant import quantizers
+
+OPSET = 20  # the newest the TorchScript exporter writes; raised to 21 (type additions only) for int4 weights
+INT4_OPSET = 21
+
+
+class _ExportQDQ(torch.autograd.Function):
+    """Fake quantization whose ONNX form is Q -> DQ with constant qparams (export only)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: tuple, zero_point: tuple, qmin: int, qmax: int,
+                axis: int | None) -> Tensor:
+        s = torch.tensor(scale, dtype=torch.float32, device=x.device)
+        z = torch.tensor(zero_point, dtype=torch.int32, device=x.device)
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(x.float(), s.reshape(()), z.reshape(()), qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x.float(), s, z, axis, qmin, qmax)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: tuple, zero_point: tuple, qmin: int, qmax: int, axis: int | None) -> Any:
+        zdt = torch.int8 if qmin < 0 else torch.uint8
+        s_t = torch.tensor(scale, dtype=torch.float32)
+        z_t = torch.tensor(zero_point, dtype=torch.int32)
+        kw: dict[str, Any] = {}
+        if axis is None:
+            s_t, z_t = s_t.reshape(()), z_t.reshape(())
+        else:
+            kw["axis_i"] = axis
+        s = g.op("Constant", value_t=s_t)
+        z = g.op("Constant", value_t=z_t.to(zdt))
+        y = g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z, **kw), s, z, **kw)
+        full = (-128, 127) if qmin < 0 else (0, 255)
+        if axis is None and (qmin, qmax) != full and (qmin, qmax) != (-127, 127):
+            # k < 8 bits: clamp to the k-bit levels after the 8-bit kernel, then requantize (exact, still fused)
+            lo = g.op("Constant", value_t=((qmin - z_t.float()) * s_t).reshape(()))
+            hi = g.op("Constant", value_t=((qmax - z_t.float()) * s_t).reshape(()))
+            y = g.op("Clip", y, lo, hi)
+            y = g.op("DequantizeLinear", g.op("QuantizeLinear", y, s, z), s, z)
+        return y
+
+
+def _export_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                          axis: int | None = None) -> Tensor:
+    s = tuple(float(v) for v in scale.detach().float().reshape(-1).cpu())
+    z = tuple(int(v) for v in zero_point.detach().reshape(-1).cpu())
+    return _ExportQDQ.apply(x, s, z, qmin, qmax, axis)
+
+
+@contextlib.contextmanager
+def qdq_export_mode(model: nn.Module, example_args: tuple) -> Iterator[nn.Module]:
+    """Freeze every quantizer's qparams and route fake quantization through `_ExportQDQ`.
+
+    Weight quantizers recompute their range on every call; one forward pass on
+    ``example_args`` gives them the current (BN-folded) weights' range, then
+    observing stops so the traced graph holds constants. Everything is restored on exit.
+    """
+    qs = quantizers(model)
+    saved = [(q.observing, q.quantizing) for _, q in qs]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for _, q in qs:
+        if q.role == "act":
+            q.enable_observer(False)
+    original = fq_mod.fake_quantize
+    try:
+        with torch.no_grad():
+            model(*example_args)
+        for _, q in qs:
+            q.enable_observer(False)
+        fq_mod.fake_quantize = _export_fake_quantize
+        yield model
+    finally:
+        fq_mod.fake_quantize = original
+        for (_, q), (observe, quantize) in zip(qs, saved):
+            q.enable_observer(observe)
+            q.enable_fake_quant(quantize)
+        for m, training in modes:
+            m.training = training
+
+
+def export_onnx(module: nn.Module, args: tuple, path: str | Path | None, *, input_names: Sequence[str],
+                output_names: Sequence[str], dynamic_axes: dict[str, dict[int, str]] | None = None,
+                quantized: bool = True, metadata: dict[str, str] | None = None,
+                weight_range: tuple[int, int] | None = None) -> Any:
+    """Export ``module(*args)`` to ONNX (QDQ form when ``quantized``); returns the ``onnx.ModelProto``.
+
+    ``weight_range`` is the integer range of the weight codes (e.g. (-7, 7) at 4 bits); ranges within
+    4 bits are stored as packed int4. ``path=None`` only returns the proto.
+    """
+    import onnx
+
+    buf = io.BytesIO()
+    ctx = qdq_export_mode(module, args) if quantized else contextlib.nullcontext(module)
+    with ctx, torch.no_grad(), _quiet_export():
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, do_constant_folding=True,
+                          input_names=list(input_names), output_names=list(output_names),
+                          dynamic_axes=dynamic_axes)
+    proto = onnx.load_from_string(buf.getvalue())
+    if quantized:
+        store_integer_weights(proto, weight_range)
+        requantize_after_resize(proto)
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    if path is not None:
+        onnx.save(proto, str(path))
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values in torchvision's detection code
+        yield
+
+
+def _used_names(graph: Any) -> set[str]:
+    """Every value name read by a node of ``graph`` or of its subgraphs (If/Loop bodies read outer names)."""
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                used |= _used_names(sub)
+    return used
+
+
+class _Constants:
+    """Constant values of a graph: initializers and Constant nodes, seen through Identity nodes."""
+
+    def __init__(self, graph: Any) -> None:
+        from onnx import numpy_helper
+
+        self._np = numpy_helper
+        self.inits = {init.name: init for init in graph.initializer}
+        self.producers = {o: n for n in graph.node for o in n.output}
+
+    def source(self, name: str) -> str:
+        node = self.producers.get(name)
+        while node is not None and node.op_type == "Identity":
+            name = node.input[0]
+            node = self.producers.get(name)
+        return name
+
+    def value(self, name: str) -> np.ndarray | None:
+        name = self.source(name)
+        if name in self.inits:
+            return self._np.to_array(self.inits[name])
+        node = self.producers.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+            return self._np.to_array(node.attribute[0].t)
+        return None
+
+
+def _weight_codes(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
+    """The integers torch's fake quantizer (the simulation's op) rounds ``w`` to."""
+    wt = torch.from_numpy(w.copy())
+    st = torch.from_numpy(scale.astype(np.float32).copy())
+    zt = torch.from_numpy(zp.astype(np.int32).copy())
+    if st.dim() == 0:
+        fq = torch.fake_quantize_per_tensor_affine(wt, st, zt, lo, hi)
+        codes = torch.round(fq / st) + zt
+    else:
+        fq = torch.fake_quantize_per_channel_affine(wt, st, zt, axis, lo, hi)
+        shape = [1] * wt.dim()
+        shape[axis] = -1
+        codes = torch.round(fq / st.reshape(shape)) + zt.reshape(shape)
+    return codes.numpy().astype(zp.dtype)
+
+
+def _pack4(codes: np.ndarray) -> bytes:
+    """Two 4-bit codes per byte, first in the low nibble (ONNX INT4/UINT4 raw layout)."""
+    flat = codes.astype(np.int16).reshape(-1) & 0xF
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def store_integer_weights(proto: Any, weight_range: tuple[int, int] | None) -> int:
+    """Replace every Q(constant float weight) by the integer codes torch's fake quantizer gives; returns how many.
+
+    The codes are ``round(fake_quantize(w) / scale) + zero_point``, i.e. exactly the integers the
+    simulation used; a weight quantized at several call sites (the RPN head runs once per pyramid
+    level) is stored once. Codes that fit 4 bits are stored as packed INT4/UINT4 (opset raised to 21).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    consts = _Constants(graph)
+    keep, new_inits, renamed, cache = [], [], {}, {}
+    pack4 = weight_range is not None and weight_range[0] >= -8 and weight_range[1] <= 15
+    for node in graph.node:
+        w = consts.value(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if w is None or w.dtype != np.float32:
+            keep.append(node)
+            continue
+        scale, zp = consts.value(node.input[1]), consts.value(node.input[2])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        key = (consts.source(node.input[0]), scale.tobytes(), zp.tobytes(), axis)
+        if key not in cache:
+            lo, hi = weight_range if weight_range is not None else ((-128, 127) if zp.dtype == np.int8 else (0, 255))
+            codes = _weight_codes(w, scale, zp, axis, lo, hi)
+            name, zp_name = node.output[0], None
+            if pack4:
+                dt = onnx.TensorProto.INT4 if zp.dtype == np.int8 else onnx.TensorProto.UINT4
+                new_inits.append(helper.make_tensor(name, dt, codes.shape, _pack4(codes), raw=True))
+                zp_name = f"{name}__zp4"
+                new_inits.append(helper.make_tensor(zp_name, dt, zp.shape, _pack4(zp), raw=True))
+            else:
+                new_inits.append(numpy_helper.from_array(codes, name))
+            cache[key] = (name, zp_name)
+        renamed[node.output[0]] = cache[key]
+    for node in keep:
+        if node.op_type == "DequantizeLinear" and node.input[0] in renamed:
+            name, zp_name = renamed[node.input[0]]
+            node.input[0] = name
+            if zp_name is not None:
+                node.input[2] = zp_name
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(new_inits)
+    _drop_dead(graph)
+    if pack4 and cache:
+        for op in proto.opset_import:
+            if op.domain in ("", "ai.onnx"):
+                op.version = max(op.version, INT4_OPSET)
+    return len(cache)
+
+
+def _drop_dead(graph: Any) -> None:
+    """Remove Identity/Constant nodes and initializers nothing reads any more."""
+    while True:
+        used = _used_names(graph)
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant") and not set(n.output) & used]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = _used_names(graph)
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def requantize_after_resize(proto: Any) -> int:
+    """Put Q -> DQ (same qparams) after every Resize/MaxPool fed by a DQ; returns how many.
+
+    Nearest upsampling and max pooling keep values on their input's grid, so fqn puts no
+    quantizer after them; ONNX Runtime, though, keeps them integer (and fuses the following
+    FPN add into QLinearAdd) only when it sees a Q after them. The inserted pair changes no value.
+    """
+    from onnx import helper
+
+    graph = proto.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    nodes, count = [], 0
+    for node in graph.node:
+        nodes.append(node)
+        src = producers.get(node.input[0]) if node.op_type in ("Resize", "MaxPool") else None
+        if src is None or src.op_type != "DequantizeLinear" or len(node.output) != 1:
+            continue
+        scale, zp = src.input[1], src.input[2]
+        out = node.output[0]
+        node.output[0] = f"{out}__pre_q"
+        nodes.append(helper.make_node("QuantizeLinear", [node.output[0], scale, zp], [f"{out}__q"],
+                                      name=f"{node.name}__requant_q"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{out}__q", scale, zp], [out],
+                                      name=f"{node.name}__requant_dq"))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count

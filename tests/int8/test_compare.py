@@ -1,0 +1,79 @@
+"""`fqn compare` and `fqn convert` end to end on a tiny detector and tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fqn import QuantConfig, calibrate, prepare_qat
+from fqn.cli import main
+from fqn.compare import ROW_FIELDS, run_compare
+from fqn.int8 import load_int8
+from fqn.models import build_detector
+
+from ..train.tiny import DETECTOR, SIZE, tiny_data
+
+
+def _save(model, path, quant=None):
+    hp = {"backbone": "resnet18", "num_classes": 4, "min_size": SIZE, "max_size": SIZE, "detector": DETECTOR,
+          "quant": quant}
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp},
+               path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    model = build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **DETECTOR).eval()
+    float_ckpt = _save(model, root / "float.ckpt")
+    cfg = QuantConfig(bits_w=4, bits_a=4)
+    qat = prepare_qat(model, cfg)
+    calibrate(qat, tiny_data().calibration_batches(2), 2, progress=False)
+    return float_ckpt, _save(qat, root / "qat_w4a4.ckpt", cfg.to_dict())
+
+
+def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
+    float_ckpt, qat_ckpt = checkpoints
+    cmp = run_compare(float_ckpt, [qat_ckpt], tmp_path, tiny_data(num_val=4), ptq_bits=(8,), n_cal=2,
+                      peers=("ort",), runs=2, warmup=1, threads=1, progress=False)
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    names = [r["name"] for r in saved["rows"]]
+    assert names == ["FP32", "FP32 (ONNX Runtime)", "fqn PTQ w8a8", "fqn QAT w4a4", "ORT quantize_static w8a8"]
+    for row in saved["rows"]:
+        assert set(ROW_FIELDS) <= set(row), row
+        for key in ("AP", "AP50", "AP75", "AR100", "size_mb", "latency_ms", "backbone_ms", "speedup",
+                    "backbone_speedup"):
+            assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (row["name"], key)
+    rows = {r["name"]: r for r in saved["rows"]}
+    assert rows["FP32"]["speedup"] == pytest.approx(1.0)
+    for name in ("fqn PTQ w8a8", "fqn QAT w4a4"):
+        assert math.isfinite(rows[name]["int8_gap_AP"]) and math.isfinite(rows[name]["fake_quant_AP"])
+    assert rows["fqn PTQ w8a8"]["size_mb"] < 0.3 * rows["FP32"]["size_mb"]
+    assert rows["fqn QAT w4a4"]["size_mb"] < 0.6 * rows["fqn PTQ w8a8"]["size_mb"]
+    assert saved["machine"]["threads"] == 1 and saved["machine"]["torch"] == torch.__version__
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    table = cmp.markdown()
+    assert all(name in table for name in names) and "threads" in table
+
+
+def test_convert_cli_qat_ptq_and_bad_input(checkpoints, tmp_path, capsys):
+    float_ckpt, qat_ckpt = checkpoints
+    assert main(["convert", str(qat_ckpt), str(tmp_path / "qat.onnx")]) == 0
+    assert load_int8(tmp_path / "qat.onnx").metadata["fqn.bits"] == "w4a4"
+    with pytest.raises(SystemExit, match="float-only checkpoint"):
+        main(["convert", str(float_ckpt), str(tmp_path / "f.onnx")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["convert", str(tmp_path / "missing.ckpt"), str(tmp_path / "m.onnx")])
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="cannot be read"):
+        main(["convert", str(tmp_path / "junk.ckpt"), str(tmp_path / "j.onnx")])
+    with pytest.raises(SystemExit, match="already quantized"):
+        main(["convert", str(qat_ckpt), str(tmp_path / "q.onnx"), "--ptq-bits", "8"])
+    assert main(["convert", str(float_ckpt), str(tmp_path / "ptq.onnx"), "--ptq-bits", "8", "--n-cal", "2"]) == 0
+    assert load_int8(tmp_path / "ptq.onnx").metadata["fqn.bits"] == "w8a8"
+    assert "wrote" in capsys.readouterr().out

@@ -1,0 +1,175 @@
+"""int8 conversion: ONNX QDQ files run by ONNX Runtime's integer kernels, checked against torch and by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from fqn import QuantConfig, calibrate, prepare_qat
+from fqn.int8 import convert_int8, export_part, head_parity, load_int8
+from fqn.int8.onnx_qdq import export_onnx
+from fqn.int8.runtime import session_options
+from fqn.quant.fake_quant import quantizers, set_phase
+from fqn.quant.modules import QAdd, QConv2d
+
+
+class _Block(nn.Module):
+    """input quantizer -> conv+ReLU -> conv, plus a 1x1 shortcut conv, joined by a quantized add with ReLU."""
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = QConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), cfg, activation=nn.ReLU(), input_quant=True)
+        self.b = QConv2d.from_float(nn.Conv2d(16, 16, 3, padding=1), cfg)
+        self.c = QConv2d.from_float(nn.Conv2d(8, 16, 1), cfg, input_quant=True)
+        self.add = QAdd(cfg, relu=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add(self.b(self.a(x)), self.c(x))
+
+
+def _calibrated_block(bits: int) -> tuple[_Block, torch.Tensor]:
+    cfg = QuantConfig(bits_w=bits, bits_a=bits, percentile=False, act_observer="minmax")
+    block = _Block(cfg).eval()
+    x = torch.randn(2, 8, 24, 24)
+    set_phase(block, "observe")
+    with torch.no_grad():
+        block(x)
+    for _, q in quantizers(block, "act"):
+        q.update_qparams()
+    set_phase(block, "quantize")
+    return block, x
+
+
+def _all_ops(graph: onnx.GraphProto) -> set[str]:
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                ops |= _all_ops(attr.g)
+    return ops
+
+
+def _optimized_ops(proto: onnx.ModelProto, tmp_path) -> dict[str, int]:
+    opts = session_options(1)
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ops: dict[str, int] = {}
+    for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_kernels_reproduce_fake_quant_layer_by_layer(bits, tmp_path):
+    """ORT's QLinearConv/QLinearAdd on the exported block give the fake-quant output, in its own steps."""
+    block, x = _calibrated_block(bits)
+    with torch.no_grad():
+        ref = block(x).numpy()
+    proto = export_onnx(block, (x,), None, input_names=["x"], output_names=["y"], weight_range=(
+        -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1))
+    if bits == 4:
+        from fqn.int8.runtime import _unpack_int4
+        assert _unpack_int4(proto) == 6  # three packed weight tensors and their zero points
+    ops = _optimized_ops(proto, tmp_path)
+    assert ops.get("QLinearConv") == 3 and ops.get("QLinearAdd") == 1, ops
+    sess = ort.InferenceSession(proto.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy()})[0]
+    out_q = block.add.act_fq
+    steps = np.abs(got - ref) / float(out_q.scale)
+    assert (steps < 0.5).mean() >= 0.99  # identical codes but for rounding ties (and int32 bias rounding)
+    assert (steps < 1.5).mean() >= 0.999
+    assert steps.max() < 2.5  # a flipped code in b's input moves the add by at most one more step
+    if bits == 4:  # k-bit activations stay on their 2^k levels inside the int8 kernels
+        levels = np.unique(np.round(got / float(out_q.scale)) + int(out_q.zero_point))
+        assert levels.min() >= 0 and levels.max() <= 15
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weights_are_stored_as_the_hand_computed_integer_codes(bits):
+    block, x = _calibrated_block(bits)
+    qmax = 2 ** (bits - 1) - 1
+    proto = export_onnx(block, (x,), None, input_names=["x"], output_names=["y"], weight_range=(-qmax, qmax))
+    stored = [numpy_helper.to_array(i).astype(np.int64) for i in proto.graph.initializer
+              if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4) and len(i.dims) == 4]
+    assert len(stored) == 3 and not [i for i in proto.graph.initializer
+                                     if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4]
+    for conv in (block.a, block.b, block.c):
+        w = conv.weight.detach().double()
+        scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) / qmax  # symmetric, per output channel
+        codes = torch.round(w / scale).long().numpy()
+        assert any(s.shape == codes.shape and np.array_equal(s, codes) for s in stored)
+    if bits == 4:
+        assert all(i.data_type == onnx.TensorProto.INT4 for i in proto.graph.initializer
+                   if len(i.dims) == 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized(_float_detectors, scenes):
+    out = {}
+    for bits in (8, 4):
+        model = prepare_qat(copy.deepcopy(_float_detectors["resnet18"]), QuantConfig(bits_w=bits, bits_a=bits))
+        out[bits] = calibrate(model, [[s] for s in scenes[:4]], 4, progress=False).eval()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tiny_quantized, scenes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8")
+    return {bits: convert_int8(m, root / f"w{bits}.onnx", scenes[:1]) for bits, m in tiny_quantized.items()}
+
+
+def test_whole_detector_round_trips_from_disk(tiny_quantized, tiny_files, scenes):
+    for bits, path in tiny_files.items():
+        detector = load_int8(path, threads=1)
+        assert detector.metadata["fqn.bits"] == f"w{bits}a{bits}"
+        images = [scenes[6], torch.nn.functional.interpolate(scenes[7][None], size=(96, 160))[0]]  # any size
+        out = detector(images)
+        assert len(out) == 2
+        for det, img in zip(out, images):
+            n = det["boxes"].shape[0]
+            assert det["boxes"].shape == (n, 4) and det["scores"].shape == (n,) and det["labels"].shape == (n,)
+            assert det["labels"].dtype == torch.int64 and torch.isfinite(det["boxes"]).all()
+            if n:
+                assert det["boxes"][:, 2].max() <= img.shape[2] + 1e-3
+                assert det["boxes"][:, 3].max() <= img.shape[1] + 1e-3
+        onnx.checker.check_model(str(path))
+        ops = _all_ops(onnx.load(str(path)).graph)
+        assert {"RoiAlign", "NonMaxSuppression", "QuantizeLinear", "DequantizeLinear"} <= ops  # whole detector
+
+
+def test_four_bit_file_is_smaller(tiny_files):
+    s8, s4 = tiny_files[8].stat().st_size, tiny_files[4].stat().st_size
+    assert s4 < 0.6 * s8  # packed int4 weights
+
+
+def test_head_outputs_track_the_fake_quant_model(tiny_quantized, scenes, tmp_path):
+    """On a random (BN-calibrated) network rounding ties compound through ~20 layers; most elements stay close."""
+    for bits, model in tiny_quantized.items():
+        path = export_part(model, "heads", tmp_path / f"heads{bits}.onnx", scenes[0])
+        parity = head_parity(model, path, scenes[6:8], threads=1)
+        assert parity["within_1_step"] > 0.6, parity
+
+
+def test_convert_rejects_float_uncalibrated_and_bad_images(float_detector, scenes, tmp_path):
+    with pytest.raises(ValueError, match="float model"):
+        convert_int8(float_detector(), tmp_path / "f.onnx", scenes[:1])
+    prepared = prepare_qat(float_detector(), QuantConfig())
+    with pytest.raises(ValueError, match="calibrate"):
+        convert_int8(prepared, tmp_path / "u.onnx", scenes[:1])
+    calibrate(prepared, [[scenes[0]]], 1, progress=False)
+    with pytest.raises(ValueError, match="example_images"):
+        convert_int8(prepared, tmp_path / "e.onnx", [])
+    with pytest.raises(FileNotFoundError, match="fqn convert"):
+        load_int8(tmp_path / "missing.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ValueError, match="not a readable ONNX"):
+        load_int8(tmp_path / "junk.onnx")
