@@ -1,4 +1,4 @@
-"""The ``fqn`` command. Thin: LightningCLI for fit/validate/test, plus the quickstart.
+"""The ``fqn`` command. Thin: LightningCLI for fit/validate/test; convert, compare, quickstart and demo.
 
     fqn fit --config configs/synthetic_float.yaml
     fqn fit --config configs/synthetic_w4a4.yaml --trainer.max_steps 500
@@ -72,9 +72,9 @@ def expand_config_bases(argv: list[str], tmp_dir: str) -> list[str]:
     return out
 
 
-def quickstart_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="fqn quickstart", description="demo: prepare, calibrate and compare "
-                                     "w8a8/w4a4 detectors against the float one")
+def demo_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="fqn demo", description="one-minute API demo: prepare, calibrate and "
+                                     "compare w8a8/w4a4 detectors against a random float one (no training)")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--n-cal", type=int, default=4)
@@ -82,6 +82,34 @@ def quickstart_main(argv: list[str]) -> None:
     from fqn.demo import print_demo, run_demo
 
     print_demo(run_demo(args.backbone, args.size, args.n_cal))
+
+
+def quickstart_main(argv: list[str]) -> None:
+    from fqn.quickstart import QuickstartConfig, run_quickstart
+
+    d = QuickstartConfig()
+    parser = argparse.ArgumentParser(
+        prog="fqn quickstart", description="synthetic data, CPU, ~15 min: float training (cached), fqn QAT and PTQ "
+        "at 8 and 4 bits, int8 ONNX files, and the comparison with FP32 and the ORT / torchao peers")
+    parser.add_argument("--out", default=d.out, help="output folder (checkpoints, TensorBoard, int8 files)")
+    parser.add_argument("--backbone", default=d.backbone)
+    parser.add_argument("--size", type=int, default=d.size, help="image side in pixels")
+    parser.add_argument("--float-steps", type=int, default=d.float_steps)
+    parser.add_argument("--qat-steps", type=int, default=d.qat_steps)
+    parser.add_argument("--bits", type=int, nargs="+", default=list(d.qat_bits), choices=range(2, 9))
+    parser.add_argument("--num-val", type=int, default=d.num_val)
+    parser.add_argument("--n-cal", type=int, default=d.n_cal)
+    parser.add_argument("--peers", nargs="*", default=list(d.peers), choices=["ort", "torchao"])
+    parser.add_argument("--runs", type=int, default=d.runs, help="timed runs per model")
+    parser.add_argument("--threads", type=int, default=d.threads)
+    a = parser.parse_args(argv)
+    try:
+        cfg = QuickstartConfig(out=a.out, backbone=a.backbone, size=a.size, float_steps=a.float_steps,
+                               qat_steps=a.qat_steps, qat_bits=tuple(a.bits), num_val=a.num_val, n_cal=a.n_cal,
+                               peers=tuple(a.peers), runs=a.runs, threads=a.threads)
+    except ValueError as err:
+        raise SystemExit(f"fqn quickstart: {err}") from None
+    run_quickstart(cfg)
 
 
 def load_data_config(path: str | None) -> dict:
@@ -193,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         lightning_main(argv)
     elif argv and argv[0] == "quickstart":
         quickstart_main(argv[1:])
+    elif argv and argv[0] == "demo":
+        demo_main(argv[1:])
     elif argv and argv[0] == "convert":
         convert_main(argv[1:])
     elif argv and argv[0] == "compare":
         compare_main(argv[1:])
     else:
-        print("usage: fqn {fit,validate,test,convert,compare,quickstart} [--config FILE] [--key value ...]\n"
+        print("usage: fqn {fit,validate,test,convert,compare,quickstart,demo} [--config FILE] [--key value ...]\n"
               "       fqn fit --help | fqn fit --print_config", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return 0

@@ -1,7 +1,9 @@
 """The two PTQ baselines users would otherwise pick, on the same float model and calibration images.
 
 * ONNX Runtime's own ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
-  min/max calibration) applied to the FP32 ONNX file of the whole detector.
+  min/max calibration) applied to the FP32 ONNX file of the whole detector, quantizing the
+  compute ops (`ORT_OPS`). Its default op list also quantizes ops of the box-decoding glue, and
+  that model crashed ONNX Runtime 1.32 (segfault) on a validation image with few proposals.
 * torchao's pt2e flow with ``X86InductorQuantizer`` (its default static int8 config), applied
   to the backbone+FPN and the box head, compiled by Inductor and put back into the eager detector
   (the RPN head, RoIAlign, box decoding and NMS stay float eager PyTorch).
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+ORT_OPS = ("Conv", "Gemm", "MatMul", "Add", "Resize", "MaxPool", "Relu")
 
 
 def ort_quantize_static(float_onnx: str | Path, out_path: str | Path, inputs: Sequence[dict[str, Any]]) -> Path:
@@ -40,8 +44,64 @@ def ort_quantize_static(float_onnx: str | Path, out_path: str | Path, inputs: Se
     out_path = Path(out_path)
     quantize_static(str(float_onnx), str(out_path), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(ORT_OPS))
     return out_path
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every BatchNorm2d that directly follows a Conv2d among its siblings into that conv (eval model).
+
+    pt2e's X86InductorQuantizer expects BN already folded: exported with BN, its conv+add+ReLU pattern
+    matcher fails ("Input partition has more than one output node"). Returns how many were folded.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    count = 0
+    for module in list(model.modules()):
+        children = list(module.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+                setattr(module, bn_name, nn.Identity())
+                count += 1
+    return count
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's BasicBlock with one ReLU module per call site (pt2e matches patterns per module)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu_out(self.bn2(self.conv2(out)) + identity)
+
+
+class _Bottleneck(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu_mid(self.bn2(self.conv2(out)))
+        return self.relu_out(self.bn3(self.conv3(out)) + identity)
+
+
+def unshare_relus(model: nn.Module) -> int:
+    """Give every ResNet block one ReLU per call site, as torchvision's quantizable ResNet does.
+
+    torchvision's blocks call one ``relu`` module two or three times; pt2e's X86InductorQuantizer
+    then fails ("Input partition has more than one output node").
+    """
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    count = 0
+    for m in model.modules():
+        if isinstance(m, (BasicBlock, Bottleneck)):
+            bottleneck = isinstance(m, Bottleneck)
+            m.__class__ = type(f"Unshared{type(m).__name__}", (_Bottleneck if bottleneck else _BasicBlock,), {})
+            m.relu_out = nn.ReLU()
+            if bottleneck:
+                m.relu_mid = nn.ReLU()
+            count += 1
+    return count
 
 
 def _pt2e_quantize(module: nn.Module, example: Tensor, calibration: Sequence[Tensor],
@@ -51,26 +111,38 @@ def _pt2e_quantize(module: nn.Module, example: Tensor, calibration: Sequence[Ten
 
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    dynamic = ({"x": {0: torch.export.Dim("rois", min=2, max=100_000)}},) if dynamic_batch else None
+    dynamic = ({0: torch.export.Dim("rois", min=2, max=100_000)},) if dynamic_batch else None
     exported = torch.export.export(module.eval(), (example,), dynamic_shapes=dynamic).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for x in calibration:
             prepared(x)
-    return convert_pt2e(prepared)
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    converted = convert_pt2e(prepared)
+    allow_exported_model_train_eval(converted)  # the detector's .eval() reaches it
+    return converted
 
 
 class _Compiled(nn.Module):
-    """A compiled pt2e module in place of a float one (eval only)."""
+    """A compiled pt2e module in place of a float one (eval only).
 
-    def __init__(self, module: nn.Module) -> None:
+    ``per_image``: the module was exported for one image, so a batch runs image by image
+    (the detector's evaluation batches several images; timing uses one).
+    """
+
+    def __init__(self, module: nn.Module, per_image: bool = False) -> None:
         super().__init__()
         self.module = module
         self.compiled = torch.compile(module)
+        self.per_image = per_image
 
     def forward(self, x: Tensor) -> Any:
         with torch.no_grad():
-            return self.compiled(x)
+            if not self.per_image or x.shape[0] == 1:
+                return self.compiled(x)
+            outs = [self.compiled(x[i:i + 1]) for i in range(x.shape[0])]
+            return type(outs[0])((k, torch.cat([o[k] for o in outs])) for k in outs[0])
 
 
 def torchao_pt2e(float_model: nn.Module, calibration_images: Sequence[Tensor]) -> tuple[nn.Module, dict[str, Any]]:
@@ -80,6 +152,8 @@ def torchao_pt2e(float_model: nn.Module, calibration_images: Sequence[Tensor]) -
     of the deployable weights}``.
     """
     model = copy.deepcopy(float_model).eval()
+    fold_batchnorm(model)
+    unshare_relus(model)
     batches, rois = [], []
     hook = model.roi_heads.box_head.register_forward_hook(lambda m, i, o: rois.append(i[0].detach()))
     with torch.no_grad():
@@ -90,27 +164,29 @@ def torchao_pt2e(float_model: nn.Module, calibration_images: Sequence[Tensor]) -
     hook.remove()
     backbone = _pt2e_quantize(model.backbone, batches[0], batches)
     box_head = _pt2e_quantize(model.roi_heads.box_head, rois[0], rois, dynamic_batch=True)
-    float_rest = [m for name, m in model.named_children() if name != "backbone"]
-    model.backbone = _Compiled(backbone)
+    model.backbone = _Compiled(backbone, per_image=True)
     model.backbone.out_channels = float_model.backbone.out_channels
     model.roi_heads.box_head = _Compiled(box_head)
-    size = _tensor_bytes(backbone) + _tensor_bytes(box_head)
-    size += sum(_tensor_bytes(m) for m in float_rest) - _tensor_bytes(float_model.roi_heads.box_head)
+    size = _saved_bytes(backbone) + _saved_bytes(box_head) + sum(
+        _saved_bytes(m) for name, m in model.roi_heads.named_children() if name != "box_head") + _saved_bytes(
+        model.rpn)
     with torch.no_grad():  # compile now, so the first timed call does not pay for it
         for img in calibration_images[:2]:
             model([img])
     return model, {"backbone": model.backbone, "bytes": size}
 
 
-def _tensor_bytes(module: nn.Module) -> int:
-    seen, total = set(), 0
-    tensors = list(module.state_dict().values())
-    tensors += [v for v in vars(module).values() if isinstance(v, Tensor)]
-    if isinstance(module, torch.fx.GraphModule):  # pt2e keeps int8 weights as plain attributes
-        tensors += [getattr(module, n.target) for n in module.graph.nodes if n.op == "get_attr"
-                    and isinstance(getattr(module, n.target, None), Tensor)]
-    for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
+def _saved_bytes(module: nn.Module) -> int:
+    """Bytes of the module's weights as ``torch.save`` writes them (pt2e modules keep int8 weights as constants)."""
+    import io
+
+    tensors = dict(module.state_dict())
+    if isinstance(module, torch.fx.GraphModule):  # only what the graph reads (the float originals stay attached)
+        tensors = {}
+        for node in module.graph.nodes:
+            value = getattr(module, str(node.target), None) if node.op == "get_attr" else None
+            if isinstance(value, Tensor):
+                tensors[str(node.target)] = value
+    buf = io.BytesIO()
+    torch.save({k: v.detach().contiguous() for k, v in tensors.items()}, buf)
+    return buf.tell()

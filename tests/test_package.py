@@ -28,9 +28,9 @@ def test_method_never_imports_lightning_or_detection_models():
         assert not pattern.search(path.read_text()), path
 
 
-def test_quickstart_demo_runs_from_the_console_script():
+def test_api_demo_runs_from_the_console_script():
     exe = Path(sys.executable).with_name("fqn")
-    cmd = [str(exe) if exe.exists() else "fqn", "quickstart", "--size", "128", "--n-cal", "1"]
+    cmd = [str(exe) if exe.exists() else "fqn", "demo", "--size", "128", "--n-cal", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| w8a8 FPC |" in result.stdout and "| w4a4 FPC |" in result.stdout

@@ -59,6 +59,8 @@ class DetectionModule(pl.LightningModule):
         warmup_steps, warmup_factor: linear warm-up from ``lr*warmup_factor``.
         lr_steps, lr_gamma: step decay (float training); QAT uses a fixed LR as the paper.
         seed: per-step RNG seed base, so interrupted and resumed runs sample identical RoIs.
+        ptq_eval: evaluate (and log as ``ptq/*``) the calibrated model before fine-tuning; off when the
+            caller measures PTQ itself (`fqn quickstart` does, in its comparison).
     """
 
     def __init__(self, backbone: str = "resnet18", num_classes: int = 5, quant: QuantConfig | None = None,
@@ -66,7 +68,7 @@ class DetectionModule(pl.LightningModule):
                  min_size: int = 160, max_size: int = 160, detector: dict[str, Any] | None = None,
                  lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9, weight_decay: float = 1e-4,
                  warmup_steps: int = 100, warmup_factor: float = 0.001, lr_steps: list[int] | None = None,
-                 lr_gamma: float = 0.1, seed: int = 0) -> None:
+                 lr_gamma: float = 0.1, seed: int = 0, ptq_eval: bool = True) -> None:
         super().__init__()
         if isinstance(quant, dict):  # rebuilt from a checkpoint's hyper-parameters
             quant = QuantConfig.from_dict(quant)
@@ -115,6 +117,8 @@ class DetectionModule(pl.LightningModule):
         dm = self.trainer.datamodule
         batches = dm.calibration_batches(self.qcfg.n_cal)
         calibrate(self.model, batches, self.qcfg.n_cal, progress=self.trainer.is_global_zero)
+        if not self.hparams.ptq_eval:
+            return
         self.ptq_metrics = evaluate_map(self.model, dm.val_dataloader(), device=self.device,
                                         progress=self.trainer.is_global_zero)
         self.model.train()

@@ -1,0 +1,125 @@
+"""``fqn quickstart``: the whole story on the embedded synthetic data, on a CPU, in about 15 minutes.
+
+float training (reused when already done) -> fqn QAT at 8 and 4 bits -> fqn PTQ at 8 and 4 bits
+-> int8 ONNX files -> the comparison table with the ORT and torchao peers. Everything lands in
+one folder: checkpoints, TensorBoard runs, the int8 files and ``compare/compare.json``. An
+interrupted quickstart resumes each training run from its ``last.ckpt``.
+
+The schedule is short on purpose (a few hundred float steps): it shows the pipeline, not the
+accuracy the longer configs in ``configs/`` reach.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fqn.config import QuantConfig
+from fqn.data.datamodule import DetectionDataModule
+
+log = logging.getLogger(__name__)
+
+# the same detector settings as configs/base.yaml (small images need fewer proposals)
+DETECTOR = {"box_batch_size_per_image": 128, "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,
+            "rpn_pre_nms_top_n_test": 500, "rpn_post_nms_top_n_test": 300}
+
+
+@dataclass
+class QuickstartConfig:
+    """What the quickstart runs; the defaults fit about 15 minutes on 2 CPU cores."""
+
+    out: str = "runs/quickstart"
+    backbone: str = "resnet18"
+    size: int = 160
+    float_steps: int = 300
+    qat_steps: int = 50
+    qat_bits: tuple[int, ...] = (8, 4)
+    batch_size: int = 4
+    num_val: int = 100
+    n_cal: int = 20
+    peers: tuple[str, ...] = ("ort", "torchao")
+    runs: int = 20
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.float_steps < 1 or self.qat_steps < 1 or self.num_val < 1 or self.n_cal < 1:
+            raise ValueError("float_steps, qat_steps, num_val and n_cal must be >= 1")
+
+
+def _data(cfg: QuickstartConfig) -> DetectionDataModule:
+    from fqn.data.synthetic import SyntheticConfig
+
+    synthetic = SyntheticConfig(image_size=cfg.size, num_classes=4, max_size=min(80, cfg.size // 2))
+    return DetectionDataModule(synthetic=synthetic, num_train=2000,
+                               num_val=cfg.num_val, batch_size=cfg.batch_size)
+
+
+def _finished(ckpt: Path, steps: int) -> bool:
+    if not ckpt.is_file():
+        return False
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return int(state.get("global_step", 0)) >= steps
+
+
+def _train(name: str, cfg: QuickstartConfig, steps: int, **module_kw: Any) -> Path:
+    """One training run with a TensorBoard log and a resumable ``last.ckpt``; skipped when already complete."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from fqn.train.module import DetectionModule
+    from fqn.train.monitor import QuantMonitor
+
+    out = Path(cfg.out)
+    ckpt_dir = out / name
+    last = ckpt_dir / "last.ckpt"
+    if _finished(last, steps):
+        print(f"[fqn quickstart] {name}: reusing {last}", flush=True)
+        return last
+    resume = str(last) if last.is_file() else None
+    print(f"[fqn quickstart] {name}: {steps} steps" + (f", resuming {last}" if resume else ""), flush=True)
+    pl.seed_everything(0, verbose=False)
+    module = DetectionModule(backbone=cfg.backbone, num_classes=5, min_size=cfg.size, max_size=cfg.size,
+                             detector=DETECTOR, base_batch_size=16, **module_kw)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, val_check_interval=steps, check_val_every_n_epoch=None,
+        log_every_n_steps=10, gradient_clip_val=10.0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        logger=TensorBoardLogger(str(out / "tensorboard"), name=name, version=0),
+        callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=25),
+                   LearningRateMonitor(logging_interval="step"), QuantMonitor(log_every_n_steps=25)],
+        enable_model_summary=False)
+    trainer.fit(module, datamodule=_data(cfg), ckpt_path=resume)
+    trainer.save_checkpoint(str(last))
+    return last
+
+
+def run_quickstart(cfg: QuickstartConfig | None = None) -> Path:
+    """Run the pipeline; returns the comparison folder."""
+    from fqn.compare import run_compare
+
+    cfg = cfg or QuickstartConfig()
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    float_ckpt = _train("float", cfg, cfg.float_steps, lr=0.08, warmup_steps=50,
+                        lr_steps=[int(cfg.float_steps * 0.8), int(cfg.float_steps * 0.93)])
+    qat = []
+    for bits in cfg.qat_bits:
+        qat.append(_train(f"qat_w{bits}a{bits}", cfg, cfg.qat_steps, init_from=str(float_ckpt),
+                          quant=QuantConfig(bits_w=bits, bits_a=bits, n_cal=cfg.n_cal), lr=0.008, warmup_steps=10,
+                          ptq_eval=False))
+    print(f"[fqn quickstart] comparing FP32, fqn PTQ/QAT and the peers ({time.perf_counter() - t0:.0f} s so far)",
+          flush=True)
+    cmp = run_compare(float_ckpt, qat, Path(cfg.out) / "compare", _data(cfg), ptq_bits=cfg.qat_bits,
+                      n_cal=cfg.n_cal, peers=cfg.peers, runs=cfg.runs, threads=cfg.threads)
+    print("\n" + cmp.markdown())
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"\n[fqn quickstart] done in {minutes:.1f} min. Everything is in {Path(cfg.out).resolve()}:\n"
+          f"  int8 models:  {cmp.out}/*.onnx  (run one: fqn.load_int8(path)(images))\n"
+          f"  results:      {cmp.out / 'compare.json'}\n"
+          f"  TensorBoard:  tensorboard --logdir {Path(cfg.out) / 'tensorboard'}  (compare: {cmp.out / 'tensorboard'})")
+    return cmp.out

@@ -1,0 +1,31 @@
+"""`fqn quickstart` end to end on a tiny schedule: trains, reuses its checkpoints, converts and compares."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fqn.cli import main
+from fqn.quickstart import QuickstartConfig, _train, run_quickstart
+
+
+def test_tiny_quickstart_runs_and_reuses_its_checkpoints(tmp_path, capsys):
+    cfg = QuickstartConfig(out=str(tmp_path / "qs"), size=96, float_steps=2, qat_steps=1, qat_bits=(4,), batch_size=2,
+                           num_val=2, n_cal=1, peers=("ort",), runs=1)
+    out = run_quickstart(cfg)
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["FP32", "FP32 (ONNX Runtime)", "fqn PTQ w4a4", "fqn QAT w4a4",
+                                         "ORT quantize_static w8a8"]
+    assert (out / "fqn_qat_w4a4.onnx").is_file() and (out / "fqn_ptq_w4a4.onnx").is_file()
+    assert list((tmp_path / "qs" / "tensorboard" / "float" / "version_0").glob("events.*"))
+    printed = capsys.readouterr().out
+    assert "| fqn QAT w4a4 |" in printed and "done in" in printed
+    assert printed.count("reusing") == 0
+    again = _train("qat_w4a4", cfg, cfg.qat_steps)  # a second quickstart trains nothing
+    assert again == tmp_path / "qs" / "qat_w4a4" / "last.ckpt" and "reusing" in capsys.readouterr().out
+
+
+def test_quickstart_rejects_bad_settings():
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        main(["quickstart", "--float-steps", "0"])
