@@ -207,8 +207,9 @@ class Comparison:
                 "| backbone+FPN ms | speedup | int8 - fake-quant AP |")
         lines = [head, "|" + "---|" * 15]
 
-        def f(v: Any, digits: int = 3) -> str:
-            return "–" if v is None or (isinstance(v, float) and (math.isnan(v) or v < 0)) else f"{v:.{digits}f}"
+        def f(v: Any, digits: int = 3, signed: bool = False) -> str:
+            missing = v is None or (isinstance(v, float) and math.isnan(v)) or (not signed and v == -1)
+            return "–" if missing else f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
         for r in self.rows:
             if r.get("error"):
@@ -218,7 +219,8 @@ class Comparison:
                 f"| {r['name']} | {r['runtime']} |",
                 " | ".join(f(r.get(k)) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")),
                 f"| {f(r['size_mb'], 1)} | {f(r['latency_ms'], 1)} | {f(r['speedup'], 2)}x",
-                f"| {f(r['backbone_ms'], 1)} | {f(r['backbone_speedup'], 2)}x | {f(r.get('int8_gap_AP'), 4)} |"]))
+                f"| {f(r['backbone_ms'], 1)} | {f(r['backbone_speedup'], 2)}x",
+                f"| {f(r.get('int8_gap_AP'), 4, signed=True)} |"]))
         i = self.info
         lines.append(f"\n{i['cpu']}, {i['threads']} threads, image {i['image_size'][0]}x{i['image_size'][1]}, "
                      f"median of {i['runs']} runs after {i['warmup']} warm-up; torch {i['torch']}, "

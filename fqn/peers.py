@@ -148,9 +148,14 @@ class _Compiled(nn.Module):
 def torchao_pt2e(float_model: nn.Module, calibration_images: Sequence[Tensor]) -> tuple[nn.Module, dict[str, Any]]:
     """The float detector with its backbone+FPN and box head replaced by torchao pt2e int8 modules (Inductor).
 
+    Sets ``torch._inductor.config.freezing = True`` for the process, as torchao's pt2e guide asks.
+
     Returns the detector and ``{"backbone": compiled backbone+FPN (normalised batch in), "bytes": tensor bytes
     of the deployable weights}``.
     """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # constant weights: what lets Inductor fuse the int8 conv/linear patterns
     model = copy.deepcopy(float_model).eval()
     fold_batchnorm(model)
     unshare_relus(model)
