@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fqn.evaluation import MAP_COLUMNS, evaluate_map
-from fqn.int8.convert import BackboneFPN, convert_int8, export_float, export_part, load_int8, resized_batch
+from fqn.int8.convert import BackboneFPN, convert_int8, export_float, export_part, load_int8, normalize, resized_batch
 from fqn.int8.runtime import make_session
 from fqn.models.checkpoint import load_detector
 from fqn.ptq import post_training_quantize, ptq_config
@@ -92,10 +92,7 @@ class Comparison:
                  normalized: bool = False) -> tuple[Callable[[Any], Any], list[Any]]:
         batches = [resized_batch(model, img) for img in self.images[:4]]
         if normalized:
-            t = model.transform
-            mean = torch.tensor(t.image_mean).view(1, 3, 1, 1)
-            std = torch.tensor(t.image_std).view(1, 3, 1, 1)
-            batches = [(b - mean) / std for b in batches]
+            batches = [normalize(model.transform, b) for b in batches]
         return fn, batches
 
     def time_all(self) -> None:

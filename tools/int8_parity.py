@@ -16,31 +16,9 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
-
 from fqn.data.synthetic import SyntheticConfig, render
-from fqn.int8.convert import HeadOutputs, export_part, head_parity, output_steps, resized_batch
-from fqn.int8.runtime import session_options
+from fqn.int8.convert import export_part, head_parity
 from fqn.models.checkpoint import load_detector
-
-
-def float_qdq_parity(model, path: Path, images) -> dict[str, float]:
-    """The same comparison with ORT executing the QDQ graph in float (no fusion into integer kernels)."""
-    opts = session_options()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    steps = output_steps(path)
-    ref_module = HeadOutputs(model).eval()
-    names = [o.name for o in session.get_outputs()]
-    diffs = []
-    for img in images:
-        batch = resized_batch(model, img)
-        ref = ref_module(batch)
-        got = session.run(names, {"batch": batch.numpy()})
-        diffs += [(np.abs(r.detach().numpy() - g) / steps[n]).ravel() for n, r, g in zip(names, ref, got)]
-    d = np.concatenate(diffs)
-    return {"exact": float((d < 0.5).mean()), "within_1_step": float((d < 1.5).mean()), "max_steps": float(d.max())}
 
 
 def main() -> None:
@@ -56,7 +34,7 @@ def main() -> None:
         path = export_part(model, "heads", Path(tmp) / "heads.onnx", images[0])
         result = {"checkpoint": args.checkpoint, "images": args.images, "bits": model.fqn_config.bits_a,
                   "int8_kernels": head_parity(model, path, images),
-                  "float_qdq": float_qdq_parity(model, path, images)}
+                  "float_qdq": head_parity(model, path, images, integer_kernels=False)}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

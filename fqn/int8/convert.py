@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import fqn
-from fqn.int8.onnx_qdq import export_onnx
+from fqn.int8.onnx_qdq import GraphConstants, export_onnx
 from fqn.int8.runtime import OnnxDetector, make_session
 from fqn.quant.fake_quant import quant_range, quantizers
 
@@ -86,6 +86,13 @@ class _Detector(nn.Module):
         return out["boxes"], out["labels"], out["scores"]
 
 
+def normalize(transform: nn.Module, batch: Tensor) -> Tensor:
+    """``batch`` (Nx3xHxW in [0, 1]) normalised with the detector transform's mean and std."""
+    mean = torch.tensor(transform.image_mean, dtype=batch.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(transform.image_std, dtype=batch.dtype).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
 class BackboneFPN(nn.Module):
     """Normalise + backbone + FPN on an already resized 1x3xHxW batch: the part the int8 kernels speed up most."""
 
@@ -94,9 +101,7 @@ class BackboneFPN(nn.Module):
         self.transform, self.backbone = model.transform, model.backbone
 
     def forward(self, batch: Tensor) -> tuple[Tensor, ...]:
-        x = (batch - torch.tensor(self.transform.image_mean).view(1, 3, 1, 1)) / torch.tensor(
-            self.transform.image_std).view(1, 3, 1, 1)
-        return tuple(self.backbone(x).values())
+        return tuple(self.backbone(normalize(self.transform, batch)).values())
 
 
 class HeadOutputs(BackboneFPN):
@@ -136,6 +141,19 @@ def _weight_range(cfg: Any) -> tuple[int, int] | None:
     return quant_range(cfg.bits_w, cfg.symmetric_weights) if cfg is not None else None
 
 
+def _export_detector(model: nn.Module, path: str | Path, example_images: Sequence[Tensor], cfg: Any,
+                     metadata: dict[str, Any] | None) -> Path:
+    images = _check_images(example_images)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    with _export_friendly_roi_merge():
+        export_onnx(_Detector(model).eval(), (images[0],), path, input_names=["image"],
+                    output_names=["boxes", "labels", "scores"], dynamic_axes=_IMAGE_AXES, quantized=cfg is not None,
+                    metadata=_metadata(model, cfg, metadata), weight_range=_weight_range(cfg))
+    return path
+
+
 def convert_int8(model: nn.Module, path: str | Path, example_images: Sequence[Tensor], *,
                  metadata: dict[str, Any] | None = None) -> Path:
     """Write the quantized ``model`` as one int8 ONNX file (whole detector, dynamic image size); returns the path.
@@ -148,29 +166,12 @@ def convert_int8(model: nn.Module, path: str | Path, example_images: Sequence[Te
         >>> path = convert_int8(qat_model, "model_w8a8.onnx", [image])  # doctest: +SKIP
         >>> detections = load_int8(path)([image])  # doctest: +SKIP
     """
-    cfg = check_quantized(model)
-    images = _check_images(example_images)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
-    with _export_friendly_roi_merge():
-        export_onnx(_Detector(model).eval(), (images[0],), path, input_names=["image"],
-                    output_names=["boxes", "labels", "scores"], dynamic_axes=_IMAGE_AXES,
-                    metadata=_metadata(model, cfg, metadata), weight_range=_weight_range(cfg))
-    return path
+    return _export_detector(model, path, example_images, check_quantized(model), metadata)
 
 
 def export_float(model: nn.Module, path: str | Path, example_images: Sequence[Tensor]) -> Path:
     """The float detector as one ONNX file, same signature as `convert_int8` (the FP32 and ORT-PTQ baselines)."""
-    images = _check_images(example_images)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
-    with _export_friendly_roi_merge():
-        export_onnx(_Detector(model).eval(), (images[0],), path, input_names=["image"],
-                    output_names=["boxes", "labels", "scores"], dynamic_axes=_IMAGE_AXES, quantized=False,
-                    metadata=_metadata(model, None, None))
-    return path
+    return _export_detector(model, path, example_images, None, None)
 
 
 def export_part(model: nn.Module, part: str, path: str | Path, example_image: Tensor) -> Path:
@@ -202,35 +203,29 @@ def load_int8(path: str | Path, threads: int | None = None) -> OnnxDetector:
 def output_steps(path: str | Path) -> dict[str, float | None]:
     """For each graph output, the quantization step (DQ scale) that produced it, or None for a float output."""
     import onnx
-    from onnx import numpy_helper
 
-    proto = onnx.load(str(path))
-    graph = proto.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                   if n.op_type == "Constant"})
+    graph = onnx.load(str(path)).graph
+    consts = GraphConstants(graph)
     steps: dict[str, float | None] = {}
     for out in graph.output:
-        node = producers.get(out.name)
+        node = consts.producers.get(out.name)
         while node is not None and node.op_type in ("Identity", "Reshape", "Flatten"):
-            node = producers.get(node.input[0])
-        if node is not None and node.op_type == "DequantizeLinear" and node.input[1] in consts:
-            steps[out.name] = float(np.asarray(consts[node.input[1]]).reshape(-1)[0])
-        else:
-            steps[out.name] = None
+            node = consts.producers.get(node.input[0])
+        scale = consts.value(node.input[1]) if node is not None and node.op_type == "DequantizeLinear" else None
+        steps[out.name] = None if scale is None else float(np.asarray(scale).reshape(-1)[0])
     return steps
 
 
 @torch.no_grad()
-def head_parity(model: nn.Module, path: str | Path, images: Sequence[Tensor],
-                threads: int | None = None) -> dict[str, float]:
+def head_parity(model: nn.Module, path: str | Path, images: Sequence[Tensor], threads: int | None = None,
+                integer_kernels: bool = True) -> dict[str, float]:
     """How closely the int8 "heads" part (`export_part`) reproduces the fake-quant model, in quantization steps.
 
     Returns the fraction of elements equal, within one step, and the largest difference in
-    steps, over all FPN/RPN outputs and images.
+    steps, over all FPN/RPN outputs and images. ``integer_kernels=False`` runs the same graph
+    in float in ORT instead (see `make_session`).
     """
-    session, _ = make_session(path, threads)
+    session, _ = make_session(path, threads, integer_kernels)
     steps = output_steps(path)
     ref_module = HeadOutputs(model.cpu().eval())
     names = [o.name for o in session.get_outputs()]

@@ -158,7 +158,7 @@ def _used_names(graph: Any) -> set[str]:
     return used
 
 
-class _Constants:
+class GraphConstants:
     """Constant values of a graph: initializers and Constant nodes, seen through Identity nodes."""
 
     def __init__(self, graph: Any) -> None:
@@ -220,7 +220,7 @@ def store_integer_weights(proto: Any, weight_range: tuple[int, int] | None) -> i
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    consts = _Constants(graph)
+    consts = GraphConstants(graph)
     keep, new_inits, renamed, cache = [], [], {}, {}
     pack4 = weight_range is not None and weight_range[0] >= -8 and weight_range[1] <= 15
     for node in graph.node:

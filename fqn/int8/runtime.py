@@ -50,8 +50,13 @@ def _unpack_int4(proto: Any) -> int:
     return count
 
 
-def make_session(path: str | Path, threads: int | None = None) -> tuple[Any, dict[str, str]]:
-    """An ONNX Runtime CPU session for ``path`` and the file's metadata."""
+def make_session(path: str | Path, threads: int | None = None,
+                 integer_kernels: bool = True) -> tuple[Any, dict[str, str]]:
+    """An ONNX Runtime CPU session for ``path`` and the file's metadata.
+
+    ``integer_kernels=False`` turns ORT's graph optimisations off: the QDQ graph then runs as
+    written, in float, a reference for what the integer kernels change.
+    """
     import onnx
     import onnxruntime as ort
 
@@ -64,8 +69,10 @@ def make_session(path: str | Path, threads: int | None = None) -> tuple[Any, dic
         raise ValueError(f"{path} is not a readable ONNX file: {err}") from None
     meta = {p.key: p.value for p in proto.metadata_props}
     _unpack_int4(proto)
-    session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    opts = session_options(threads)
+    if not integer_kernels:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return session, meta
 
 
