@@ -181,3 +181,16 @@ def test_prepared_model_pickles(float_detector):
     model = prepare_qat(float_detector(), QuantConfig(freeze_bn=False))
     clone = pickle.loads(pickle.dumps(model))
     assert scope_summary(clone) == scope_summary(model)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+def test_every_quantized_layer_sees_its_input_grid_and_quantizes_its_bias(float_detector, scenes, backbone):
+    """The int32 bias grid needs s_in: every quantized conv/linear must receive a tagged (quantized) input."""
+    model = calibrate(prepare_qat(float_detector(backbone), QuantConfig()), [[s] for s in scenes[:2]], 2,
+                      progress=False).eval()
+    with torch.inference_mode():
+        model(scenes[6:7])
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, (QConv2d, QLinear)) and m.is_quantized and m.bias is not None}
+    assert len(layers) > 30
+    assert [n for n, m in layers.items() if not m.bias_quantized] == []

@@ -138,3 +138,38 @@ def test_half_precision_input_round_trips():
     y = fake_quantize(x, scale, zp, 0, 255)
     assert y.dtype == torch.float16
     assert torch.allclose(y.float(), fake_quantize(x.float(), scale, zp, 0, 255), atol=1e-3)
+
+
+def test_bias_goes_onto_the_int32_accumulator_grid_with_a_straight_through_gradient():
+    """QConv2d's bias is round(b / (s_in * s_w)) * s_in * s_w, as integer kernels add it; the gradient passes."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from fqn import QuantConfig
+    from fqn.quant.fake_quant import set_phase
+    from fqn.quant.modules import QConv2d
+
+    torch.manual_seed(0)
+    cfg = QuantConfig(bits_w=4, bits_a=4, percentile=False, act_observer="minmax")
+    conv = QConv2d.from_float(nn.Conv2d(3, 5, 3), cfg, input_quant=True, output_quant=False)
+    with torch.no_grad():
+        conv.bias.copy_(torch.tensor([0.3137, -0.2718, 0.05, 1.0, -0.6]))
+    x = torch.randn(2, 3, 8, 8)
+    set_phase(conv, "observe")
+    conv(x)
+    conv.input_fq.update_qparams()
+    set_phase(conv, "quantize")
+    y = conv(x)
+    assert conv.bias_quantized
+    s_in = float(conv.input_fq.scale)
+    w = conv.weight.detach().double()
+    s_w = w.abs().amax(dim=(1, 2, 3)) / 7  # symmetric 4-bit, per channel
+    grid = s_in * s_w
+    hand_bias = torch.round(conv.bias.detach().double() / grid) * grid
+    xq = conv.input_fq(x).detach()
+    wq = torch.round(w / s_w.view(-1, 1, 1, 1)) * s_w.view(-1, 1, 1, 1)
+    ref = F.conv2d(xq.double(), wq, hand_bias)
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+    assert not torch.allclose(hand_bias, conv.bias.detach().double())  # the rounding is visible
+    y.sum().backward()
+    assert torch.allclose(conv.bias.grad, torch.full((5,), 2 * 6 * 6.0))  # d(sum)/d(bias) = N*H*W, unmasked
