@@ -16,7 +16,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
 
 from fqn.config import QuantConfig
-from fqn.models.quantizable import CONVERTERS
+from fqn.models.quantizable import CONVERTERS, stable_ties
 from fqn.quant.fake_quant import set_phase
 from fqn.quant.modules import QConv2d, act_quantizer
 from fqn.quant.prepare import is_prepared, scope_summary, swap_modules
@@ -115,6 +115,7 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     num_levels = len(model.rpn.anchor_generator.sizes) if hasattr(model, "rpn") else 5
     ctx = swap_modules(model, cfg, CONVERTERS, {"num_levels": num_levels})
     _quantize_network_input(model, cfg)
+    stable_ties(model)  # quantized scores tie often: break ties by index, as the int8 graph does
     set_phase(model, "float")
     model.fqn_config = cfg
     model.fqn_scope = {"quantized": ctx.swapped, "float": ctx.kept_float}

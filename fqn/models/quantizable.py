@@ -11,12 +11,20 @@ levels) get one quantizer per call site.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import SqueezeExcitation
 
@@ -211,6 +219,61 @@ class QuantLastLevelMaxPool(LastLevelMaxPool):
 def _grid_max_pool(pool: nn.MaxPool2d, name: str, ctx: SwapContext) -> GridMaxPool2d:
     pool.__class__ = GridMaxPool2d
     return pool
+
+
+@contextlib.contextmanager
+def _stable_batched_nms() -> Iterator[None]:
+    """torchvision's batched NMS as one NMS over offset boxes (its ONNX path) for the duration of a forward.
+
+    On large inputs torchvision's eager path runs NMS per class and re-sorts the kept boxes with an
+    unstable sort; the single NMS keeps equal scores in index order, as ONNX NonMaxSuppression does.
+    """
+    original = box_ops.batched_nms
+    box_ops.batched_nms = box_ops._batched_nms_coordinate_trick
+    try:
+        yield
+    finally:
+        box_ops.batched_nms = original
+
+
+class StableTiesRPN(RegionProposalNetwork):
+    """RPN whose top-k and NMS break ties between equal scores by index, as the exported int8 graph does.
+
+    Quantized objectness takes few distinct values (16 at 4 bits), so ties are common, and
+    ``torch.topk`` orders them arbitrarily; ONNX TopK and NonMaxSuppression put the lower index
+    first. With the same rule on both sides the fake-quant model and the int8 model keep the same proposals.
+    """
+
+    def _get_top_n_idx(self, objectness: Tensor, num_anchors_per_level: list[int]) -> Tensor:
+        if torchvision._is_tracing():  # exported as ONNX TopK, which is index-stable already
+            return super()._get_top_n_idx(objectness, num_anchors_per_level)
+        r, offset = [], 0
+        for ob in objectness.split(num_anchors_per_level, 1):
+            k = min(self.pre_nms_top_n(), ob.shape[1])
+            r.append(torch.sort(ob, dim=1, descending=True, stable=True)[1][:, :k] + offset)
+            offset += ob.shape[1]
+        return torch.cat(r, dim=1)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _stable_batched_nms():
+            return super().forward(*args, **kwargs)
+
+
+class StableTiesRoIHeads(RoIHeads):
+    """RoI heads whose final NMS keeps equal scores in index order (see `StableTiesRPN`)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _stable_batched_nms():
+            return super().forward(*args, **kwargs)
+
+
+def stable_ties(model: nn.Module) -> nn.Module:
+    """Give a torchvision detector's RPN and RoI heads the index-ordered tie-breaking of the int8 graph."""
+    if type(getattr(model, "rpn", None)) is RegionProposalNetwork:
+        model.rpn.__class__ = StableTiesRPN
+    if type(getattr(model, "roi_heads", None)) is RoIHeads:
+        model.roi_heads.__class__ = StableTiesRoIHeads
+    return model
 
 
 CONVERTERS = {

@@ -194,3 +194,28 @@ def test_every_quantized_layer_sees_its_input_grid_and_quantizes_its_bias(float_
               if isinstance(m, (QConv2d, QLinear)) and m.is_quantized and m.bias is not None}
     assert len(layers) > 30
     assert [n for n, m in layers.items() if not m.bias_quantized] == []
+
+
+def test_prepared_detector_breaks_score_ties_by_index_like_onnx(float_detector):
+    """Quantized scores tie often; the fake-quant RPN must keep the lower index first, as ONNX TopK does."""
+    import numpy as np
+    from torchvision.ops import boxes as box_ops
+
+    from fqn.models.quantizable import StableTiesRoIHeads, StableTiesRPN
+
+    model = prepare_qat(float_detector(), QuantConfig())
+    assert isinstance(model.rpn, StableTiesRPN) and isinstance(model.roi_heads, StableTiesRoIHeads)
+    torch.manual_seed(0)
+    objectness = torch.randint(0, 16, (2, 700)).float()  # 16 levels: a 4-bit objectness
+    levels = [400, 200, 100]
+    got = model.rpn._get_top_n_idx(objectness, levels)
+    k = model.rpn.pre_nms_top_n()
+    expected, offset = [], 0
+    for n in levels:
+        block = objectness[:, offset:offset + n].numpy()
+        expected.append(np.argsort(-block, axis=1, kind="stable")[:, :min(k, n)] + offset)
+        offset += n
+    assert np.array_equal(got.numpy(), np.concatenate(expected, axis=1))
+    original = box_ops.batched_nms
+    model.eval()([torch.rand(3, SIZE, SIZE)])
+    assert box_ops.batched_nms is original  # the single-NMS path is only swapped in during a forward
