@@ -59,43 +59,12 @@ def _data(cfg: QuickstartConfig) -> DetectionDataModule:
                                num_val=cfg.num_val, batch_size=cfg.batch_size)
 
 
-def _finished(ckpt: Path, steps: int) -> bool:
-    if not ckpt.is_file():
-        return False
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    return int(state.get("global_step", 0)) >= steps
-
-
 def _train(name: str, cfg: QuickstartConfig, steps: int, **module_kw: Any) -> Path:
-    """One training run with a TensorBoard log and a resumable ``last.ckpt``; skipped when already complete."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-    from pytorch_lightning.loggers import TensorBoardLogger
+    from fqn.train.runs import train_run
 
-    from fqn.train.module import DetectionModule
-    from fqn.train.monitor import QuantMonitor
-
-    out = Path(cfg.out)
-    ckpt_dir = out / name
-    last = ckpt_dir / "last.ckpt"
-    if _finished(last, steps):
-        print(f"[fqn quickstart] {name}: reusing {last}", flush=True)
-        return last
-    resume = str(last) if last.is_file() else None
-    print(f"[fqn quickstart] {name}: {steps} steps" + (f", resuming {last}" if resume else ""), flush=True)
-    pl.seed_everything(0, verbose=False)
-    module = DetectionModule(backbone=cfg.backbone, num_classes=5, min_size=cfg.size, max_size=cfg.size,
-                             detector=DETECTOR, base_batch_size=16, **module_kw)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, val_check_interval=steps, check_val_every_n_epoch=None,
-        log_every_n_steps=10, gradient_clip_val=10.0, num_sanity_val_steps=0, use_distributed_sampler=False,
-        logger=TensorBoardLogger(str(out / "tensorboard"), name=name, version=0),
-        callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=25),
-                   LearningRateMonitor(logging_interval="step"), QuantMonitor(log_every_n_steps=25)],
-        enable_model_summary=False)
-    trainer.fit(module, datamodule=_data(cfg), ckpt_path=resume)
-    trainer.save_checkpoint(str(last))
-    return last
+    module_kw = {"backbone": cfg.backbone, "num_classes": 5, "min_size": cfg.size, "max_size": cfg.size,
+                 "detector": DETECTOR, "base_batch_size": 16, **module_kw}
+    return train_run(name, cfg.out, steps, _data(cfg), module_kw, tag="fqn quickstart")
 
 
 def run_quickstart(cfg: QuickstartConfig | None = None) -> Path:

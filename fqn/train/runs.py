@@ -1,0 +1,55 @@
+"""One named training run with a TensorBoard log and a resumable ``last.ckpt``: what the quickstart and
+the ablation grid run many of. A finished run is reused; an interrupted one resumes from its checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def finished(ckpt: Path, steps: int) -> bool:
+    """True when ``ckpt`` exists and was written at or after ``steps`` training steps."""
+    if not ckpt.is_file():
+        return False
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return int(state.get("global_step", 0)) >= steps
+
+
+def train_run(name: str, out: str | Path, steps: int, data: Any, module_kw: dict[str, Any], *,
+              trainer_kw: dict[str, Any] | None = None, tag: str = "fqn") -> Path:
+    """Train ``DetectionModule(**module_kw)`` for ``steps`` steps into ``out/name/last.ckpt``; returns it.
+
+    TensorBoard logs go to ``out/tensorboard/name``; ``last.ckpt`` is written every 25 steps and at the
+    end, so a crash loses at most 25 steps; validation runs once, at the end.
+    """
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from fqn.train.module import DetectionModule
+    from fqn.train.monitor import QuantMonitor
+
+    out = Path(out)
+    ckpt_dir = out / name
+    last = ckpt_dir / "last.ckpt"
+    if finished(last, steps):
+        print(f"[{tag}] {name}: reusing {last}", flush=True)
+        return last
+    resume = str(last) if last.is_file() else None
+    print(f"[{tag}] {name}: {steps} steps" + (f", resuming {last}" if resume else ""), flush=True)
+    pl.seed_everything(0, verbose=False)
+    module = DetectionModule(**module_kw)
+    settings = {"accelerator": "cpu", "devices": 1, "log_every_n_steps": 10, "gradient_clip_val": 10.0,
+                "enable_model_summary": False}
+    settings.update(trainer_kw or {})
+    trainer = pl.Trainer(
+        max_steps=steps, val_check_interval=steps, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        use_distributed_sampler=False, logger=TensorBoardLogger(str(out / "tensorboard"), name=name, version=0),
+        callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=25),
+                   LearningRateMonitor(logging_interval="step"), QuantMonitor(log_every_n_steps=25)],
+        **settings)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    trainer.save_checkpoint(str(last))
+    return last
