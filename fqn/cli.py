@@ -112,8 +112,39 @@ def quickstart_main(argv: list[str]) -> None:
     run_quickstart(cfg)
 
 
-def load_data_config(path: str | None) -> dict:
-    """The ``data:`` section of a training config (its ``__base__`` chain merged), or {} for the defaults."""
+def ablate_main(argv: list[str]) -> None:
+    from fqn.ablate import TABLES, grid_spec, markdown, run_grid, table_rows
+
+    parser = argparse.ArgumentParser(
+        prog="fqn ablate", description="the FQN paper's ablation tables as resumable grids of QAT/PTQ runs")
+    parser.add_argument("--table", required=True, choices=TABLES)
+    parser.add_argument("--float", dest="float_ckpt", required=True, help="the FP32 checkpoint every row starts from")
+    parser.add_argument("--out", required=True, help="grid folder; re-running resumes the rows not yet done")
+    parser.add_argument("--config", default=None, help="training config (model, data, trainer sections), e.g. "
+                        "configs/synthetic_w4a4.yaml")
+    parser.add_argument("--bits", type=int, default=4, choices=range(2, 9))
+    parser.add_argument("--steps", type=int, help="QAT steps per row (default: the config's trainer.max_steps)")
+    parser.add_argument("--rows", nargs="*", help="run only these rows (names as in the table)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows in parallel processes")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per row")
+    a = parser.parse_args(argv)
+    try:
+        spec = grid_spec(a.float_ckpt, a.out, load_config(a.config), bits=a.bits, steps=a.steps)
+        rows = table_rows(a.table, spec.steps)
+        if a.rows:
+            unknown = set(a.rows) - {r.name for r in rows}
+            if unknown:
+                raise ValueError(f"unknown rows {sorted(unknown)}; the table has {[r.name for r in rows]}")
+            rows = [r for r in rows if r.name in a.rows]
+        results = run_grid(spec, rows, jobs=a.jobs, threads=a.threads)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"fqn ablate: {err}") from None
+    print(markdown(results))
+    print(f"\ntable: {a.out}/table.md, {a.out}/table.csv; TensorBoard: tensorboard --logdir {a.out}/tensorboard")
+
+
+def load_config(path: str | None) -> dict:
+    """A training config with its ``__base__`` chain merged (later files win, dicts merge key by key)."""
     from pathlib import Path
 
     import yaml
@@ -125,18 +156,26 @@ def load_data_config(path: str | None) -> dict:
         if not current.is_file():
             raise SystemExit(f"fqn: config file {current} not found")
         cfg = yaml.safe_load(current.read_text()) or {}
-        chain.append(cfg.get("data") or {})
+        chain.append(cfg)
         if "__base__" not in cfg:
             break
         current = current.parent / cfg["__base__"]
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
     merged: dict = {}
-    for section in reversed(chain):
-        for key, value in section.items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
+    for cfg in reversed(chain):
+        merged = merge(merged, {k: v for k, v in cfg.items() if k != "__base__"})
     return merged
+
+
+def load_data_config(path: str | None) -> dict:
+    """The ``data:`` section of a training config (its ``__base__`` chain merged), or {} for the defaults."""
+    return dict(load_config(path).get("data") or {})
 
 
 def _data_module(config: str | None, num_val: int | None):
@@ -223,12 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         quickstart_main(argv[1:])
     elif argv and argv[0] == "demo":
         demo_main(argv[1:])
+    elif argv and argv[0] == "ablate":
+        ablate_main(argv[1:])
     elif argv and argv[0] == "convert":
         convert_main(argv[1:])
     elif argv and argv[0] == "compare":
         compare_main(argv[1:])
     else:
-        print("usage: fqn {fit,validate,test,convert,compare,quickstart,demo} [--config FILE] [--key value ...]\n"
+        print("usage: fqn {fit,validate,test} [--config FILE] [--key value ...]\n"
+              "       fqn {convert,compare,ablate,quickstart,demo} --help\n"
               "       fqn fit --help | fqn fit --print_config", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return 0

@@ -1,0 +1,233 @@
+"""``fqn ablate``: the FQN paper's ablation tables as grids of ordinary QAT (or PTQ) runs from one float model.
+
+Every row is a normal run: its own TensorBoard run and checkpoint under ``OUT/runs/ROW``,
+the same seed, schedule and calibration batches as every other row. Each row is then
+evaluated as fake-quant and after conversion to int8. A row is done when
+``OUT/rows/ROW.json`` exists, so an interrupted grid re-runs only the rows not yet done, and
+a half-trained row resumes from its ``last.ckpt``. Rows can run in parallel processes.
+
+Tables (``--table``):
+
+* ``fpc``: Table 2, the [17] baseline (none of F/P/C), each flag alone, each pair, all three;
+* ``bn``: Table 3, BN frozen for the whole fine-tuning vs only its last N steps;
+* ``gamma``: Table 4, the percentile γ in {0.999, 0.9973, 0.9545};
+* ``calibration``: Table 5's spirit, moving-average vs percentile vs histogram ranges, PTQ and QAT.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fqn.config import QuantConfig
+
+log = logging.getLogger(__name__)
+
+METRICS = ("AP", "AP50", "AP75")
+TABLES = ("fpc", "bn", "gamma", "calibration")
+TRAINER_KEYS = ("accelerator", "gradient_clip_val", "log_every_n_steps", "precision")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One run of a grid: QuantConfig overrides on top of the bit-width, QAT or PTQ only."""
+
+    name: str
+    quant: dict[str, Any] = field(default_factory=dict)
+    qat: bool = True
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "_", self.name).strip("_").lower()
+
+
+def table_rows(table: str, steps: int) -> list[Row]:
+    """The rows of a named table, in the paper's order."""
+    if table == "fpc":
+        combos = ["", "F", "P", "C", "FP", "FC", "PC", "FPC"]
+        return [Row("[17] baseline" if not c else "+".join(c),
+                    {"freeze_bn": "F" in c, "percentile": "P" in c, "per_channel": "C" in c}) for c in combos]
+    if table == "bn":
+        last = max(1, steps // 4)
+        return [Row("BN frozen throughout", {"freeze_bn": True}),
+                Row(f"BN frozen last {last} steps", {"freeze_bn": False, "freeze_bn_last_steps": last})]
+    if table == "gamma":
+        return [Row(f"gamma={g}", {"gamma": g}) for g in (0.999, 0.9973, 0.9545)]
+    if table == "calibration":
+        ranges = [("moving average", {"percentile": False}), ("percentile", {}),
+                  ("histogram", {"percentile": False, "act_observer": "histogram"})]
+        return [Row(f"{kind} {name}", q, qat=kind == "QAT") for kind in ("PTQ", "QAT") for name, q in ranges]
+    raise ValueError(f"unknown table {table!r}; choose one of {TABLES}")
+
+
+@dataclass
+class GridSpec:
+    """Everything a row needs, plain values only (sent to worker processes)."""
+
+    float_ckpt: str
+    out: str
+    bits: int
+    steps: int
+    model: dict[str, Any]
+    data: dict[str, Any]
+    trainer: dict[str, Any]
+    example_size: int
+
+
+def grid_spec(float_ckpt: str, out: str, config: dict[str, Any], *, bits: int, steps: int | None = None) -> GridSpec:
+    """A grid's settings from a training config (``fqn.cli.load_config``): its model, data and trainer sections."""
+    model = dict(config.get("model") or {})
+    trainer = config.get("trainer") or {}
+    data = dict(config.get("data") or {})
+    steps = steps or int(trainer.get("max_steps", 400))
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    QuantConfig(bits_w=bits, bits_a=bits)  # validates the bit-width
+    return GridSpec(float_ckpt=str(float_ckpt), out=str(out), bits=bits, steps=steps, model=model, data=data,
+                    trainer={k: trainer[k] for k in TRAINER_KEYS if k in trainer},
+                    example_size=int(model.get("min_size", 160)))
+
+
+def _row_config(spec: GridSpec, row: Row) -> QuantConfig:
+    base = {k: v for k, v in (spec.model.get("quant") or {}).items() if k not in ("bits_w", "bits_a")}
+    return QuantConfig(**{**base, "bits_w": spec.bits, "bits_a": spec.bits, **row.quant})
+
+
+def _data(spec: GridSpec) -> Any:
+    from fqn.data.datamodule import DetectionDataModule
+
+    return DetectionDataModule(**spec.data)
+
+
+def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
+    """Train (QAT) or calibrate (PTQ) one row, evaluate it fake-quant and as int8, save ``rows/ROW.json``."""
+    import torch
+
+    from fqn.demo import synthetic_scenes
+    from fqn.evaluation import evaluate_map
+    from fqn.int8 import convert_int8, load_int8
+    from fqn.models.checkpoint import load_detector
+    from fqn.ptq import post_training_quantize
+    from fqn.train.runs import train_run
+
+    out = Path(spec.out)
+    cfg = _row_config(spec, row)
+    data = _data(spec)
+    if row.qat:
+        module_kw = {k: v for k, v in spec.model.items() if k not in ("quant", "init_from")}
+        module_kw.update(init_from=spec.float_ckpt, quant=cfg, ptq_eval=False)
+        ckpt = train_run(row.slug, out / "runs", spec.steps, data, module_kw, trainer_kw=spec.trainer,
+                         tag="fqn ablate")
+        model, _ = load_detector(ckpt)
+    else:
+        float_model, _ = load_detector(spec.float_ckpt)
+        model = post_training_quantize(float_model, data.calibration_batches(cfg.n_cal), cfg, progress=False)
+        ckpt = None
+    data.setup("validate")
+    val = list(data.val_dataloader())
+    fake = evaluate_map(model, val, progress=False)
+    path = convert_int8(model, out / "int8" / f"{row.slug}.onnx", synthetic_scenes(1, spec.example_size))
+    int8 = evaluate_map(load_int8(path, threads=torch.get_num_threads()), val, progress=False)
+    result = {"row": row.name, "qat": row.qat, "bits": spec.bits, "config": cfg.to_dict(),
+              "checkpoint": str(ckpt) if ckpt else None, "int8_file": str(path),
+              **{k: fake[k] for k in METRICS}, **{f"int8_{k}": int8[k] for k in METRICS}}
+    _write_json(out / "rows" / f"{row.slug}.json", result)
+    return result
+
+
+def _fp32_row(spec: GridSpec) -> dict[str, Any]:
+    from fqn.evaluation import evaluate_map
+    from fqn.models.checkpoint import load_detector
+
+    path = Path(spec.out) / "rows" / "fp32.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, _ = load_detector(spec.float_ckpt)
+    data = _data(spec)
+    data.setup("validate")
+    metrics = evaluate_map(model, list(data.val_dataloader()), progress=False)
+    result = {"row": "FP32", "qat": False, "bits": 32, **{k: metrics[k] for k in METRICS}}
+    _write_json(path, result)
+    return result
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write atomically: a row file exists only once its run is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _worker(args: tuple[GridSpec, Row, int]) -> dict[str, Any]:
+    import torch
+
+    spec, row, threads = args
+    torch.set_num_threads(threads)
+    return run_row(spec, row)
+
+
+def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2) -> list[dict[str, Any]]:
+    """Run the rows not yet done (``jobs`` at a time, ``threads`` torch threads each); returns all rows' results."""
+    import torch
+
+    if jobs < 1 or threads < 1:
+        raise ValueError("jobs and threads must be >= 1")
+    out = Path(spec.out)
+    _write_json(out / "grid.json", {"spec": asdict(spec), "rows": [asdict(r) for r in rows],
+                                    "command": " ".join(sys.argv)})
+    torch.set_num_threads(threads)
+    results = [_fp32_row(spec)]
+    todo = [r for r in rows if not (out / "rows" / f"{r.slug}.json").is_file()]
+    done = len(rows) - len(todo)
+    print(f"[fqn ablate] {len(rows)} rows: {done} done, {len(todo)} to run ({jobs} at a time)", flush=True)
+    if jobs == 1:
+        for i, row in enumerate(todo):
+            print(f"[fqn ablate] row {done + i + 1}/{len(rows)}: {row.name}", flush=True)
+            run_row(spec, row)
+    elif todo:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            for result in pool.map(_worker, [(spec, r, threads) for r in todo]):
+                print(f"[fqn ablate] done: {result['row']} AP={result['AP']:.4f}", flush=True)
+    results += [json.loads((out / "rows" / f"{r.slug}.json").read_text()) for r in rows]
+    write_outputs(out, results)
+    return results
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """The table shaped like the paper's: one row per configuration, AP / AP50 / AP75, fake-quant and int8."""
+    lines = ["| row | AP | AP50 | AP75 | int8 AP | int8 AP50 | int8 AP75 |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        cells = [r.get(k) for k in METRICS] + [r.get(f"int8_{k}") for k in METRICS]
+        text = ["–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}" for v in cells]
+        lines.append(f"| {r['row']} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
+    """``table.md``, ``table.csv`` and a TensorBoard hparams entry per row under ``out/tensorboard/hparams``."""
+    (out / "table.md").write_text(markdown(results) + "\n")
+    fields = ["row", "qat", "bits", *METRICS, *(f"int8_{k}" for k in METRICS)]
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+    from torch.utils.tensorboard import SummaryWriter
+
+    for r in results:
+        hparams = {"row": r["row"], "qat": bool(r.get("qat")), "bits": r.get("bits", 32)}
+        hparams.update({k: str(v) for k, v in (r.get("config") or {}).items()})
+        metrics = {f"hparam/{k}": float(r[k]) for k in (*METRICS, *(f"int8_{m}" for m in METRICS))
+                   if isinstance(r.get(k), (int, float))}
+        with SummaryWriter(str(out / "tensorboard" / "hparams")) as w:
+            w.add_hparams(hparams, metrics, run_name=re.sub(r"[^A-Za-z0-9.]+", "_", r["row"]))

@@ -1,0 +1,81 @@
+"""The ablation grid runner on a tiny model: a 2-row grid, its outputs, and resuming an interrupted grid."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from fqn.ablate import grid_spec, markdown, run_grid, table_rows
+from fqn.cli import main
+from fqn.models import build_detector
+
+from .train.tiny import DETECTOR, SIZE
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **DETECTOR)
+    hp = {"backbone": "resnet18", "num_classes": 4, "min_size": SIZE, "max_size": SIZE, "detector": DETECTOR,
+          "quant": None}
+    path = tmp_path_factory.mktemp("float") / "float.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp},
+               path)
+    return path
+
+
+def _config() -> dict:
+    return {"model": {"backbone": "resnet18", "num_classes": 4, "min_size": SIZE, "max_size": SIZE,
+                      "detector": DETECTOR, "lr": 0.01, "base_batch_size": 2, "warmup_steps": 1,
+                      "quant": {"n_cal": 1}},
+            "data": {"synthetic": {"image_size": SIZE, "num_classes": 3, "min_size": 8, "max_size": 48},
+                     "num_train": 8, "num_val": 2, "batch_size": 2, "augment": False},
+            "trainer": {"max_steps": 1, "log_every_n_steps": 1}}
+
+
+def test_tables_have_the_papers_rows():
+    fpc = table_rows("fpc", 400)
+    assert [r.name for r in fpc] == ["[17] baseline", "F", "P", "C", "F+P", "F+C", "P+C", "F+P+C"]
+    assert fpc[0].quant == {"freeze_bn": False, "percentile": False, "per_channel": False}
+    assert fpc[-1].quant == {"freeze_bn": True, "percentile": True, "per_channel": True}
+    assert [r.quant for r in table_rows("bn", 400)] == [{"freeze_bn": True},
+                                                        {"freeze_bn": False, "freeze_bn_last_steps": 100}]
+    assert [r.quant["gamma"] for r in table_rows("gamma", 400)] == [0.999, 0.9973, 0.9545]
+    cal = table_rows("calibration", 400)
+    assert [r.qat for r in cal] == [False] * 3 + [True] * 3 and cal[2].quant["act_observer"] == "histogram"
+    with pytest.raises(ValueError, match="unknown table"):
+        table_rows("nope", 1)
+
+
+def test_two_row_grid_runs_resumes_and_writes_its_tables(float_ckpt, tmp_path, capsys):
+    spec = grid_spec(str(float_ckpt), str(tmp_path / "grid"), _config(), bits=4)
+    rows = [r for r in table_rows("fpc", spec.steps) if r.name in ("[17] baseline", "F+P+C")]
+    results = run_grid(spec, rows, threads=1)
+    assert [r["row"] for r in results] == ["FP32", "[17] baseline", "F+P+C"]
+    baseline = json.loads((tmp_path / "grid" / "rows" / "17_baseline.json").read_text())
+    assert baseline["config"]["percentile"] is False and baseline["config"]["bits_w"] == 4
+    assert (tmp_path / "grid" / "runs" / "f_p_c" / "last.ckpt").is_file()  # each row is a normal QAT run
+    assert (tmp_path / "grid" / "int8" / "f_p_c.onnx").is_file()
+    for r in results[1:]:
+        assert all(isinstance(r[k], float) for k in ("AP", "AP50", "AP75", "int8_AP"))
+    with open(tmp_path / "grid" / "table.csv") as f:
+        assert [row["row"] for row in csv.DictReader(f)] == ["FP32", "[17] baseline", "F+P+C"]
+    assert "| F+P+C |" in (tmp_path / "grid" / "table.md").read_text()
+    assert list((tmp_path / "grid" / "tensorboard" / "hparams").rglob("events.*"))
+    # an interrupted grid: one row's result is missing -> only that row runs again, from its checkpoint
+    (tmp_path / "grid" / "rows" / "17_baseline.json").unlink()
+    capsys.readouterr()
+    again = run_grid(spec, rows, threads=1)
+    printed = capsys.readouterr().out
+    assert "1 done, 1 to run" in printed and "row 2/2: [17] baseline" in printed
+    assert "17_baseline: reusing" in printed and "f_p_c" not in printed  # trained once, not again
+    assert again[1]["AP"] == pytest.approx(baseline["AP"])
+    assert markdown(again).count("\n") == 4
+
+
+def test_ablate_cli_rejects_unknown_rows(float_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="unknown rows"):
+        main(["ablate", "--table", "fpc", "--float", str(float_ckpt), "--out", str(tmp_path), "--rows", "Q"])
