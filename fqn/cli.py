@@ -143,6 +143,41 @@ def ablate_main(argv: list[str]) -> None:
     print(f"\ntable: {a.out}/table.md, {a.out}/table.csv; TensorBoard: tensorboard --logdir {a.out}/tensorboard")
 
 
+def analyze_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="fqn analyze", description="per-layer activation error of a quantized checkpoint against its float "
+        "phase: ranked table, channel-max / error maps, hexbin plots, layer sensitivity")
+    parser.add_argument("checkpoint", help="a QAT checkpoint")
+    parser.add_argument("--out", required=True, help="folder for the PNGs, report.md, layers.json, TensorBoard")
+    parser.add_argument("--config", help="training config whose data: section gives the images")
+    parser.add_argument("--images", type=int, default=4, help="validation images to analyse")
+    parser.add_argument("--plot-layers", nargs="*", help="layers to draw (default: the 4 worst)")
+    parser.add_argument("--sensitivity", action="store_true", help="also rank layers by keeping each one float")
+    a = parser.parse_args(argv)
+    from fqn import analyze
+    from fqn.models.checkpoint import load_detector
+
+    try:
+        model, _ = load_detector(a.checkpoint)
+        if getattr(model, "fqn_config", None) is None:
+            raise ValueError(f"{a.checkpoint} is a float checkpoint; analyze a quantized (QAT) one")
+        data = _data_module(a.config, None)
+        data.setup("validate")
+        pairs = [(img, t) for b in data.val_dataloader() for img, t in zip(*b)][:max(1, a.images)]
+        images = [p[0] for p in pairs]
+        stats, _ = analyze.analyze_layers(model, images, progress=True)
+        keep = a.plot_layers or [s.layer for s in stats[:4]]
+        stats, pictures = analyze.analyze_layers(model, images, keep=keep, progress=True) if keep else (stats, {})
+        ranking = analyze.layer_sensitivity(model, images) if a.sensitivity else None
+        prediction = model.eval()([images[0]])[0]
+        out = analyze.write_report(a.out, stats, pictures, images[0], pairs[0][1], prediction, ranking,
+                                   data.class_names)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"fqn analyze: {err}") from None
+    print(analyze.report_markdown(stats, ranking))
+    print(f"pictures and tables: {out}; TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+
+
 def load_config(path: str | None) -> dict:
     """A training config with its ``__base__`` chain merged (later files win, dicts merge key by key)."""
     from pathlib import Path
@@ -264,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
         demo_main(argv[1:])
     elif argv and argv[0] == "ablate":
         ablate_main(argv[1:])
+    elif argv and argv[0] == "analyze":
+        analyze_main(argv[1:])
     elif argv and argv[0] == "convert":
         convert_main(argv[1:])
     elif argv and argv[0] == "compare":
         compare_main(argv[1:])
     else:
         print("usage: fqn {fit,validate,test} [--config FILE] [--key value ...]\n"
-              "       fqn {convert,compare,ablate,quickstart,demo} --help\n"
+              "       fqn {convert,compare,ablate,analyze,quickstart,demo} --help\n"
               "       fqn fit --help | fqn fit --print_config", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return 0

@@ -1,0 +1,316 @@
+"""``fqn analyze``: where quantization error comes from, layer by layer (the 2025 paper's section 3.3, done right).
+
+The float reference is the same prepared model with its quantizers in the ``float`` phase
+(identities; BN folded, which equals the float model within 1e-5), so both runs are hooked at
+the same points: the output of every activation quantizer. Per layer: absolute error, relative
+error against the *float* activation (elements with ``|float| <= guard * max|float|`` are left
+out, so values near 0 do not explode it), MSE and SQNR. Layers are processed a few at a time
+(``chunk``), so memory holds the activations of a handful of layers, never of all of them.
+
+Only image-aligned layers (backbone, FPN, RPN head) are compared: the box head sees different
+proposals in the two runs, so its activations are not element-wise comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from fqn.evaluation import sqnr_db
+from fqn.quant.fake_quant import FakeQuantize, current_phase, quantizers, set_phase
+
+SAMPLES_PER_LAYER = 50_000  # (float, error) pairs kept per layer for the hexbin plots
+
+
+@dataclass
+class LayerError:
+    """Error statistics of one quantized activation against the float one."""
+
+    layer: str
+    numel: int
+    mse: float
+    sqnr_db: float
+    abs_mean: float
+    abs_max: float
+    rel_mean: float
+    rel_p99: float
+
+
+def layer_of(quantizer_name: str) -> str:
+    """The module a quantizer belongs to: ``a.conv1.act_fq`` -> ``a.conv1``; ``rpn.head.cls_fq.0.2`` -> ``rpn.head``."""
+    parts = quantizer_name.split(".")
+    for i, part in enumerate(parts):
+        if part.endswith("_fq"):
+            return ".".join(parts[:i]) or quantizer_name
+    return quantizer_name
+
+
+def comparable_points(model: nn.Module) -> list[str]:
+    """Activation quantizers whose outputs line up element by element between the float and quantized runs."""
+    return [n for n, _ in quantizers(model, "act") if not n.startswith("roi_heads")]
+
+
+def relative_error(ref: Tensor, test: Tensor, guard: float = 1e-3) -> Tensor:
+    """``|test - ref| / |ref|`` over the elements where ``|ref| > guard * max|ref|`` (flattened)."""
+    ref, test = ref.double().flatten(), test.double().flatten()
+    mask = ref.abs() > guard * ref.abs().max().clamp_min(1e-30)
+    return (test[mask] - ref[mask]).abs() / ref[mask].abs()
+
+
+def error_stats(name: str, ref: Tensor, test: Tensor, guard: float = 1e-3) -> LayerError:
+    """The statistics of `LayerError` for one activation pair."""
+    diff = (test.double() - ref.double()).abs()
+    rel = relative_error(ref, test, guard)
+    return LayerError(layer=name, numel=ref.numel(), mse=float(diff.square().mean()), sqnr_db=float(sqnr_db(ref, test)),
+                      abs_mean=float(diff.mean()), abs_max=float(diff.max()),
+                      rel_mean=float(rel.mean()) if rel.numel() else math.nan,
+                      rel_p99=float(torch.quantile(rel.float()[:1_000_000], 0.99)) if rel.numel() else math.nan)
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, list[Tensor]]]:
+    """Record the outputs of the named quantizers (every call: the RPN head runs once per level)."""
+    store: dict[str, list[Tensor]] = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: store[n].append(out.detach().float().cpu()))
+               for n in names]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _phase(model: nn.Module, phase: str) -> Iterator[None]:
+    before = current_phase(model) or "quantize"
+    set_phase(model, phase)
+    try:
+        yield
+    finally:
+        set_phase(model, before)
+
+
+@dataclass
+class LayerCapture:
+    """What is kept of one layer for the pictures: per-channel max maps, error maps and hexbin samples."""
+
+    float_max: Tensor
+    quant_max: Tensor
+    abs_map: Tensor
+    rel_map: Tensor
+    samples: Tensor  # N x 3: float value, absolute error, relative error (nan where guarded)
+
+
+def _maps(ref: Tensor, test: Tensor, guard: float, generator: torch.Generator) -> LayerCapture:
+    r, t = ref[0], test[0]  # first image, CxHxW
+    diff = (t - r).abs()
+    denom = r.abs()
+    rel = torch.where(denom > guard * denom.max().clamp_min(1e-30), diff / denom.clamp_min(1e-30),
+                      torch.full_like(diff, math.nan))
+    flat = torch.stack([r.flatten(), diff.flatten(), rel.flatten()], 1)
+    if flat.shape[0] > SAMPLES_PER_LAYER:
+        flat = flat[torch.randperm(flat.shape[0], generator=generator)[:SAMPLES_PER_LAYER]]
+    return LayerCapture(r.amax(0), t.amax(0), diff.amax(0), torch.nan_to_num(rel, nan=0.0).amax(0), flat)
+
+
+@torch.no_grad()
+def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[str] | None = None, *,
+                   keep: Sequence[str] = (), chunk: int = 8, guard: float = 1e-3,
+                   progress: bool = False) -> tuple[list[LayerError], dict[str, LayerCapture]]:
+    """Per-layer errors of the quantized ``model`` against its float phase on ``images``; ranked worst first.
+
+    Also returns the picture data (`LayerCapture`) of the ``keep`` layers. Runs the images through
+    the model twice per chunk of layers (float, then quantized).
+    """
+    if current_phase(model) not in ("quantize", "observe_quantize"):
+        raise ValueError("analyze a calibrated, quantizing model (after fqn.calibrate or from a QAT checkpoint)")
+    model.eval()
+    names = list(layers) if layers is not None else comparable_points(model)
+    unknown = set(names) - {n for n, _ in quantizers(model, "act")}
+    if unknown:
+        raise ValueError(f"not activation quantizers of this model: {sorted(unknown)[:3]}")
+    images = list(images)
+    stats, pictures = [], {}
+    gen = torch.Generator().manual_seed(0)
+    chunks = [names[i:i + chunk] for i in range(0, len(names), chunk)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="layers", unit="chunk")
+    for part in chunks:
+        with _capture(model, part) as ref, _phase(model, "float"):
+            model(images)
+        with _capture(model, part) as test:
+            model(images)
+        for name in part:
+            if len(ref[name]) != len(test[name]) or any(a.shape != b.shape for a, b in zip(ref[name], test[name])):
+                continue
+            r = torch.cat([a.flatten() for a in ref[name]])
+            t = torch.cat([b.flatten() for b in test[name]])
+            stats.append(error_stats(name, r, t, guard))
+            if name in keep and ref[name][0].dim() == 4:
+                pictures[name] = _maps(ref[name][0], test[name][0], guard, gen)
+        del ref, test
+    stats.sort(key=lambda s: s.sqnr_db)
+    return stats, pictures
+
+
+def _sqnr_of_heads(ref: dict[str, Tensor], out: dict[str, Tensor]) -> float:
+    return float(sum(float(sqnr_db(ref[k], out[k])) for k in ref) / len(ref))
+
+
+@torch.no_grad()
+def layer_sensitivity(model: nn.Module, images: Sequence[Tensor], mode: str = "keep_float") -> list[dict[str, Any]]:
+    """Rank layers by how much they cost, in mean SQNR (dB) of the FPN and RPN-head outputs against float.
+
+    ``keep_float``: the whole model quantized except one layer at a time (the gain of keeping it float);
+    ``only``: one layer at a time quantized, the rest float (its own damage). Sorted most costly first.
+    """
+    from fqn.demo import head_outputs
+
+    if mode not in ("keep_float", "only"):
+        raise ValueError(f"mode must be keep_float or only, got {mode!r}")
+    groups: dict[str, list[FakeQuantize]] = {}
+    for name, q in quantizers(model):
+        groups.setdefault(layer_of(name), []).append(q)
+    with _phase(model, "float"):
+        ref = head_outputs(model, list(images))
+    with _phase(model, "quantize"):
+        full = _sqnr_of_heads(ref, head_outputs(model, list(images)))
+    rows = []
+    for layer, qs in groups.items():
+        with _phase(model, "quantize" if mode == "keep_float" else "float"):
+            for q in qs:
+                q.enable_fake_quant(mode == "only")
+            sqnr = _sqnr_of_heads(ref, head_outputs(model, list(images)))
+        cost = sqnr - full if mode == "keep_float" else -sqnr
+        rows.append({"layer": layer, "sqnr_db": sqnr, "cost_db": cost})
+    rows.sort(key=lambda r: r["cost_db"], reverse=True)
+    return rows
+
+
+def keep_float_patterns(sensitivity: list[dict[str, Any]], top: int = 3) -> list[str]:
+    """The ``keep_float`` patterns (QuantConfig) of the ``top`` most costly layers of a keep_float ranking."""
+    return [r["layer"] for r in sensitivity[:top] if r["cost_db"] > 0]
+
+
+# -- pictures ---------------------------------------------------------------
+def _figure(ncols: int, width: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width * ncols, 3.6))
+
+
+def plot_maps(name: str, cap: LayerCapture):
+    """Per-channel max of the float and quantized activation, and the absolute / relative error maps."""
+    fig, axes = _figure(4)
+    for ax, (title, m) in zip(axes, [("float: max over channels", cap.float_max),
+                                     ("quantized: max over channels", cap.quant_max),
+                                     ("|error|: max over channels", cap.abs_map),
+                                     ("relative error: max over channels", cap.rel_map)]):
+        im = ax.imshow(m.numpy(), cmap="viridis")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(name, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_average_maps(pictures: dict[str, LayerCapture], size: tuple[int, int]):
+    """The same maps averaged over layers, each resized to ``size`` and normalised by its own maximum."""
+    def avg(attr: str) -> Tensor:
+        maps = [getattr(c, attr) for c in pictures.values()]
+        maps = [F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0] for m in maps]
+        return torch.stack([m / m.max().clamp_min(1e-12) for m in maps]).mean(0)
+
+    fig, axes = _figure(3)
+    for ax, (title, attr) in zip(axes, [("float max, mean over layers", "float_max"),
+                                        ("|error| max, mean over layers", "abs_map"),
+                                        ("relative error max, mean over layers", "rel_map")]):
+        im = ax.imshow(avg(attr).numpy(), cmap="viridis")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def plot_hexbin(name: str, samples: Tensor):
+    """Absolute and relative error against the float activation value, log density."""
+    fig, axes = _figure(2, 5.0)
+    x = samples[:, 0].numpy()
+    axes[0].hexbin(x, samples[:, 1].numpy(), gridsize=60, bins="log", cmap="magma")
+    axes[0].set(xlabel="float activation", ylabel="|quantized - float|", title="absolute error")
+    ok = ~torch.isnan(samples[:, 2])
+    if ok.any():
+        axes[1].hexbin(samples[ok, 0].numpy(), samples[ok, 2].clamp_max(10).numpy(), gridsize=60, bins="log",
+                       cmap="magma")
+    axes[1].set(xlabel="float activation", ylabel="|error| / |float| (clipped at 10)", title="relative error")
+    fig.suptitle(name, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(out: str | Path, stats: list[LayerError], pictures: dict[str, LayerCapture], image: Tensor,
+                 target: dict[str, Tensor] | None, prediction: dict[str, Tensor] | None,
+                 sensitivity: list[dict[str, Any]] | None = None, class_names: Sequence[str] | None = None) -> Path:
+    """PNG files, ``layers.json``, ``report.md`` and TensorBoard images under ``out``; returns ``out``."""
+    import json
+
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+    from torchvision.utils import save_image
+
+    from fqn.train.monitor import draw_detections
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(out / "tensorboard"))
+    drawn = draw_detections(image, target, prediction, class_names, score_threshold=0.5)
+    save_image(drawn.float() / 255, out / "detections.png")
+    writer.add_image("analyze/detections", drawn, 0, dataformats="CHW")
+    figures = {f"maps_{_slug(n)}": plot_maps(n, c) for n, c in pictures.items()}
+    if pictures:
+        figures["maps_average"] = plot_average_maps(pictures, tuple(image.shape[-2:]))
+        figures.update({f"hexbin_{_slug(n)}": plot_hexbin(n, c.samples) for n, c in pictures.items()})
+        figures["hexbin_all"] = plot_hexbin("all analysed layers", torch.cat([c.samples for c in pictures.values()]))
+    for key, fig in figures.items():
+        fig.savefig(out / f"{key}.png", dpi=110)
+        writer.add_figure(f"analyze/{key}", fig, 0)
+        plt.close(fig)
+    writer.close()
+    (out / "layers.json").write_text(json.dumps({"layers": [asdict(s) for s in stats],
+                                                 "sensitivity": sensitivity}, indent=2))
+    (out / "report.md").write_text(report_markdown(stats, sensitivity))
+    return out
+
+
+def _slug(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def report_markdown(stats: list[LayerError], sensitivity: list[dict[str, Any]] | None = None, worst: int = 15) -> str:
+    """The worst layers by SQNR, and the layer-sensitivity ranking with the keep_float patterns it suggests."""
+    lines = ["| layer | SQNR dB | MSE | mean abs err | max abs err | mean rel err | p99 rel err |",
+             "|---|---|---|---|---|---|---|"]
+    for s in stats[:worst]:
+        lines.append(f"| {s.layer} | {s.sqnr_db:.1f} | {s.mse:.3g} | {s.abs_mean:.3g} | {s.abs_max:.3g} | "
+                     f"{s.rel_mean:.3g} | {s.rel_p99:.3g} |")
+    if sensitivity:
+        lines += ["", "| layer (kept float) | head SQNR dB | gain dB |", "|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['sqnr_db']:.1f} | {r['cost_db']:+.2f} |" for r in sensitivity[:worst]]
+        lines += ["", f"keep_float: {keep_float_patterns(sensitivity)}"]
+    return "\n".join(lines) + "\n"
