@@ -123,7 +123,8 @@ def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
     if row.qat:
         module_kw = {k: v for k, v in spec.model.items() if k not in ("quant", "init_from")}
         module_kw.update(init_from=spec.float_ckpt, quant=cfg, ptq_eval=False)
-        ckpt = train_run(row.slug, out / "runs", spec.steps, data, module_kw, trainer_kw=spec.trainer,
+        trainer_kw = {**spec.trainer, "limit_val_batches": 0}  # the row is evaluated below, once, fake-quant and int8
+        ckpt = train_run(row.slug, out / "runs", spec.steps, data, module_kw, trainer_kw=trainer_kw,
                          tag="fqn ablate")
         model, _ = load_detector(ckpt)
     else:
