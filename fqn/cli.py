@@ -288,26 +288,20 @@ def compare_main(argv: list[str]) -> None:
     print(f"\nresults: {cmp.out / 'compare.json'}; TensorBoard: tensorboard --logdir {cmp.out / 'tensorboard'}")
 
 
+SUBCOMMANDS = {"convert": convert_main, "compare": compare_main, "ablate": ablate_main, "analyze": analyze_main,
+               "quickstart": quickstart_main, "demo": demo_main}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] in LIGHTNING_COMMANDS:
         lightning_main(argv)
-    elif argv and argv[0] == "quickstart":
-        quickstart_main(argv[1:])
-    elif argv and argv[0] == "demo":
-        demo_main(argv[1:])
-    elif argv and argv[0] == "ablate":
-        ablate_main(argv[1:])
-    elif argv and argv[0] == "analyze":
-        analyze_main(argv[1:])
-    elif argv and argv[0] == "convert":
-        convert_main(argv[1:])
-    elif argv and argv[0] == "compare":
-        compare_main(argv[1:])
+    elif argv and argv[0] in SUBCOMMANDS:
+        SUBCOMMANDS[argv[0]](argv[1:])
     else:
         print("usage: fqn {fit,validate,test} [--config FILE] [--key value ...]\n"
-              "       fqn {convert,compare,ablate,analyze,quickstart,demo} --help\n"
+              f"       fqn {{{','.join(SUBCOMMANDS)}}} --help\n"
               "       fqn fit --help | fqn fit --print_config", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return 0
