@@ -124,12 +124,13 @@ def _maps(ref: Tensor, test: Tensor, guard: float, generator: torch.Generator) -
 
 @torch.no_grad()
 def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[str] | None = None, *,
-                   keep: Sequence[str] = (), chunk: int = 8, guard: float = 1e-3,
+                   keep: Sequence[str] | None = (), chunk: int = 8, guard: float = 1e-3,
                    progress: bool = False) -> tuple[list[LayerError], dict[str, LayerCapture]]:
     """Per-layer errors of the quantized ``model`` against its float phase on ``images``; ranked worst first.
 
-    Also returns the picture data (`LayerCapture`) of the ``keep`` layers. Runs the images through
-    the model twice per chunk of layers (float, then quantized).
+    Also returns the picture data (`LayerCapture`, small: maps and 50k samples) of the ``keep``
+    layers, or of every layer when ``keep`` is None. Runs the images through the model twice per
+    chunk of layers (float, then quantized).
     """
     if current_phase(model) not in ("quantize", "observe_quantize"):
         raise ValueError("analyze a calibrated, quantizing model (after fqn.calibrate or from a QAT checkpoint)")
@@ -157,7 +158,7 @@ def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[
             r = torch.cat([a.flatten() for a in ref[name]])
             t = torch.cat([b.flatten() for b in test[name]])
             stats.append(error_stats(name, r, t, guard))
-            if name in keep and ref[name][0].dim() == 4:
+            if (keep is None or name in keep) and ref[name][0].dim() == 4:
                 pictures[name] = _maps(ref[name][0], test[name][0], guard, gen)
         del ref, test
     stats.sort(key=lambda s: s.sqnr_db)

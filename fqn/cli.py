@@ -154,6 +154,8 @@ def analyze_main(argv: list[str]) -> None:
     parser.add_argument("--plot-layers", nargs="*", help="layers to draw (default: the 4 worst)")
     parser.add_argument("--sensitivity", action="store_true", help="also rank layers by keeping each one float")
     a = parser.parse_args(argv)
+    import itertools
+
     from fqn import analyze
     from fqn.models.checkpoint import load_detector
 
@@ -163,11 +165,13 @@ def analyze_main(argv: list[str]) -> None:
             raise ValueError(f"{a.checkpoint} is a float checkpoint; analyze a quantized (QAT) one")
         data = _data_module(a.config, None)
         data.setup("validate")
-        pairs = [(img, t) for b in data.val_dataloader() for img, t in zip(*b)][:max(1, a.images)]
+        pairs = list(itertools.islice(((img, t) for b in data.val_dataloader() for img, t in zip(*b)),
+                                      max(1, a.images)))
         images = [p[0] for p in pairs]
-        stats, _ = analyze.analyze_layers(model, images, progress=True)
-        keep = a.plot_layers or [s.layer for s in stats[:4]]
-        stats, pictures = analyze.analyze_layers(model, images, keep=keep, progress=True) if keep else (stats, {})
+        stats, pictures = analyze.analyze_layers(model, images, keep=a.plot_layers or None, progress=True)
+        if not a.plot_layers:  # the 4 worst layers that have pictures (conv feature maps)
+            worst = [s.layer for s in stats if s.layer in pictures][:4]
+            pictures = {k: pictures[k] for k in worst}
         ranking = analyze.layer_sensitivity(model, images) if a.sensitivity else None
         prediction = model.eval()([images[0]])[0]
         out = analyze.write_report(a.out, stats, pictures, images[0], pairs[0][1], prediction, ranking,

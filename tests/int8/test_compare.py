@@ -77,3 +77,12 @@ def test_convert_cli_qat_ptq_and_bad_input(checkpoints, tmp_path, capsys):
     assert main(["convert", str(float_ckpt), str(tmp_path / "ptq.onnx"), "--ptq-bits", "8", "--n-cal", "2"]) == 0
     assert load_int8(tmp_path / "ptq.onnx").metadata["fqn.bits"] == "w8a8"
     assert "wrote" in capsys.readouterr().out
+
+
+def test_analyze_cli_writes_its_report(checkpoints, tmp_path, capsys):
+    float_ckpt, qat_ckpt = checkpoints
+    assert main(["analyze", str(qat_ckpt), "--out", str(tmp_path / "an"), "--images", "1"]) == 0
+    assert (tmp_path / "an" / "report.md").is_file() and (tmp_path / "an" / "maps_average.png").is_file()
+    assert "| layer | SQNR dB |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="float checkpoint"):
+        main(["analyze", str(float_ckpt), "--out", str(tmp_path / "f")])
