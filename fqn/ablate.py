@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import re
 import sys
@@ -27,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from fqn.config import QuantConfig
-
-log = logging.getLogger(__name__)
 
 METRICS = ("AP", "AP50", "AP75")
 TABLES = ("fpc", "bn", "gamma", "calibration")
@@ -45,7 +42,12 @@ class Row:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9.]+", "_", self.name).strip("_").lower()
+        return slug(self.name)
+
+
+def slug(name: str) -> str:
+    """A file and run name for a row name: ``[17] baseline`` -> ``17_baseline``, ``F+P`` -> ``f_p``."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_").lower()
 
 
 def table_rows(table: str, steps: int) -> list[Row]:
@@ -231,4 +233,4 @@ def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
         metrics = {f"hparam/{k}": float(r[k]) for k in (*METRICS, *(f"int8_{m}" for m in METRICS))
                    if isinstance(r.get(k), (int, float))}
         with SummaryWriter(str(out / "tensorboard" / "hparams")) as w:
-            w.add_hparams(hparams, metrics, run_name=re.sub(r"[^A-Za-z0-9.]+", "_", r["row"]))
+            w.add_hparams(hparams, metrics, run_name=slug(r["row"]))
