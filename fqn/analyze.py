@@ -103,10 +103,10 @@ def _phase(model: nn.Module, phase: str) -> Iterator[None]:
 class LayerCapture:
     """What is kept of one layer for the pictures: per-channel max maps, error maps and hexbin samples."""
 
-    float_max: Tensor
+    float_max: Tensor  # HxW, max over channels
     quant_max: Tensor
-    abs_map: Tensor
-    rel_map: Tensor
+    abs_map: Tensor  # HxW, mean over channels of |quantized - float|
+    rel_map: Tensor  # HxW, mean over the unguarded channels of |quantized - float| / |float|
     samples: Tensor  # N x 3: float value, absolute error, relative error (nan where guarded)
 
 
@@ -119,18 +119,22 @@ def _maps(ref: Tensor, test: Tensor, guard: float, generator: torch.Generator) -
     flat = torch.stack([r.flatten(), diff.flatten(), rel.flatten()], 1)
     if flat.shape[0] > SAMPLES_PER_LAYER:
         flat = flat[torch.randperm(flat.shape[0], generator=generator)[:SAMPLES_PER_LAYER]]
-    return LayerCapture(r.amax(0), t.amax(0), diff.amax(0), torch.nan_to_num(rel, nan=0.0).amax(0), flat)
+    # error maps are means over channels: a max over channels only shows the one channel whose float value sits
+    # just above the guard (relative error in the hundreds everywhere), which hides where the error is
+    return LayerCapture(r.amax(0), t.amax(0), diff.mean(0), torch.nan_to_num(rel.nanmean(0), nan=0.0), flat)
 
 
 @torch.no_grad()
 def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[str] | None = None, *,
-                   keep: Sequence[str] | None = (), chunk: int = 8, guard: float = 1e-3,
-                   progress: bool = False) -> tuple[list[LayerError], dict[str, LayerCapture]]:
+                   keep: Sequence[str] | None = (), chunk: int = 8, guard: float = 1e-3, progress: bool = False,
+                   int8: str | Path | None = None) -> tuple[list[LayerError], dict[str, LayerCapture]]:
     """Per-layer errors of the quantized ``model`` against its float phase on ``images``; ranked worst first.
 
-    Also returns the picture data (`LayerCapture`, small: maps and 50k samples) of the ``keep``
-    layers, or of every layer when ``keep`` is None. Runs the images through the model twice per
-    chunk of layers (float, then quantized).
+    The quantized activations are the fake-quant model's, or, with ``int8`` (a file written by
+    `fqn.int8.convert_int8` from this model), the int8 model's as ONNX Runtime's integer kernels
+    computed them; images then run one at a time in both. Also returns the picture data
+    (`LayerCapture`, small: maps and 50k samples) of the ``keep`` layers, or of every layer when
+    ``keep`` is None. Runs the images through the model twice per chunk of layers.
     """
     if current_phase(model) not in ("quantize", "observe_quantize"):
         raise ValueError("analyze a calibrated, quantizing model (after fqn.calibrate or from a QAT checkpoint)")
@@ -148,12 +152,16 @@ def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[
 
         chunks = tqdm(chunks, desc="layers", unit="chunk")
     for part in chunks:
-        with _capture(model, part) as ref, _phase(model, "float"):
-            model(images)
-        with _capture(model, part) as test:
-            model(images)
+        if int8 is None:
+            with _capture(model, part) as ref, _phase(model, "float"):
+                model(images)
+            with _capture(model, part) as test:
+                model(images)
+        else:
+            ref, test = _int8_pair(model, images, part, int8)
         for name in part:
-            if len(ref[name]) != len(test[name]) or any(a.shape != b.shape for a, b in zip(ref[name], test[name])):
+            if name not in test or len(ref[name]) != len(test[name]) or \
+                    any(a.shape != b.shape for a, b in zip(ref[name], test[name])):
                 continue
             r = torch.cat([a.flatten() for a in ref[name]])
             t = torch.cat([b.flatten() for b in test[name]])
@@ -163,6 +171,21 @@ def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[
         del ref, test
     stats.sort(key=lambda s: s.sqnr_db)
     return stats, pictures
+
+
+def _int8_pair(model: nn.Module, images: list[Tensor], names: list[str],
+               path: str | Path) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
+    """Float-phase activations (hooks) and int8 ones (graph outputs of the ONNX file), image by image."""
+    from fqn.int8.taps import Int8Taps
+
+    taps = Int8Taps(path, names)
+    test: dict[str, list[Tensor]] = {}
+    with _capture(model, names) as ref, _phase(model, "float"):
+        for img in images:
+            model([img])
+            for name, values in taps(img).items():
+                test.setdefault(name, []).extend(values)
+    return ref, test
 
 
 def _sqnr_of_heads(ref: dict[str, Tensor], out: dict[str, Tensor]) -> float:
@@ -219,9 +242,11 @@ def plot_maps(name: str, cap: LayerCapture):
     fig, axes = _figure(4)
     for ax, (title, m) in zip(axes, [("float: max over channels", cap.float_max),
                                      ("quantized: max over channels", cap.quant_max),
-                                     ("|error|: max over channels", cap.abs_map),
-                                     ("relative error: max over channels", cap.rel_map)]):
-        im = ax.imshow(m.numpy(), cmap="viridis")
+                                     ("|error|: mean over channels", cap.abs_map),
+                                     ("relative error: mean over channels", cap.rel_map)]):
+        # colours of the error maps stop at their 99th percentile, so a few hot pixels do not flatten the rest
+        vmax = float(torch.quantile(m.flatten().float(), 0.99)) if m is cap.rel_map else None
+        im = ax.imshow(m.numpy(), cmap="viridis", vmax=vmax)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
         fig.colorbar(im, ax=ax, fraction=0.046)
@@ -239,8 +264,8 @@ def plot_average_maps(pictures: dict[str, LayerCapture], size: tuple[int, int]):
 
     fig, axes = _figure(3)
     for ax, (title, attr) in zip(axes, [("float max, mean over layers", "float_max"),
-                                        ("|error| max, mean over layers", "abs_map"),
-                                        ("relative error max, mean over layers", "rel_map")]):
+                                        ("|error|, mean over layers", "abs_map"),
+                                        ("relative error, mean over layers", "rel_map")]):
         im = ax.imshow(avg(attr).numpy(), cmap="viridis")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
@@ -253,12 +278,14 @@ def plot_hexbin(name: str, samples: Tensor):
     """Absolute and relative error against the float activation value, log density."""
     fig, axes = _figure(2, 5.0)
     x = samples[:, 0].numpy()
-    axes[0].hexbin(x, samples[:, 1].numpy(), gridsize=60, bins="log", cmap="magma")
+    hb = axes[0].hexbin(x, samples[:, 1].numpy(), gridsize=60, bins="log", cmap="magma", mincnt=1)
+    fig.colorbar(hb, ax=axes[0], label="count (log)")
     axes[0].set(xlabel="float activation", ylabel="|quantized - float|", title="absolute error")
     ok = ~torch.isnan(samples[:, 2])
     if ok.any():
-        axes[1].hexbin(samples[ok, 0].numpy(), samples[ok, 2].clamp_max(10).numpy(), gridsize=60, bins="log",
-                       cmap="magma")
+        hb = axes[1].hexbin(samples[ok, 0].numpy(), samples[ok, 2].clamp_max(10).numpy(), gridsize=60, bins="log",
+                            cmap="magma", mincnt=1)
+        fig.colorbar(hb, ax=axes[1], label="count (log)")
     axes[1].set(xlabel="float activation", ylabel="|error| / |float| (clipped at 10)", title="relative error")
     fig.suptitle(name, fontsize=10)
     fig.tight_layout()
@@ -267,7 +294,8 @@ def plot_hexbin(name: str, samples: Tensor):
 
 def write_report(out: str | Path, stats: list[LayerError], pictures: dict[str, LayerCapture], image: Tensor,
                  target: dict[str, Tensor] | None, prediction: dict[str, Tensor] | None,
-                 sensitivity: list[dict[str, Any]] | None = None, class_names: Sequence[str] | None = None) -> Path:
+                 sensitivity: list[dict[str, Any]] | None = None, class_names: Sequence[str] | None = None,
+                 source: str = "fake-quant model") -> Path:
     """PNG files, ``layers.json``, ``report.md`` and TensorBoard images under ``out``; returns ``out``."""
     import json
 
@@ -280,6 +308,7 @@ def write_report(out: str | Path, stats: list[LayerError], pictures: dict[str, L
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out / "tensorboard"))
+    image, target, prediction = _enlarged(image, target, prediction)
     drawn = draw_detections(image, target, prediction, class_names, score_threshold=0.5)
     save_image(drawn.float() / 255, out / "detections.png")
     writer.add_image("analyze/detections", drawn, 0, dataformats="CHW")
@@ -294,18 +323,29 @@ def write_report(out: str | Path, stats: list[LayerError], pictures: dict[str, L
         plt.close(fig)
     writer.close()
     (out / "layers.json").write_text(json.dumps({"layers": [asdict(s) for s in stats],
-                                                 "sensitivity": sensitivity}, indent=2))
-    (out / "report.md").write_text(report_markdown(stats, sensitivity))
+                                                 "sensitivity": sensitivity, "source": source}, indent=2))
+    (out / "report.md").write_text(report_markdown(stats, sensitivity, source=source))
     return out
+
+
+def _enlarged(image: Tensor, *dets: dict[str, Tensor] | None, min_side: int = 480) -> tuple[Any, ...]:
+    """Small images (the 160 px synthetic ones) scaled up by a whole factor, boxes with them, so labels are legible."""
+    k = math.ceil(min_side / min(image.shape[-2:]))
+    if k <= 1:
+        return (image, *dets)
+    big = F.interpolate(image[None].float(), scale_factor=k, mode="nearest")[0]
+    return (big, *[None if d is None else {**d, "boxes": d["boxes"] * k} for d in dets])
 
 
 def _slug(name: str) -> str:
     return name.replace(".", "_")
 
 
-def report_markdown(stats: list[LayerError], sensitivity: list[dict[str, Any]] | None = None, worst: int = 15) -> str:
+def report_markdown(stats: list[LayerError], sensitivity: list[dict[str, Any]] | None = None, worst: int = 15,
+                    source: str = "fake-quant model") -> str:
     """The worst layers by SQNR, and the layer-sensitivity ranking with the keep_float patterns it suggests."""
-    lines = ["| layer | SQNR dB | MSE | mean abs err | max abs err | mean rel err | p99 rel err |",
+    lines = [f"Activations of the {source} against the float phase of the same checkpoint.", "",
+             "| layer | SQNR dB | MSE | mean abs err | max abs err | mean rel err | p99 rel err |",
              "|---|---|---|---|---|---|---|"]
     for s in stats[:worst]:
         lines.append(f"| {s.layer} | {s.sqnr_db:.1f} | {s.mse:.3g} | {s.abs_mean:.3g} | {s.abs_max:.3g} | "

@@ -153,8 +153,13 @@ def analyze_main(argv: list[str]) -> None:
     parser.add_argument("--images", type=int, default=4, help="validation images to analyse")
     parser.add_argument("--plot-layers", nargs="*", help="layers to draw (default: the 4 worst)")
     parser.add_argument("--sensitivity", action="store_true", help="also rank layers by keeping each one float")
+    parser.add_argument("--int8", nargs="?", const="", metavar="ONNX",
+                        help="compare the int8 model's activations (ONNX Runtime integer kernels) instead of the "
+                        "fake-quant ones; ONNX: a file `fqn convert` wrote from this checkpoint (default: convert "
+                        "it now into OUT/model_int8.onnx)")
     a = parser.parse_args(argv)
     import itertools
+    import pathlib
 
     from fqn import analyze
     from fqn.models.checkpoint import load_detector
@@ -168,17 +173,24 @@ def analyze_main(argv: list[str]) -> None:
         pairs = list(itertools.islice(((img, t) for b in data.val_dataloader() for img, t in zip(*b)),
                                       max(1, a.images)))
         images = [p[0] for p in pairs]
-        stats, pictures = analyze.analyze_layers(model, images, keep=a.plot_layers or None, progress=True)
+        int8 = a.int8
+        if int8 == "":
+            from fqn.int8 import convert_int8
+
+            int8 = convert_int8(model, pathlib.Path(a.out) / "model_int8.onnx", images[:1])
+            print(f"int8 model: {int8}")
+        stats, pictures = analyze.analyze_layers(model, images, keep=a.plot_layers or None, progress=True, int8=int8)
         if not a.plot_layers:  # the 4 worst layers that have pictures (conv feature maps)
             worst = [s.layer for s in stats if s.layer in pictures][:4]
             pictures = {k: pictures[k] for k in worst}
         ranking = analyze.layer_sensitivity(model, images) if a.sensitivity else None
         prediction = model.eval()([images[0]])[0]
+        source = f"int8 model {int8}" if int8 else "fake-quant model"
         out = analyze.write_report(a.out, stats, pictures, images[0], pairs[0][1], prediction, ranking,
-                                   data.class_names)
+                                   data.class_names, source=source)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"fqn analyze: {err}") from None
-    print(analyze.report_markdown(stats, ranking))
+    print(analyze.report_markdown(stats, ranking, source=source))
     print(f"pictures and tables: {out}; TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
 
 

@@ -71,6 +71,14 @@ def test_known_layer_matches_a_hand_computation(quantized, scenes):
                                         rel=1e-6)
     assert got.numel == ref.numel()
     assert torch.equal(pictures[name].float_max, ref[0].amax(0))  # max over channels of the float activation
+    err = (test[0] - ref[0]).abs()
+    torch.testing.assert_close(pictures[name].abs_map, err.mean(0))
+    # relative error map: mean over channels, only where |float| > 1e-3 * max|float| (by hand, per pixel)
+    r = ref[0].abs()
+    pixel = (3, 5)
+    keep = r[:, pixel[0], pixel[1]] > 1e-3 * r.max()
+    expect = (err[:, pixel[0], pixel[1]][keep] / r[:, pixel[0], pixel[1]][keep]).mean() if keep.any() else 0.0
+    assert float(pictures[name].rel_map[pixel]) == pytest.approx(float(expect), rel=1e-5)
     assert [s.sqnr_db for s in stats] == sorted(s.sqnr_db for s in stats)  # worst first
 
 

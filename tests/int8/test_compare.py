@@ -84,5 +84,10 @@ def test_analyze_cli_writes_its_report(checkpoints, tmp_path, capsys):
     assert main(["analyze", str(qat_ckpt), "--out", str(tmp_path / "an"), "--images", "1"]) == 0
     assert (tmp_path / "an" / "report.md").is_file() and (tmp_path / "an" / "maps_average.png").is_file()
     assert "| layer | SQNR dB |" in capsys.readouterr().out
+    # against the int8 model: converted on the fly, every image-aligned layer found in the file
+    assert main(["analyze", str(qat_ckpt), "--out", str(tmp_path / "i8"), "--images", "1", "--int8"]) == 0
+    assert (tmp_path / "i8" / "model_int8.onnx").is_file()
+    saved = json.loads((tmp_path / "i8" / "layers.json").read_text())
+    assert saved["source"].startswith("int8 model") and len(saved["layers"]) >= 20
     with pytest.raises(SystemExit, match="float checkpoint"):
         main(["analyze", str(float_ckpt), "--out", str(tmp_path / "f")])

@@ -173,3 +173,50 @@ def test_convert_rejects_float_uncalibrated_and_bad_images(float_detector, scene
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match="not a readable ONNX"):
         load_int8(tmp_path / "junk.onnx")
+
+
+def test_scope_of_names_the_quantizer_module():
+    from fqn.int8.taps import scope_of
+
+    assert scope_of("/model/backbone/body/layer1/layer1.0/conv1/act_fq/DequantizeLinear_1") == \
+        "backbone.body.layer1.0.conv1.act_fq"
+    assert scope_of("/model/rpn/head/conv_fq.0.0/DequantizeLinear") == "rpn.head.conv_fq.0.0"
+    assert scope_of("/a/act_fq/DequantizeLinear", root="model") == "a.act_fq"
+
+
+def test_int8_taps_read_the_integer_activations(tiny_quantized, tiny_files, scenes, tmp_path):
+    """Each tapped activation is the fake-quant one (torch hooks) as the integer kernels computed it; fusion intact."""
+    from fqn.analyze import comparable_points
+    from fqn.int8.runtime import _unpack_int4
+    from fqn.int8.taps import Int8Taps, tapped_model
+
+    for bits, model in tiny_quantized.items():
+        names = comparable_points(model)
+        taps = Int8Taps(tiny_files[bits], names, threads=1)
+        assert taps.missing == []
+        got = taps(scenes[6])
+        store: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        hooks = [modules[n].register_forward_hook(lambda m, a, o, n=n, s=store: s.setdefault(n, o)) for n in names]
+        with torch.no_grad():
+            model([scenes[6]])
+        for h in hooks:
+            h.remove()
+        for name in names:
+            q = modules[name]
+            step = float(q.scale.reshape(-1)[0])
+            diff = (got[name][0] - store[name]).abs() / step
+            assert got[name][0].shape == store[name].shape, name
+            if bits == 4 or name == "backbone.body.conv1.act_fq":  # 4 bits: bit-exact (as in the layer test)
+                assert float((diff < 0.5).float().mean()) >= 0.999, (bits, name)
+            else:  # 8 bits on a random network: rounding ties compound with depth (see the heads test)
+                assert float((diff < 1.5).float().mean()) > 0.55, (bits, name)
+        # the extra outputs leave ORT's integer fusions in place
+        counts = []
+        for proto in (onnx.load(str(tiny_files[bits])), tapped_model(tiny_files[bits], names)[0]):
+            _unpack_int4(proto)
+            opts = session_options(1)
+            opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+            ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            counts.append(sum(n.op_type == "QLinearConv" for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node))
+        assert counts[0] == counts[1] > 0
