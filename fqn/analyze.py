@@ -155,7 +155,7 @@ def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[
         if int8 is None:
             with _capture(model, part) as ref, _phase(model, "float"):
                 model(images)
-            with _capture(model, part) as test:
+            with _capture(model, part) as test, _phase(model, "quantize"):  # EMA ranges stay where they are
                 model(images)
         else:
             ref, test = _int8_pair(model, images, part, int8)
@@ -193,7 +193,8 @@ def _sqnr_of_heads(ref: dict[str, Tensor], out: dict[str, Tensor]) -> float:
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, images: Sequence[Tensor], mode: str = "keep_float") -> list[dict[str, Any]]:
+def layer_sensitivity(model: nn.Module, images: Sequence[Tensor], mode: str = "keep_float",
+                      progress: bool = False) -> list[dict[str, Any]]:
     """Rank layers by how much they cost, in mean SQNR (dB) of the FPN and RPN-head outputs against float.
 
     ``keep_float``: the whole model quantized except one layer at a time (the gain of keeping it float);
@@ -211,7 +212,12 @@ def layer_sensitivity(model: nn.Module, images: Sequence[Tensor], mode: str = "k
     with _phase(model, "quantize"):
         full = _sqnr_of_heads(ref, head_outputs(model, list(images)))
     rows = []
-    for layer, qs in groups.items():
+    items = list(groups.items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc=f"sensitivity ({mode})", unit="layer")
+    for layer, qs in items:
         with _phase(model, "quantize" if mode == "keep_float" else "float"):
             for q in qs:
                 q.enable_fake_quant(mode == "only")

@@ -183,7 +183,7 @@ def analyze_main(argv: list[str]) -> None:
         if not a.plot_layers:  # the 4 worst layers that have pictures (conv feature maps)
             worst = [s.layer for s in stats if s.layer in pictures][:4]
             pictures = {k: pictures[k] for k in worst}
-        ranking = analyze.layer_sensitivity(model, images) if a.sensitivity else None
+        ranking = analyze.layer_sensitivity(model, images, progress=True) if a.sensitivity else None
         prediction = model.eval()([images[0]])[0]
         source = f"int8 model {int8}" if int8 else "fake-quant model"
         out = analyze.write_report(a.out, stats, pictures, images[0], pairs[0][1], prediction, ranking,

@@ -44,8 +44,17 @@ def detections_for_metric(preds: list[dict[str, Tensor]], targets: Iterable[dict
 @torch.no_grad()
 def evaluate_map(model: nn.Module, batches: Iterable[Any], *, device: torch.device | str = "cpu",
                  progress: bool = True) -> dict[str, float]:
-    """mAP columns of ``model`` (eval mode) over ``(images, targets)`` batches, restoring its training flag."""
+    """mAP columns of ``model`` (eval mode) over ``(images, targets)`` batches, restoring its training flag.
+
+    EMA activation observers still updating ([17], P off) are paused for the evaluation, as the
+    trainer does for validation: otherwise the ranges drift over the validation images.
+    """
+    from fqn.quant.fake_quant import current_phase, set_phase
+
     was_training = model.training
+    phase = current_phase(model) if isinstance(model, nn.Module) else None
+    if phase == "observe_quantize":
+        set_phase(model, "quantize")
     model.eval()
     metric = make_map_metric()
     iterator = batches
@@ -53,8 +62,12 @@ def evaluate_map(model: nn.Module, batches: Iterable[Any], *, device: torch.devi
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="evaluate", unit="batch", leave=False)
-    for images, targets in iterator:
-        preds = model([img.to(device) for img in images])
-        metric.update(*detections_for_metric(preds, targets))
-    model.train(was_training)
+    try:
+        for images, targets in iterator:
+            preds = model([img.to(device) for img in images])
+            metric.update(*detections_for_metric(preds, targets))
+    finally:
+        model.train(was_training)
+        if phase == "observe_quantize":
+            set_phase(model, phase)
     return map_columns(metric.compute())

@@ -15,6 +15,7 @@ from torchvision.models.detection import FasterRCNN
 
 from fqn.config import QuantConfig
 from fqn.models.faster_rcnn import build_detector, prepare_qat
+from fqn.quant.fake_quant import current_phase, set_phase
 
 _BUILD_KEYS = ("backbone", "num_classes", "min_size", "max_size")
 
@@ -38,7 +39,9 @@ def load_detector(path: str | Path) -> tuple[FasterRCNN, dict[str, Any]]:
     """The detector saved in an fqn checkpoint, in eval mode, and its hyper-parameters.
 
     A QAT checkpoint gives a prepared (fake-quantized) detector with its ranges and
-    ``model.fqn_config``; a float checkpoint gives the float detector.
+    ``model.fqn_config``; a float checkpoint gives the float detector. A checkpoint saved while
+    EMA ranges were still updating ([17], P off) comes back with them fixed (phase ``quantize``):
+    the detector is for inference, and evaluating it must not move the ranges the file holds.
     """
     ckpt = read_checkpoint(path)
     hp = dict(ckpt["hyper_parameters"])
@@ -52,4 +55,6 @@ def load_detector(path: str | Path) -> tuple[FasterRCNN, dict[str, Any]]:
         prepare_qat(model, QuantConfig.from_dict(quant) if isinstance(quant, dict) else quant)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
+    if current_phase(model) == "observe_quantize":
+        set_phase(model, "quantize")
     return model.eval(), hp

@@ -12,6 +12,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from fqn import QuantConfig
+from fqn.evaluation import evaluate_map
+from fqn.models.checkpoint import load_detector
 from fqn.quant.fake_quant import current_phase, quantizers
 from fqn.quant.modules import QConvBn2d
 from fqn.train.module import DetectionModule
@@ -60,6 +62,18 @@ def test_qat_without_p_updates_ema_in_training_and_not_in_validation(float_ckpt,
     trainer = tiny_trainer(str(tmp_path), max_steps=2, limit_val_batches=0)
     trainer.fit(model, tiny_data())
     assert current_phase(model.model) == "observe_quantize"  # [17]: EMA ranges keep moving while fine-tuning
+    # evaluating outside the trainer must not move them either (they are what the int8 file gets)
+    scales = {n: fq.scale.clone() for n, fq in quantizers(model.model, "act")}
+    data = tiny_data()
+    data.setup("validate")
+    evaluate_map(model.model, data.val_dataloader(), progress=False)
+    assert current_phase(model.model) == "observe_quantize"
+    assert all(torch.equal(fq.scale, scales[n]) for n, fq in quantizers(model.model, "act"))
+    # and a checkpoint loaded for inference comes back with the ranges fixed
+    trainer.save_checkpoint(tmp_path / "ema.ckpt")
+    loaded, _ = load_detector(tmp_path / "ema.ckpt")
+    assert current_phase(loaded) == "quantize"
+    assert all(torch.equal(fq.scale, scales[n]) for n, fq in quantizers(loaded, "act"))
 
 
 def test_init_from_errors_are_clear(tmp_path, float_ckpt):
