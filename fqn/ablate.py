@@ -203,23 +203,28 @@ def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2
             for result in pool.map(_worker, [(spec, r, threads) for r in todo]):
                 print(f"[fqn ablate] done: {result['row']} AP={result['AP']:.4f}", flush=True)
     results += [json.loads((out / "rows" / f"{r.slug}.json").read_text()) for r in rows]
-    write_outputs(out, results)
+    write_outputs(out, results, " ".join(sys.argv))
     return results
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    """The table shaped like the paper's: one row per configuration, AP / AP50 / AP75, fake-quant and int8."""
-    lines = ["| row | AP | AP50 | AP75 | int8 AP | int8 AP50 | int8 AP75 |", "|---|---|---|---|---|---|---|"]
-    for r in results:
+    """The table shaped like the paper's: #, the F/P/C checks, AP / AP50 / AP75, then the same for the int8 model."""
+    flags = (("F", "freeze_bn"), ("P", "percentile"), ("C", "per_channel"))
+    lines = ["| # | row | F | P | C | AP | AP50 | AP75 | int8 AP | int8 AP50 | int8 AP75 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(results):
+        cfg = r.get("config") or {}
+        checks = ["✓" if cfg.get(key) else "" for _, key in flags]
         cells = [r.get(k) for k in METRICS] + [r.get(f"int8_{k}") for k in METRICS]
         text = ["–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}" for v in cells]
-        lines.append(f"| {r['row']} | " + " | ".join(text) + " |")
+        lines.append(f"| {i} | {r['row']} | " + " | ".join(checks + text) + " |")
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, results: list[dict[str, Any]]) -> None:
+def write_outputs(out: Path, results: list[dict[str, Any]], command: str | None = None) -> None:
     """``table.md``, ``table.csv`` and a TensorBoard hparams entry per row under ``out/tensorboard/hparams``."""
-    (out / "table.md").write_text(markdown(results) + "\n")
+    footer = f"\nCommand: `{command}`; settings of every row: `grid.json`.\n" if command else ""
+    (out / "table.md").write_text(markdown(results) + "\n" + footer)
     fields = ["row", "qat", "bits", *METRICS, *(f"int8_{k}" for k in METRICS)]
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")

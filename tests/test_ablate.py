@@ -63,7 +63,9 @@ def test_two_row_grid_runs_resumes_and_writes_its_tables(float_ckpt, tmp_path, c
         assert all(isinstance(r[k], float) for k in ("AP", "AP50", "AP75", "int8_AP"))
     with open(tmp_path / "grid" / "table.csv") as f:
         assert [row["row"] for row in csv.DictReader(f)] == ["FP32", "[17] baseline", "F+P+C"]
-    assert "| F+P+C |" in (tmp_path / "grid" / "table.md").read_text()
+    table = (tmp_path / "grid" / "table.md").read_text()
+    assert "| 1 | [17] baseline |  |  |  |" in table and "| 2 | F+P+C | ✓ | ✓ | ✓ |" in table  # the paper's checks
+    assert "Command: `" in table
     assert list((tmp_path / "grid" / "tensorboard" / "hparams").rglob("events.*"))
     # an interrupted grid: one row's result is missing -> only that row runs again, from its checkpoint
     (tmp_path / "grid" / "rows" / "17_baseline.json").unlink()
