@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,12 +50,9 @@ def evaluate_map(model: nn.Module, batches: Iterable[Any], *, device: torch.devi
     EMA activation observers still updating ([17], P off) are paused for the evaluation, as the
     trainer does for validation: otherwise the ranges drift over the validation images.
     """
-    from fqn.quant.fake_quant import current_phase, set_phase
+    from fqn.quant.fake_quant import ranges_fixed
 
     was_training = model.training
-    phase = current_phase(model) if isinstance(model, nn.Module) else None
-    if phase == "observe_quantize":
-        set_phase(model, "quantize")
     model.eval()
     metric = make_map_metric()
     iterator = batches
@@ -63,11 +61,10 @@ def evaluate_map(model: nn.Module, batches: Iterable[Any], *, device: torch.devi
 
         iterator = tqdm(batches, desc="evaluate", unit="batch", leave=False)
     try:
-        for images, targets in iterator:
-            preds = model([img.to(device) for img in images])
-            metric.update(*detections_for_metric(preds, targets))
+        with ranges_fixed(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
+            for images, targets in iterator:
+                preds = model([img.to(device) for img in images])
+                metric.update(*detections_for_metric(preds, targets))
     finally:
         model.train(was_training)
-        if phase == "observe_quantize":
-            set_phase(model, phase)
     return map_columns(metric.compute())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,13 @@ def _unpack_int4(proto: Any) -> int:
     return count
 
 
-def make_session(path: str | Path, threads: int | None = None,
-                 integer_kernels: bool = True) -> tuple[Any, dict[str, str]]:
+def make_session(path: str | Path, threads: int | None = None, integer_kernels: bool = True,
+                 edit: Callable[[Any], Any] | None = None) -> tuple[Any, dict[str, str]]:
     """An ONNX Runtime CPU session for ``path`` and the file's metadata.
 
     ``integer_kernels=False`` turns ORT's graph optimisations off: the QDQ graph then runs as
-    written, in float, a reference for what the integer kernels change.
+    written, in float, a reference for what the integer kernels change. ``edit(proto)`` may
+    change the loaded model in memory first (e.g. `fqn.int8.taps` adds graph outputs).
     """
     import onnx
     import onnxruntime as ort
@@ -68,6 +70,8 @@ def make_session(path: str | Path, threads: int | None = None,
     except Exception as err:
         raise ValueError(f"{path} is not a readable ONNX file: {err}") from None
     meta = {p.key: p.value for p in proto.metadata_props}
+    if edit is not None:
+        edit(proto)
     _unpack_int4(proto)
     opts = session_options(threads)
     if not integer_kernels:

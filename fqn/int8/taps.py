@@ -54,23 +54,16 @@ def activation_outputs(graph: Any, names: list[str], root: str = "model") -> dic
     return found
 
 
-def tapped_model(path: str | Path, names: list[str]) -> tuple[Any, dict[str, list[str]]]:
-    """The int8 file's ONNX model (int4 widened) with the outputs of the named quantizers added as graph outputs."""
+def add_activation_outputs(proto: Any, names: list[str]) -> dict[str, list[str]]:
+    """Make the outputs of the named quantizers graph outputs of ``proto`` (in place); returns `activation_outputs`."""
     import onnx
 
-    from fqn.int8.runtime import _unpack_int4
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"int8 model {path} does not exist; write it with `fqn convert`")
-    proto = onnx.load(str(path))
     values = activation_outputs(proto.graph, names)
     existing = {o.name for o in proto.graph.output}
     for value in (v for vs in values.values() for v in vs):
         if value not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=value))
-    _unpack_int4(proto)
-    return proto, values
+    return values
 
 
 class Int8Taps:
@@ -81,14 +74,12 @@ class Int8Taps:
     """
 
     def __init__(self, path: str | Path, names: list[str], threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from fqn.int8.runtime import make_session
 
-        from fqn.int8.runtime import session_options
-
-        proto, self.values = tapped_model(path, names)
+        self.values: dict[str, list[str]] = {}
+        self.session, self.metadata = make_session(
+            path, threads, edit=lambda proto: self.values.update(add_activation_outputs(proto, names)))
         self.missing = [n for n in names if n not in self.values]
-        self.session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, image: Tensor) -> dict[str, list[Tensor]]:

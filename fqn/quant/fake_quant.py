@@ -6,6 +6,9 @@ FQN paper: the gradient passes unchanged inside [lb, ub] and is zero outside.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -251,6 +254,22 @@ def set_phase(model: nn.Module, phase: str) -> None:
     for _, fq in quantizers(model):
         fq.enable_fake_quant(quantize)
         fq.enable_observer(observe if fq.role == "act" else quantize)
+
+
+@contextlib.contextmanager
+def ranges_fixed(model: nn.Module) -> Iterator[None]:
+    """EMA ranges still updating ([17], phase ``observe_quantize``) held fixed inside the block, restored after.
+
+    Evaluation must not move the ranges: the int8 model is written from them.
+    """
+    moving = current_phase(model) == "observe_quantize"
+    if moving:
+        set_phase(model, "quantize")
+    try:
+        yield
+    finally:
+        if moving:
+            set_phase(model, "observe_quantize")
 
 
 def current_phase(model: nn.Module) -> str | None:
