@@ -179,6 +179,9 @@ def _int8_pair(model: nn.Module, images: list[Tensor], names: list[str],
     from fqn.int8.taps import Int8Taps
 
     taps = Int8Taps(path, names)
+    if len(taps.missing) == len(names):
+        raise ValueError(f"{path} holds none of this model's quantizers ({names[0]}, ...): convert this checkpoint "
+                         "with `fqn convert`, or leave the file out and let `fqn analyze --int8` convert it")
     test: dict[str, list[Tensor]] = {}
     with _capture(model, names) as ref, _phase(model, "float"):
         for img in images:

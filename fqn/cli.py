@@ -184,7 +184,12 @@ def analyze_main(argv: list[str]) -> None:
             worst = [s.layer for s in stats if s.layer in pictures][:4]
             pictures = {k: pictures[k] for k in worst}
         ranking = analyze.layer_sensitivity(model, images, progress=True) if a.sensitivity else None
-        prediction = model.eval()([images[0]])[0]
+        if int8:  # the boxes drawn come from the model whose activations were compared
+            from fqn.int8 import load_int8
+
+            prediction = load_int8(int8)([images[0]])[0]
+        else:
+            prediction = model.eval()([images[0]])[0]
         source = f"int8 model {int8}" if int8 else "fake-quant model"
         out = analyze.write_report(a.out, stats, pictures, images[0], pairs[0][1], prediction, ranking,
                                    data.class_names, source=source)

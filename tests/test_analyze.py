@@ -106,3 +106,15 @@ def test_analyze_needs_a_quantizing_model(float_detector, scenes):
     model = prepare_qat(float_detector(), QuantConfig())
     with pytest.raises(ValueError, match="calibrated"):
         analyze_layers(model, scenes[:1])
+
+
+def test_int8_file_of_another_model_is_a_clear_error(quantized, scenes, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["image"], ["boxes"])], "other",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [3, None, None])],
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [3, None, None])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), tmp_path / "other.onnx")
+    with pytest.raises(ValueError, match="none of this model's quantizers"):
+        analyze_layers(quantized, scenes[6:7], comparable_points(quantized)[:2], int8=tmp_path / "other.onnx")
