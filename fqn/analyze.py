@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fqn.evaluation import sqnr_db
-from fqn.quant.fake_quant import FakeQuantize, current_phase, quantizers, set_phase
+from fqn.quant.fake_quant import FakeQuantize, current_phase, phase_of, quantizers
 
 SAMPLES_PER_LAYER = 50_000  # (float, error) pairs kept per layer for the hexbin plots
 
@@ -89,16 +89,6 @@ def _capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, list[
             h.remove()
 
 
-@contextlib.contextmanager
-def _phase(model: nn.Module, phase: str) -> Iterator[None]:
-    before = current_phase(model) or "quantize"
-    set_phase(model, phase)
-    try:
-        yield
-    finally:
-        set_phase(model, before)
-
-
 @dataclass
 class LayerCapture:
     """What is kept of one layer for the pictures: per-channel max maps, error maps and hexbin samples."""
@@ -151,14 +141,15 @@ def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="layers", unit="chunk")
+    taps = _int8_taps(int8, names) if int8 is not None else None  # one ORT session; each chunk reads its layers
     for part in chunks:
-        if int8 is None:
-            with _capture(model, part) as ref, _phase(model, "float"):
+        if taps is None:
+            with _capture(model, part) as ref, phase_of(model, "float"):
                 model(images)
-            with _capture(model, part) as test, _phase(model, "quantize"):  # EMA ranges stay where they are
+            with _capture(model, part) as test, phase_of(model, "quantize"):  # EMA ranges stay where they are
                 model(images)
         else:
-            ref, test = _int8_pair(model, images, part, int8)
+            ref, test = _int8_pair(model, images, part, taps)
         for name in part:
             if name not in test or len(ref[name]) != len(test[name]) or \
                     any(a.shape != b.shape for a, b in zip(ref[name], test[name])):
@@ -173,20 +164,24 @@ def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[
     return stats, pictures
 
 
-def _int8_pair(model: nn.Module, images: list[Tensor], names: list[str],
-               path: str | Path) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
-    """Float-phase activations (hooks) and int8 ones (graph outputs of the ONNX file), image by image."""
+def _int8_taps(path: str | Path, names: list[str]) -> Any:
     from fqn.int8.taps import Int8Taps
 
     taps = Int8Taps(path, names)
     if len(taps.missing) == len(names):
         raise ValueError(f"{path} holds none of this model's quantizers ({names[0]}, ...): convert this checkpoint "
                          "with `fqn convert`, or leave the file out and let `fqn analyze --int8` convert it")
+    return taps
+
+
+def _int8_pair(model: nn.Module, images: list[Tensor], names: list[str],
+               taps: Any) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
+    """Float-phase activations (hooks) and int8 ones (graph outputs of the ONNX file), image by image."""
     test: dict[str, list[Tensor]] = {}
-    with _capture(model, names) as ref, _phase(model, "float"):
+    with _capture(model, names) as ref, phase_of(model, "float"):
         for img in images:
             model([img])
-            for name, values in taps(img).items():
+            for name, values in taps(img, names).items():
                 test.setdefault(name, []).extend(values)
     return ref, test
 
@@ -210,9 +205,9 @@ def layer_sensitivity(model: nn.Module, images: Sequence[Tensor], mode: str = "k
     groups: dict[str, list[FakeQuantize]] = {}
     for name, q in quantizers(model):
         groups.setdefault(layer_of(name), []).append(q)
-    with _phase(model, "float"):
+    with phase_of(model, "float"):
         ref = head_outputs(model, list(images))
-    with _phase(model, "quantize"):
+    with phase_of(model, "quantize"):
         full = _sqnr_of_heads(ref, head_outputs(model, list(images)))
     rows = []
     items = list(groups.items())
@@ -221,7 +216,7 @@ def layer_sensitivity(model: nn.Module, images: Sequence[Tensor], mode: str = "k
 
         items = tqdm(items, desc=f"sensitivity ({mode})", unit="layer")
     for layer, qs in items:
-        with _phase(model, "quantize" if mode == "keep_float" else "float"):
+        with phase_of(model, "quantize" if mode == "keep_float" else "float"):
             for q in qs:
                 q.enable_fake_quant(mode == "only")
             sqnr = _sqnr_of_heads(ref, head_outputs(model, list(images)))

@@ -82,9 +82,11 @@ class Int8Taps:
         self.missing = [n for n in names if n not in self.values]
         self.input_name = self.session.get_inputs()[0].name
 
-    def __call__(self, image: Tensor) -> dict[str, list[Tensor]]:
-        wanted = [v for vs in self.values.values() for v in vs]
+    def __call__(self, image: Tensor, names: list[str] | None = None) -> dict[str, list[Tensor]]:
+        """The tapped activations for one image; only ``names`` (default: all), so memory holds only those."""
+        chosen = {n: vs for n, vs in self.values.items() if names is None or n in names}
+        wanted = [v for vs in chosen.values() for v in vs]
         arrays = self.session.run(wanted, {self.input_name: image.detach().float().cpu().numpy()})
         got = dict(zip(wanted, arrays))
         return {name: [torch.from_numpy(np.asarray(got[v], dtype=np.float32)) for v in vs]
-                for name, vs in self.values.items()}
+                for name, vs in chosen.items()}

@@ -257,19 +257,22 @@ def set_phase(model: nn.Module, phase: str) -> None:
 
 
 @contextlib.contextmanager
-def ranges_fixed(model: nn.Module) -> Iterator[None]:
+def phase_of(model: nn.Module, phase: str) -> Iterator[None]:
+    """``model`` in ``phase`` inside the block; its phase before (``quantize`` if mixed) restored after."""
+    before = current_phase(model) or "quantize"
+    set_phase(model, phase)
+    try:
+        yield
+    finally:
+        set_phase(model, before)
+
+
+def ranges_fixed(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """EMA ranges still updating ([17], phase ``observe_quantize``) held fixed inside the block, restored after.
 
     Evaluation must not move the ranges: the int8 model is written from them.
     """
-    moving = current_phase(model) == "observe_quantize"
-    if moving:
-        set_phase(model, "quantize")
-    try:
-        yield
-    finally:
-        if moving:
-            set_phase(model, "observe_quantize")
+    return phase_of(model, "quantize") if current_phase(model) == "observe_quantize" else contextlib.nullcontext()
 
 
 def current_phase(model: nn.Module) -> str | None:
