@@ -49,22 +49,26 @@ def calc_qparams(lb: Tensor, ub: Tensor, bits: int, symmetric: bool) -> tuple[Te
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """Fused fake quantization forward, eq. 8 mask backward."""
+    """Fused fake quantization forward, eq. 8 mask backward.
+
+    The mask is read off the integer code, ``qmin <= round(x / scale) + z <= qmax``, exactly as torch's
+    ``fake_quantize_*_cachemask`` kernels compute it: bounds recomputed in float (``(qmax - z) * scale``)
+    can land a rounding error below the largest weight of a channel and silently zero its gradient.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
         xf = x.float()
+        inv_scale = 1.0 / scale
         if axis is None:
             out = torch.fake_quantize_per_tensor_affine(xf, scale, zero_point, qmin, qmax)
-            lb = (qmin - zero_point.float()) * scale
-            ub = (qmax - zero_point.float()) * scale
+            code = torch.round(xf * inv_scale) + zero_point
         else:
             out = torch.fake_quantize_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax)
             shape = [1] * x.dim()
             shape[axis] = -1
-            lb = ((qmin - zero_point.float()) * scale).reshape(shape)
-            ub = ((qmax - zero_point.float()) * scale).reshape(shape)
-        ctx.save_for_backward((xf >= lb) & (xf <= ub))
+            code = torch.round(xf * inv_scale.reshape(shape)) + zero_point.reshape(shape)
+        ctx.save_for_backward((code >= qmin) & (code <= qmax))
         return out.to(x.dtype)
 
     @staticmethod

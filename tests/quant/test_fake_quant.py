@@ -98,14 +98,15 @@ def test_zero_is_exact_and_levels_are_few():
 
 
 def test_ste_mask_is_eq8():
-    """Gradient 1 inside the aligned [lb, ub], 0 outside, also within half a step outside (unlike rounding)."""
+    """Gradient 1 where the integer code is inside [qmin, qmax], 0 where the value clips (a step or more outside)."""
     scale, zp = calc_qparams(torch.tensor([-1.0]), torch.tensor([3.0]), 4, False)
     qmin, qmax = quant_range(4, False)
     lb, ub = float((qmin - zp) * scale), float((qmax - zp) * scale)
     d = float(scale)
-    x = torch.tensor([lb - d, lb - 0.3 * d, lb, 0.0, 1.234, ub, ub + 0.3 * d, ub + 2 * d], requires_grad=True)
+    x = torch.tensor([lb - d, lb - 0.7 * d, lb, 0.0, 1.234, ub, ub + 0.3 * d, ub + 2 * d], requires_grad=True)
     fake_quantize(x, scale, zp, qmin, qmax).backward(torch.arange(1.0, 9.0))
-    expected = torch.tensor([0, 0, 3, 4, 5, 6, 0, 0], dtype=torch.float32)
+    # ub + 0.3 steps rounds to qmax: its code is in range, so it keeps its gradient, as in torch's kernels
+    expected = torch.tensor([0, 0, 3, 4, 5, 6, 7, 0], dtype=torch.float32)
     assert torch.equal(x.grad, expected)
 
 
@@ -115,9 +116,31 @@ def test_per_channel_ste_mask():
     x = torch.tensor([[0.5, 20.0], [0.5, 20.0]], requires_grad=True)
     fake_quantize(x, scale, zp, -7, 7, axis=0).sum().backward()
     assert torch.equal(x.grad, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
-    y = torch.tensor([[0.5, 0.75], [0.5, 6.5]], requires_grad=True)
+    y = torch.tensor([[0.5, 0.76], [0.5, 6.5]], requires_grad=True)
     fake_quantize(y, scale, zp, -7, 7, axis=0).sum().backward()
     assert torch.equal(y.grad, torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_ste_mask_equals_torchs_cachemask(symmetric, per_channel, bits):
+    """Every in-range weight keeps its gradient, the largest of each channel too: the mask equals torch's own."""
+    from fqn.quant.fake_quant import weight_quantizer
+
+    g = torch.Generator().manual_seed(bits + 2 * symmetric + 4 * per_channel)
+    w = (torch.randn(256, 32, 3, 3, generator=g) * torch.rand(256, 1, 1, 1, generator=g) * 0.1).requires_grad_()
+    fq = weight_quantizer(w, bits, per_channel=per_channel, symmetric=symmetric)
+    fq.enable_fake_quant()
+    fq(w).backward(torch.ones_like(w))
+    s, z = fq.scale, fq.zero_point
+    if per_channel:
+        _, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(w.detach(), s, z, 0, fq.qmin, fq.qmax)
+    else:
+        _, mask = torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(w.detach(), float(s), int(z), fq.qmin,
+                                                                           fq.qmax)
+    assert torch.equal(w.grad, mask.float())
+    assert bool(mask.all())  # min/max ranges: no weight clips, every one is trained
 
 
 def test_disabled_is_identity_and_uncalibrated_is_an_error():
