@@ -1,9 +1,10 @@
 """Batch-norm folding (FQN 3.5).
 
-F on: the frozen EMA statistics are folded once into the conv (eqs. 13-14).
-F off: `QConvBn2d` folds batch statistics at every training step and keeps
-updating the EMA (eqs. 11-12, the [17] scheme). Both read each BN module's
-own ``eps``: torchvision's ``FrozenBatchNorm2d`` may carry ``eps=0``.
+`QConvBn2d` keeps the conv weight ``W`` as the parameter and folds at every step:
+F on, with the frozen EMA statistics (eqs. 13-14, Fig. 3); F off, the [17] scheme
+(eqs. 11-12, batch statistics with the EMA-fold correction). `fold_bn` folds once,
+for layers kept float and for float references. Both read each BN module's own
+``eps``: torchvision's ``FrozenBatchNorm2d`` may carry ``eps=0``.
 """
 
 from __future__ import annotations

@@ -113,22 +113,34 @@ class QConv2d(_QuantLayerMixin, nn.Conv2d):
 
 
 class QConvBn2d(QConv2d):
-    """Conv + BN folded with batch statistics while training, EMA updated (eqs. 11-12, F off).
+    """Conv + BN whose trained parameter stays ``W``, folded with the BN statistics at every step.
 
-    In eval mode, or once `bn_frozen` is set (the [18] variant: frozen for the
-    last N steps), it folds the EMA statistics instead (eqs. 13-14).
+    **F** (``freeze_bn=True``, paper Fig. 3): the EMA statistics are frozen; each forward folds
+    ``W * gamma / sigma_EMA`` (eqs. 13-14), quantizes it and convolves. ``W`` keeps its own learning
+    rate: training a pre-folded ``W_fold`` instead would scale each channel's effective step by
+    ``(sigma / gamma)^2``.
+
+    **F off** ([17], Jacob et al. and TensorFlow's ``fold_batch_norms``): batch statistics
+    ``mu_B, sigma_B`` come from a float conv; the quantized conv uses the *EMA*-folded weight
+    ``W * gamma / sigma_EMA`` and its output is rescaled by ``sigma_EMA / sigma_B``, with the bias
+    ``beta - gamma * mu_B / sigma_B``. The output equals batch-normalised training, and training and
+    inference quantize the same weights. The EMA keeps updating. Once `bn_frozen` is set (the [18]
+    variant: frozen for the last N steps), or in eval mode, the layer computes as under F.
     """
 
     def folded_weight(self) -> Tensor:
-        """The weight folded with the EMA statistics: what eval mode quantizes and what int8 export stores."""
+        """The weight folded with the EMA statistics: what is quantized in training and inference alike."""
         w, _ = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean,
                                     self.running_var, self.bn_eps)
         return w
 
     @classmethod
-    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, cfg: QuantConfig, **kw) -> QConvBn2d:
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, cfg: QuantConfig, *, frozen: bool | None = None,
+                     **kw) -> QConvBn2d:
+        """Swap conv + BN; BN statistics frozen from the start when ``frozen`` (default: ``cfg.freeze_bn``)."""
         q = cls.from_float(conv, cfg, **kw)
         gamma, beta, mean, var, eps = bn_stats(bn)
+        # trainable only where the float model trained them: FrozenBatchNorm2d's are buffers and stay fixed
         trainable = isinstance(gamma, nn.Parameter) and gamma.requires_grad
         q.bn_weight = nn.Parameter(gamma.detach().clone(), requires_grad=trainable)
         q.bn_bias = nn.Parameter(beta.detach().clone(), requires_grad=trainable)
@@ -141,35 +153,45 @@ class QConvBn2d(QConv2d):
         q.last_batch_stats = None
         momentum = getattr(bn, "momentum", None)
         q.bn_momentum = 0.1 if momentum is None else float(momentum)
+        q.freeze_bn(cfg.freeze_bn if frozen is None else frozen)
         return q
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", bn_eps={self.bn_eps}, bn_momentum={self.bn_momentum}"
+        return super().extra_repr() + f", bn_eps={self.bn_eps}, bn_momentum={self.bn_momentum}, frozen={self._frozen}"
 
     def _refresh(self) -> None:
         self._frozen = bool(self.bn_frozen)
 
     def freeze_bn(self, frozen: bool = True) -> None:
-        """Fold the EMA statistics from now on and stop updating them (the [18] schedule's last N steps)."""
+        """Fold the EMA statistics from now on and stop updating them (F, or the [18] schedule's last N steps)."""
         self.bn_frozen.fill_(int(frozen))
         self._frozen = bool(frozen)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._q_input(x)
-        if self.training and not self._frozen:
-            y = self._conv_forward(x, self.weight, self.bias)
-            mean, var = batch_stats(y)
-            with torch.no_grad():  # EMA update as nn.BatchNorm2d does (unbiased running variance)
-                self.last_batch_stats = (mean.detach(), var.detach())  # for monitoring (paper's Figure 1)
-                n = y.numel() // y.shape[1]
-                m = self.bn_momentum
-                self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                self.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
-        else:
-            mean, var = self.running_mean, self.running_var
-        w, b = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, mean, var, self.bn_eps)
+        w, b = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean,
+                                    self.running_var, self.bn_eps)
         w = self._q_weight(w)
-        return self._q_output(self._conv_forward(x, w, self._q_bias(b, x)))
+        if not self.training or self._frozen:
+            return self._q_output(self._conv_forward(x, w, self._q_bias(b, x)))
+        # [17]: batch statistics of the float conv, quantized conv on the EMA fold, rescaled by sigma_EMA / sigma_B
+        y_float = self._conv_forward(x, self.weight, self.bias)
+        mean, var = batch_stats(y_float)
+        correction = torch.sqrt(self.running_var + self.bn_eps) / torch.sqrt(var + self.bn_eps)
+        _, b_batch = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, mean, var,
+                                          self.bn_eps)
+        # c * (conv + b_B / c) = c * conv + b_B: the bias goes onto the accumulator grid as at inference
+        y = self._conv_forward(x, w, self._q_bias(b_batch / correction, x)) * correction.reshape(1, -1, 1, 1)
+        self._update_ema(mean.detach(), var.detach(), y_float.numel() // y_float.shape[1])
+        return self._q_output(y)
+
+    @torch.no_grad()
+    def _update_ema(self, mean: Tensor, var: Tensor, n: int) -> None:
+        """nn.BatchNorm2d's EMA update (unbiased running variance), after this step's fold has read the EMA."""
+        self.last_batch_stats = (mean, var)  # for monitoring (paper's Figure 1)
+        m = self.bn_momentum
+        self.running_mean.mul_(1 - m).add_(m * mean)
+        self.running_var.mul_(1 - m).add_(m * var * n / max(n - 1, 1))
 
 
 def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> int:

@@ -42,7 +42,7 @@ class SwapContext:
 
     def conv_bn(self, name: str, conv: nn.Conv2d, bn: nn.Module | None, *, activation: nn.Module | None = None,
                 input_quant: bool = False, output_quant: bool = True) -> nn.Conv2d:
-        """Swap conv(+BN)(+act): BN folded with frozen stats (F) or folded per step from batch stats (not F).
+        """Swap conv(+BN)(+act): a `QConvBn2d` that trains ``W`` and folds BN at every step, frozen under F.
 
         A name kept float returns the conv itself if there is nothing to fuse, else a float `QConv2d`
         (folded BN, fused activation, no quantizers), since the quantized block no longer calls its BN.
@@ -54,9 +54,9 @@ class SwapContext:
         kw = dict(activation=activation, input_quant=input_quant, output_quant=output_quant)
         if bn is None:
             return QConv2d.from_float(conv, cfg, **kw)
-        if cfg is not None and not cfg.freeze_bn:
-            return QConvBn2d.from_conv_bn(conv, bn, cfg, **kw)
-        return QConv2d.from_float(fold_bn(conv, bn), cfg, **kw)
+        if cfg is None:
+            return QConv2d.from_float(fold_bn(conv, bn), None, **kw)
+        return QConvBn2d.from_conv_bn(conv, bn, cfg, **kw)
 
     def linear(self, name: str, linear: nn.Linear, *, activation: nn.Module | None = None,
                input_quant: bool = False, output_quant: bool = True) -> QLinear:

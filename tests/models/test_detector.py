@@ -145,7 +145,8 @@ def test_calibrate_accepts_detection_loader_batches_and_rejects_junk(float_detec
 def test_train_step_gives_finite_losses_and_every_weight_a_gradient(float_detector, scenes, bits, freeze_bn):
     cfg = QuantConfig(bits_w=bits, bits_a=bits, freeze_bn=freeze_bn, percentile=freeze_bn)
     model = calibrate(prepare_qat(float_detector(), cfg), [[img] for img in scenes[:2]], 2, progress=False)
-    assert any(isinstance(m, QConvBn2d) for m in model.modules()) != freeze_bn
+    bn_layers = [m for m in model.modules() if isinstance(m, QConvBn2d)]
+    assert bn_layers and all(m._frozen == freeze_bn for m in bn_layers)  # W trained, BN folded per step (Fig. 3)
     set_phase(model, "quantize" if cfg.percentile else "observe_quantize")
     model.train()
     losses = model(scenes[:2], targets_for([2, 0]))  # the second image has no boxes
@@ -191,7 +192,8 @@ def test_every_quantized_layer_sees_its_input_grid_and_quantizes_its_bias(float_
     with torch.inference_mode():
         model(scenes[6:7])
     layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, (QConv2d, QLinear)) and m.is_quantized and m.bias is not None}
+              if isinstance(m, (QConv2d, QLinear)) and m.is_quantized
+              and (m.bias is not None or isinstance(m, QConvBn2d))}
     assert len(layers) > 30
     assert [n for n, m in layers.items() if not m.bias_quantized] == []
 

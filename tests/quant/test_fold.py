@@ -83,3 +83,78 @@ def test_conv_bn_gradients_reach_conv_and_bn_parameters():
     q(torch.randn(2, 3, 8, 8)).pow(2).sum().backward()
     for p in (q.weight, q.bn_weight, q.bn_bias):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def _hand_symmetric(w: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    """Symmetric min/max fake quantization written out: s = max|w| / (2^(k-1)-1), w_q = s * round(w / s)."""
+    q = 2 ** (bits - 1) - 1
+    m = w.abs().amax(dim=(1, 2, 3), keepdim=True) if per_channel else w.abs().max()
+    s = m / q
+    return torch.clamp(torch.round(w / s), -q, q) * s
+
+
+def test_freeze_bn_trains_w_as_in_fig3():
+    """F: the parameter is W itself; one SGD step moves it by lr * (dL/dW_fold * gamma / sigma), by hand."""
+    from fqn import build_detector, prepare_qat
+
+    model = build_detector("resnet18", 3, min_size=128, max_size=128)
+    first = model.backbone.body.layer1[0]
+    w0 = first.conv1.weight.detach().clone()
+    prepare_qat(model, QuantConfig(bits_w=4, bits_a=4))
+    conv1 = model.backbone.body.layer1[0].conv1
+    assert isinstance(conv1, QConvBn2d) and conv1._frozen
+    assert torch.equal(conv1.weight, w0) and conv1.weight.requires_grad
+
+    g = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    bn = random_bn(nn.BatchNorm2d(6), 6, g)
+    with torch.no_grad():
+        bn.weight[0] = 0.01  # alpha / sigma spans orders of magnitude: the effective step must not
+    q = QConvBn2d.from_conv_bn(conv, bn, QuantConfig(bits_w=4, bits_a=4), output_quant=False)
+    set_phase(q, "quantize")
+    q.train()
+    x = torch.randn(2, 4, 9, 9, generator=g)
+    grad_out = torch.randn(2, 6, 9, 9, generator=g)
+    w = conv.weight.detach().double()
+    factor = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    lr = 0.1
+    opt = torch.optim.SGD([p for p in q.parameters() if p.requires_grad], lr=lr)
+    (q(x) * grad_out).sum().backward()
+    opt.step()
+    # Fig. 3 by hand: W_fold = W * gamma / sigma, quantized (all codes in range: the STE passes everything)
+    grad_wq = torch.nn.grad.conv2d_weight(x.double(), w.shape, grad_out.double(), padding=1)
+    expected = w - lr * grad_wq * factor.view(-1, 1, 1, 1)
+    assert torch.allclose(q.weight.detach().double(), expected, atol=1e-6)
+    # the running statistics are frozen, and so are the BN parameters of a FrozenBatchNorm2d
+    assert torch.equal(q.running_mean, bn.running_mean) and torch.equal(q.running_var, bn.running_var)
+    frozen = QConvBn2d.from_conv_bn(conv, random_bn(FrozenBatchNorm2d(6), 6, g), QuantConfig())
+    assert not frozen.bn_weight.requires_grad and not frozen.bn_bias.requires_grad
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_without_f_training_and_inference_quantize_the_same_weights(per_channel):
+    """[17]: training quantizes W * gamma / sigma_EMA too, and rescales the output by sigma_EMA / sigma_B."""
+    g = torch.Generator().manual_seed(6)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    bn = random_bn(nn.BatchNorm2d(6), 6, g)
+    cfg = QuantConfig(bits_w=4, bits_a=4, freeze_bn=False, per_channel=per_channel)
+    q = QConvBn2d.from_conv_bn(conv, bn, cfg, output_quant=False)
+    q.bn_momentum = 0.0  # the EMA stays put, so training and inference fold the same statistics
+    set_phase(q, "quantize")
+    seen = []
+    q.weight_fq.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    x = torch.randn(8, 4, 9, 9, generator=g)
+    y_train = q.train()(x)
+    q.eval()(x)
+    assert torch.equal(seen[0], seen[1])
+    w = conv.weight.detach().double()
+    gamma, beta = bn.weight.detach().double(), bn.bias.detach().double()
+    sigma_ema = torch.sqrt(bn.running_var.double() + bn.eps)
+    wq = _hand_symmetric(w * (gamma / sigma_ema).view(-1, 1, 1, 1), 4, per_channel)
+    assert torch.allclose(seen[0].double(), wq, atol=1e-6)
+    y_float = nn.functional.conv2d(x.double(), w, padding=1)
+    var_b, mean_b = torch.var_mean(y_float, dim=(0, 2, 3), unbiased=False)
+    sigma_b = torch.sqrt(var_b + bn.eps)
+    expected = (nn.functional.conv2d(x.double(), wq, padding=1) * (sigma_ema / sigma_b).view(1, -1, 1, 1)
+                + (beta - gamma * mean_b / sigma_b).view(1, -1, 1, 1))
+    assert torch.allclose(y_train.double(), expected, atol=1e-4)
