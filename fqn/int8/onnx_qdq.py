@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from torch import Tensor, nn
 
 import fqn.quant.fake_quant as fq_mod
 from fqn.quant.fake_quant import quantizers
+
+log = logging.getLogger(__name__)
 
 OPSET = 20  # the newest the TorchScript exporter writes; raised to 21 (type additions only) for int4 weights
 INT4_OPSET = 21
@@ -96,6 +99,7 @@ def qdq_export_mode(model: nn.Module, example_args: tuple) -> Iterator[nn.Module
     try:
         with torch.no_grad():
             model(*example_args)
+        _report_floored_scales(model)
         for _, q in qs:
             q.enable_observer(False)
         fq_mod.fake_quantize = _export_fake_quantize
@@ -107,6 +111,16 @@ def qdq_export_mode(model: nn.Module, example_args: tuple) -> Iterator[nn.Module
             q.enable_fake_quant(quantize)
         for m, training in modes:
             m.training = training
+
+
+def _report_floored_scales(model: nn.Module) -> None:
+    """Say, by layer name, where a weight scale was raised so that the int32 bias fits (`bias_scale_floor`)."""
+    floored = {name: m.scale_floored for name, m in model.named_modules() if getattr(m, "scale_floored", 0)}
+    if floored:
+        log.warning("weight scale raised so the int32 bias fits, in %d layer(s) (channels): %s. These channels' "
+                    "weights are near zero next to their bias (near-dead channels); the int8 file and the "
+                    "fake-quant model use the same raised scale", len(floored),
+                    ", ".join(f"{n} ({c})" for n, c in floored.items()))
 
 
 def export_onnx(module: nn.Module, args: tuple, path: str | Path | None, *, input_names: Sequence[str],

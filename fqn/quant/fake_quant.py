@@ -25,7 +25,8 @@ def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def calc_qparams(lb: Tensor, ub: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+def calc_qparams(lb: Tensor, ub: Tensor, bits: int, symmetric: bool,
+                 min_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Scale and integer zero point for the range [lb, ub], with zero-point alignment (FQN 3.6).
 
     The range is widened to contain 0 and the zero point is rounded to an
@@ -42,8 +43,12 @@ def calc_qparams(lb: Tensor, ub: Tensor, bits: int, symmetric: bool) -> tuple[Te
     ub = torch.maximum(ub.float(), torch.zeros_like(ub, dtype=torch.float32))
     if symmetric:
         scale = (torch.maximum(-lb, ub) / qmax).clamp_min(_EPS)
+        if min_scale is not None:
+            scale = torch.maximum(scale, min_scale)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
     scale = ((ub - lb) / (qmax - qmin)).clamp_min(_EPS)
+    if min_scale is not None:
+        scale = torch.maximum(scale, min_scale)
     zero_point = (qmin - torch.round(lb / scale)).clamp(qmin, qmax).to(torch.int32)
     return scale, zero_point
 
@@ -152,12 +157,12 @@ class FakeQuantize(nn.Module):
         kind = "symmetric" if self.symmetric else "asymmetric"
         return f"role={self.role}, bits={self.bits}, {kind}, {axis}, q=[{self.qmin},{self.qmax}]"
 
-    def update_qparams(self) -> None:
-        """Recompute scale and zero point from the observer's current range."""
+    def update_qparams(self, min_scale: Tensor | None = None) -> None:
+        """Recompute scale and zero point from the observer's current range (scale floored at ``min_scale``)."""
         if not self.observer.has_data:
             return
         lb, ub = self.observer.compute_range()
-        scale, zp = calc_qparams(lb, ub, self.bits, self.symmetric)
+        scale, zp = calc_qparams(lb, ub, self.bits, self.symmetric, min_scale)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
         self.calibrated.fill_(1)
@@ -169,7 +174,7 @@ class FakeQuantize(nn.Module):
         zp = self.zero_point.float()
         return (self.qmin - zp) * self.scale, (self.qmax - zp) * self.scale
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, min_scale: Tensor | None = None) -> Tensor:
         observed = False
         if self._observe and x.numel() > 0:
             self.observer(x.detach())
@@ -177,7 +182,7 @@ class FakeQuantize(nn.Module):
         if not self._quantize:
             return x
         if observed:
-            self.update_qparams()
+            self.update_qparams(min_scale)
         if x.numel() == 0:
             return x
         if not self._calibrated:
@@ -208,14 +213,32 @@ def input_scale(t: Tensor) -> Tensor | None:
     return getattr(t, SCALE_TAG, None)
 
 
+BIAS_BOUND = 2**30
+"""Largest int32 bias code: below 2^31 with room for the int32 accumulator's own sum of products."""
+
+
+def bias_scale_floor(bias: Tensor, input_step: Tensor, per_channel: bool) -> Tensor:
+    """The smallest weight scale whose int32 bias code ``|b| / (s_in * s_w)`` stays within ``BIAS_BOUND``.
+
+    A near-dead channel (weights ~0, so the min/max weight scale is at its floor) with a sizeable bias,
+    common in pretrained backbones, would need a bias code beyond int32: ONNX Runtime's int32 bias then
+    wraps and moves the int8 output by hundreds of steps. Raising that channel's weight scale instead
+    keeps the bias exact; its tiny weights round to 0, which changes the output by less than they weigh.
+    """
+    floor = bias.detach().abs() / (input_step.detach().to(bias.dtype) * BIAS_BOUND)
+    return floor if per_channel else floor.max()
+
+
 def quantize_bias(bias: Tensor, scale: Tensor) -> Tensor:
     """The bias on the int32 accumulator grid ``scale`` (= s_in * s_w), gradient passed straight through.
 
     The int8 runtime rounds the bias this way; simulating it makes the fake-quant model and the
-    converted model compute the same integers.
+    converted model compute the same integers. With the weight scale floored by `bias_scale_floor`
+    the codes fit ``±BIAS_BOUND``; the clamp here only guards float rounding at the bound.
     """
     scale = scale.to(bias.dtype).clamp_min(_EPS * _EPS)
-    return bias + (torch.round(bias / scale) * scale - bias).detach()
+    codes = torch.round(bias / scale).clamp(-BIAS_BOUND, BIAS_BOUND)
+    return bias + (codes * scale - bias).detach()
 
 
 def weight_quantizer(weight: Tensor, bits: int, *, per_channel: bool, symmetric: bool) -> FakeQuantize:

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fqn.config import QuantConfig
-from fqn.quant.fake_quant import FakeQuantize, input_scale, quantize_bias, tag_scale, weight_quantizer
+from fqn.quant.fake_quant import (
+    FakeQuantize,
+    bias_scale_floor,
+    input_scale,
+    quantize_bias,
+    tag_scale,
+    weight_quantizer,
+)
 from fqn.quant.fold import batch_stats, bn_stats, fold_conv_bn_weights
 from fqn.quant.observers import make_activation_observer, refresh_after_load
 
@@ -55,6 +62,7 @@ class _QuantLayerMixin:
                output_quant: bool) -> None:
         self.activation = activation
         self.bias_quantized = False  # set by each forward: was the bias put on the int32 grid s_in * s_w?
+        self.scale_floored = 0  # set by each eval forward: weight-scale channels raised so the int32 bias fits
         quant = cfg is not None
         self.weight_fq = (weight_quantizer(self.weight, cfg.bits_w, per_channel=cfg.per_channel,
                                            symmetric=cfg.symmetric_weights) if quant else None)
@@ -67,8 +75,19 @@ class _QuantLayerMixin:
     def is_quantized(self) -> bool:
         return self.weight_fq is not None
 
-    def _q_weight(self, w: Tensor) -> Tensor:
-        return self.weight_fq(w) if self.weight_fq is not None else w
+    def _q_weight(self, w: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+        """The quantized weight; its scale floored so that the bias fits the int32 grid (`bias_scale_floor`)."""
+        fq = self.weight_fq
+        if fq is None:
+            return w
+        s_in = input_scale(x)
+        if bias is None or s_in is None or not fq.quantizing:
+            return fq(w)
+        floor = bias_scale_floor(bias, s_in, fq.ch_axis is not None)
+        out = fq(w, min_scale=floor)
+        if not self.training:  # reported by the int8 export; in training the count would sync the device
+            self.scale_floored = int((fq.scale <= floor).sum()) if fq.observing else self.scale_floored
+        return out
 
     def _q_bias(self, bias: Tensor | None, x: Tensor) -> Tensor | None:
         """The bias on the int32 grid ``s_in * s_w`` when the weight is quantized and ``x`` is on a known grid."""
@@ -108,7 +127,7 @@ class QConv2d(_QuantLayerMixin, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._q_input(x)
-        w = self._q_weight(self.weight)
+        w = self._q_weight(self.weight, self.bias, x)
         return self._q_output(self._conv_forward(x, w, self._q_bias(self.bias, x)))
 
 
@@ -171,7 +190,7 @@ class QConvBn2d(QConv2d):
         x = self._q_input(x)
         w, b = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean,
                                     self.running_var, self.bn_eps)
-        w = self._q_weight(w)
+        w = self._q_weight(w, b, x)
         if not self.training or self._frozen:
             return self._q_output(self._conv_forward(x, w, self._q_bias(b, x)))
         # [17]: batch statistics of the float conv, quantized conv on the EMA fold, rescaled by sigma_EMA / sigma_B
@@ -219,7 +238,7 @@ class QLinear(_QuantLayerMixin, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._q_input(x)
-        w = self._q_weight(self.weight)
+        w = self._q_weight(self.weight, self.bias, x)
         return self._q_output(F.linear(x, w, self._q_bias(self.bias, x)))
 
 

@@ -223,3 +223,36 @@ def test_int8_taps_read_the_integer_activations(tiny_quantized, tiny_files, scen
             ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
             counts.append(sum(n.op_type == "QLinearConv" for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node))
         assert counts[0] == counts[1] > 0
+
+
+def test_near_dead_channel_with_a_large_bias_does_not_wrap_the_int32_bias(tmp_path, caplog):
+    """|b| / (s_in * s_w) beyond int32 used to wrap ORT's bias (255 steps off); the weight scale is floored instead."""
+    from fqn.quant.fake_quant import BIAS_BOUND
+
+    cfg = QuantConfig(bits_w=8, bits_a=8, percentile=False, act_observer="minmax")
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[1] = 1e-9  # a near-dead channel: min/max weight scale at its floor
+        conv.bias[1] = 8.0
+    float_out = conv(torch.zeros(1, 8, 4, 4))[0, 1, 0, 0].item()
+    layer = nn.Sequential(QConv2d.from_float(conv, cfg, input_quant=True)).eval()
+    x = torch.randn(2, 8, 12, 12)
+    set_phase(layer, "observe")
+    layer(x)
+    for _, q in quantizers(layer, "act"):
+        q.update_qparams()
+    set_phase(layer, "quantize")
+    with torch.no_grad():
+        ref = layer(x).numpy()
+    q = layer[0]
+    s_in, s_w = float(q.input_fq.scale), q.weight_fq.scale.double()
+    assert abs(8.0 / (s_in * float(s_w[1]))) <= BIAS_BOUND * (1 + 1e-6)  # the code fits int32 with headroom
+    out_step = float(q.act_fq.scale)
+    assert abs(ref[0, 1, 0, 0] - float_out) <= out_step  # the bias survives: fake quant still agrees with float
+    with caplog.at_level("WARNING", logger="fqn.int8.onnx_qdq"):
+        proto = export_onnx(layer, (x,), None, input_names=["x"], output_names=["y"], weight_range=(-127, 127))
+    assert "0 (1)" in caplog.text  # names the layer (module "0") and its one channel
+    sess = ort.InferenceSession(proto.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy()})[0]
+    assert np.abs(got - ref).max() / out_step < 0.5
