@@ -2,8 +2,8 @@
 
 Everything LightningCLI needs to link into the model (``num_classes``) is known right after ``__init__``; the data
 sets themselves are built in ``setup()``, per process. Calibration data come from :meth:`calibration_batches`:
-the first training batches without augmentation, shuffling or a distributed sampler, so every DDP rank calibrates
-its quantizers on the same images and PTQ and QAT start from the same ranges.
+training batches drawn with the data seed, without augmentation or a distributed sampler, so every DDP rank
+calibrates its quantizers on the same images and PTQ and QAT start from the same ranges.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from fqn.data.coco import CocoDetection, coco_class_names
 from fqn.data.kitti import KittiDetection, kitti_class_names
@@ -209,16 +210,19 @@ class DetectionDataModule(pl.LightningDataModule):
         return self._loader(self.test_dataset, self.val_batch_size, "test", shuffle=False)
 
     def calibration_batches(self, n: int) -> list:
-        """The first ``n`` training batches, un-augmented and in order: identical on every call and every rank.
+        """``n`` training batches drawn at random with the data seed, un-augmented: identical on every rank.
 
-        The FQN paper calibrates on ``n_cal = 20`` training batches; taking them outside the trainer's sampler
-        keeps DDP ranks from calibrating on different shards and so ending with different quantizer ranges.
+        The FQN paper calibrates on ``n_cal = 20`` randomly sampled training batches. The draw is a
+        permutation seeded by ``seed`` alone, taken outside the trainer's sampler, so every DDP rank
+        calibrates on the same images (identical quantizer ranges) and PTQ and QAT start alike.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"calibration needs a positive number of batches, got {n!r}")
         if self._train_base is None:
             self._train_base = self._build("train")
-        loader = self._loader(self._train_base, self.batch_size, "fit", shuffle=False, persistent=False)
+        order = torch.randperm(len(self._train_base), generator=torch.Generator().manual_seed(self.seed))
+        chosen = Subset(self._train_base, order[: n * self.batch_size].tolist())
+        loader = self._loader(chosen, self.batch_size, "fit", shuffle=False, persistent=False)
         batches = list(itertools.islice(loader, n))
         if len(batches) < n:
             log.warning("calibration asked for %d batches; the training set gives only %d", n, len(batches))

@@ -48,10 +48,16 @@ def test_synthetic_source():
     dm = DetectionDataModule(synthetic=SMALL, num_train=8, num_val=4, batch_size=2, seed=1)
     assert dm.class_names == ["rectangle", "disk", "triangle"] and dm.num_classes == 4  # known before setup()
     run_loaders(dm, 2)
-    cal = dm.calibration_batches(3)  # the un-augmented, un-shuffled first training images
+    cal = dm.calibration_batches(3)  # un-augmented training images drawn at random with the data seed
     ref = SyntheticDetection(8, SMALL, "train")
-    assert [t["image_id"].item() for _, targets in cal for t in targets] == list(range(6))
-    assert torch.equal(cal[1][0][0], ref[2][0]) and torch.equal(cal[1][1][0]["boxes"], ref[2][1]["boxes"])
+    drawn = torch.randperm(8, generator=torch.Generator().manual_seed(1))[:6].tolist()
+    assert [t["image_id"].item() for _, targets in cal for t in targets] == drawn != list(range(6))
+    assert torch.equal(cal[1][0][0], ref[drawn[2]][0])
+    assert torch.equal(cal[1][1][0]["boxes"], ref[drawn[2]][1]["boxes"])
+    other_rank = DetectionDataModule(synthetic=SMALL, num_train=8, num_val=4, batch_size=2, seed=1)
+    assert same_batches(cal, other_rank.calibration_batches(3))  # a second process draws the same images
+    reseeded = DetectionDataModule(synthetic=SMALL, num_train=8, num_val=4, batch_size=2, seed=2)
+    assert not same_batches(cal, reseeded.calibration_batches(3))
     order = [[t["image_id"].item() for _, ts in dm.train_dataloader() for t in ts] for _ in range(2)]
     assert order[0] == order[1] and sorted(order[0]) == list(range(8)) and order[0] != list(range(8))
     assert len(dm.calibration_batches(10)) == 4  # fewer batches than asked: what there is (and a warning)
