@@ -65,6 +65,22 @@ def test_scope_every_conv_and_linear_is_quantized(float_detector, backbone, per_
     assert model.fqn_scope["float"] == []
 
 
+def test_r50_fpn_scope_counts_exactly():
+    """R50-FPN, 91 classes: every one of its 64 convs and 4 linears, 19 adds, 68 weight and 101 act quantizers."""
+    from fqn import build_detector
+    from fqn.quant.prepare import scope_summary
+
+    model = build_detector("resnet50", 91, min_size=128, max_size=128)
+    convs = sum(type(m) is nn.Conv2d for m in model.modules())
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert (convs, linears) == (64, 4)  # counted on the float torchvision model itself
+    prepare_qat(model, QuantConfig())
+    # 1 input, 69 backbone body, 11 FPN, 15 RPN head (3 outputs x 5 levels), 1 RoIAlign output, 2 box head, 2 predictor
+    assert scope_summary(model) == {"add:quantized": 19, "conv:quantized": convs, "linear:quantized": linears,
+                                    "quantizer:act": 1 + 69 + 11 + 15 + 1 + 2 + 2, "quantizer:weight": convs + linears}
+    assert model.fqn_scope["float"] == []
+
+
 def test_keep_float_leaves_named_modules_float(float_detector):
     cfg = QuantConfig(keep_float=("roi_heads.box_predictor.*", "backbone.body.layer1.0.conv1"))
     model = prepare_qat(float_detector(), cfg)
