@@ -105,7 +105,7 @@ def _row_config(spec: GridSpec, row: Row) -> QuantConfig:
 def _data(spec: GridSpec) -> Any:
     from fqn.data.datamodule import DetectionDataModule
 
-    return DetectionDataModule(**spec.data)
+    return DetectionDataModule.from_config({"data": spec.data, "model": spec.model})
 
 
 def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:

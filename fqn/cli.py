@@ -24,10 +24,15 @@ def lightning_main(argv: list[str]) -> None:
     from fqn.data.datamodule import DetectionDataModule
     from fqn.train.module import DetectionModule
 
+    class FqnCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # the data needs the head's size: a 91-class head is torchvision's COCO head (labels = category ids)
+            parser.link_arguments("model.num_classes", "data.head_classes", apply_on="parse")
+
     sys.argv = sys.argv[:1]  # the arguments come through args=, expanded
     with tempfile.TemporaryDirectory(prefix="fqn-config-") as tmp:
-        LightningCLI(DetectionModule, DetectionDataModule, args=expand_config_bases(argv, tmp),
-                     seed_everything_default=0, save_config_kwargs={"overwrite": True})
+        FqnCLI(DetectionModule, DetectionDataModule, args=expand_config_bases(argv, tmp),
+               seed_everything_default=0, save_config_kwargs={"overwrite": True})
 
 
 def expand_config_bases(argv: list[str], tmp_dir: str) -> list[str]:
@@ -229,19 +234,12 @@ def load_config(path: str | None) -> dict:
     return merged
 
 
-def load_data_config(path: str | None) -> dict:
-    """The ``data:`` section of a training config (its ``__base__`` chain merged), or {} for the defaults."""
-    return dict(load_config(path).get("data") or {})
-
-
 def _data_module(config: str | None, num_val: int | None):
+    """The data of a training config (default: the synthetic set), un-augmented, told the model's head size."""
     from fqn.data.datamodule import DetectionDataModule
 
-    data = load_data_config(config)
-    data["augment"] = False
-    if num_val is not None:
-        data["num_val"] = num_val
-    return DetectionDataModule(**data)
+    overrides = {"augment": False, **({"num_val": num_val} if num_val is not None else {})}
+    return DetectionDataModule.from_config(load_config(config), **overrides)
 
 
 def convert_main(argv: list[str]) -> None:
@@ -285,7 +283,8 @@ def convert_main(argv: list[str]) -> None:
 def compare_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="fqn compare", description="FP32 vs fqn PTQ vs fqn QAT vs ORT / torchao PTQ: accuracy, size, latency")
-    parser.add_argument("--float", dest="float_ckpt", required=True, help="the FP32 checkpoint")
+    parser.add_argument("--float", dest="float_ckpt", help="the FP32 checkpoint (default: the float model the first "
+                        "--qat checkpoint was fine-tuned from: its init_from, or its torchvision weights)")
     parser.add_argument("--qat", nargs="*", default=[], help="QAT checkpoints (any bit-widths)")
     parser.add_argument("--out", required=True, help="output folder (compare.json, .onnx files, tensorboard/)")
     parser.add_argument("--config", help="training config whose data: section gives the val/calibration data")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from fqn.evaluation import MAP_COLUMNS, evaluate_map
 from fqn.int8.convert import BackboneFPN, convert_int8, export_float, export_part, load_int8, normalize, resized_batch
 from fqn.int8.runtime import make_session
-from fqn.models.checkpoint import load_detector
+from fqn.models.checkpoint import load_detector, load_float_reference
 from fqn.ptq import post_training_quantize, ptq_config
 from fqn.quant.calibrate import batch_images
 
@@ -240,19 +240,23 @@ class Comparison:
         writer.close()
 
 
-def run_compare(float_ckpt: str | Path, qat_ckpts: Sequence[str | Path], out_dir: str | Path, data: Any, *,
+def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], out_dir: str | Path, data: Any, *,
                 ptq_bits: Sequence[int] = (8, 4), calibration: str = "percentile", n_cal: int = 20,
                 peers: Sequence[str] = PEERS, runs: int = 20, warmup: int = 3, threads: int = 2,
                 progress: bool = True) -> Comparison:
     """The full comparison: FP32 (eager and ORT), fqn PTQ at ``ptq_bits``, each QAT checkpoint, the peers.
 
-    ``data`` is a `DetectionDataModule`; its validation split is evaluated and its first ``n_cal``
-    training batches (un-augmented) calibrate every PTQ, fqn's and the peers'.
+    ``data`` is a `DetectionDataModule`; its validation split is evaluated and its ``n_cal``
+    calibration batches (un-augmented) calibrate every PTQ, fqn's and the peers'. Without
+    ``float_ckpt`` the FP32 model is the one the first QAT checkpoint was fine-tuned from (its
+    ``init_from``, or the torchvision weights it started from).
     """
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
-    float_model, hp = load_detector(float_ckpt)
+    if float_ckpt is None and not qat_ckpts:
+        raise ValueError("give the FP32 checkpoint (--float), QAT checkpoints (--qat), or both")
+    float_model, hp = load_detector(float_ckpt) if float_ckpt else load_float_reference(qat_ckpts[0])
     if getattr(float_model, "fqn_config", None) is not None:
         raise ValueError(f"{float_ckpt} is a quantized checkpoint; --float needs the FP32 one")
     qat = []

@@ -1,8 +1,16 @@
 """COCO-format detection data: a JSON annotation file plus an image folder, read with pycocotools.
 
-Category ids are remapped by *name* to contiguous labels 1..C (0 is background, as torchvision expects), so a train
-and a val file that number their categories differently still agree. Crowd annotations are ignored (torchvision
-has no crowd handling in training); images without annotations stay in as negatives.
+Two label modes:
+
+* ``contiguous`` (custom data sets, a new box predictor): category ids are remapped by *name* to labels 1..C
+  (0 is background, as torchvision expects), so a train and a val file that number their categories
+  differently still agree.
+* ``category_id`` (torchvision's COCO-pretrained 91-way head): the category id *is* the label, as the
+  pretrained head was trained (id 13, stop sign, is label 13; ids 12, 26, 29, ... are unused). Renumbering
+  would silently misalign every class of the pretrained head.
+
+Crowd annotations are ignored (torchvision has no crowd handling in training); images without annotations
+stay in as negatives.
 """
 
 from __future__ import annotations
@@ -58,9 +66,35 @@ def category_names(coco: COCO, ann_file: str) -> dict[int, str]:
     return names
 
 
-def coco_class_names(ann_file: str) -> list[str]:
-    """Every category name of ``ann_file`` ordered by category id: the default class list of :class:`CocoDetection`."""
-    return list(category_names(load_coco(ann_file), ann_file).values())
+LABEL_MODES = ("contiguous", "category_id")
+COCO_HEAD_CLASSES = 91  # torchvision's COCO detection head: background + category ids 1..90
+
+
+def torchvision_coco_names() -> list[str]:
+    """The names of torchvision's COCO head, label ``i + 1`` is ``names[i]`` ("N/A" for unused ids); no download."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    return list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
+
+
+def coco_class_names(ann_file: str, label_mode: str = "contiguous", head_classes: int | None = None) -> list[str]:
+    """The class list of ``ann_file``, label ``i + 1`` is ``names[i]``: the default of :class:`CocoDetection`.
+
+    ``contiguous``: every category name ordered by id. ``category_id``: one entry per label of the head
+    (``head_classes - 1``, default: up to the largest id), the file's name at its id and "N/A" elsewhere.
+    """
+    cats = category_names(load_coco(ann_file), ann_file)
+    if label_mode == "contiguous":
+        return list(cats.values())
+    if label_mode != "category_id":
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    size = head_classes if head_classes is not None else max(cats) + 1
+    misfit = {cid: name for cid, name in cats.items() if not 1 <= cid < size}
+    if misfit:
+        raise DataError(f"{ann_file}: categories {misfit} do not fit a {size}-class head, whose labels are the "
+                        f"category ids 1..{size - 1}; for your own classes set data.coco_labels: contiguous and "
+                        f"model.num_classes: {len(cats) + 1} (a new box predictor)", "bad class names")
+    return [cats.get(i, "N/A") for i in range(1, size)]
 
 
 class CocoDetection(FileDetection):
@@ -70,7 +104,10 @@ class CocoDetection(FileDetection):
         image_dir: folder the ``file_name`` entries of the JSON are relative to.
         ann_file: the COCO JSON file.
         class_names: the classes to train, label ``i + 1`` for ``class_names[i]``; default: every category of the
-            file in category-id order. Each name must be a category of the file.
+            file in category-id order. Each name must be a category of the file. With ``label_mode="category_id"``
+            the list of the head's labels (see `coco_class_names`): the file's names must sit at their ids.
+        label_mode: ``contiguous`` (labels 1..C by name) or ``category_id`` (the category id is the label, for
+            torchvision's COCO-pretrained head).
         transforms: called as ``transforms(image, target)`` on every item (e.g. :class:`TrainAugment`).
         skip_bad: skip (and count in ``stats``) images that are missing, unreadable or carry an annotation outside
             ``class_names``, instead of raising :class:`DataError`.
@@ -81,18 +118,30 @@ class CocoDetection(FileDetection):
     """
 
     def __init__(self, image_dir: str, ann_file: str, class_names: list[str] | None = None,
-                 transforms: Callable | None = None, skip_bad: bool = False) -> None:
+                 transforms: Callable | None = None, skip_bad: bool = False, label_mode: str = "contiguous") -> None:
+        if label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
         coco = load_coco(ann_file)
         cats = category_names(coco, ann_file)
-        names = list(class_names) if class_names is not None else list(cats.values())
-        unknown = [n for n in names if n not in cats.values()]
-        if unknown or not names or len(set(names)) != len(names):
-            raise DataError(f"{ann_file}: class_names {names} must be distinct categories of this file; "
-                            f"not found: {unknown}; the file has {list(cats.values())}", "bad class names")
+        if label_mode == "category_id":
+            names = list(class_names) if class_names is not None else coco_class_names(ann_file, label_mode)
+            moved = {cid: name for cid, name in cats.items() if cid > len(names) or names[cid - 1] != name}
+            if moved:
+                raise DataError(f"{ann_file}: with category ids as labels, category {moved} must match the head's "
+                                f"labels {dict(enumerate(names, 1))}", "bad class names")
+            label_of = {cid: cid for cid in cats}
+        else:
+            names = list(class_names) if class_names is not None else list(cats.values())
+            unknown = [n for n in names if n not in cats.values()]
+            if unknown or not names or len(set(names)) != len(names):
+                raise DataError(f"{ann_file}: class_names {names} must be distinct categories of this file; "
+                                f"not found: {unknown}; the file has {list(cats.values())}", "bad class names")
+            label_of = {cid: names.index(name) + 1 for cid, name in cats.items() if name in names}
         self.ann_file = ann_file
         self.image_dir = image_dir
+        self.label_mode = label_mode
         self._cats = cats
-        self._label_of = {cid: names.index(name) + 1 for cid, name in cats.items() if name in names}
+        self._label_of = label_of
         stats = SanitizeStats()
         samples = collect_samples(sorted(coco.imgs), lambda i: self._sample(coco, i, names, stats), stats, skip_bad)
         super().__init__(samples, names, stats, f"COCO {ann_file}", transforms, skip_bad)

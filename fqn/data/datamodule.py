@@ -20,7 +20,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from fqn.data.coco import CocoDetection, coco_class_names
+from fqn.data.coco import (
+    COCO_HEAD_CLASSES,
+    CocoDetection,
+    category_names,
+    coco_class_names,
+    load_coco,
+    torchvision_coco_names,
+)
 from fqn.data.kitti import KittiDetection, kitti_class_names
 from fqn.data.sampler import ResumableLoader, ShardedShuffleSampler
 from fqn.data.synthetic import SyntheticConfig, SyntheticDetection
@@ -29,6 +36,7 @@ from fqn.data.transforms import TrainAugment
 log = logging.getLogger(__name__)
 
 SOURCES = ("synthetic", "coco", "kitti")
+COCO_LABELS = ("auto", "category_id", "contiguous")
 DEFAULT_SYNTHETIC = SyntheticConfig()
 
 
@@ -76,6 +84,10 @@ class DetectionDataModule(pl.LightningDataModule):
         train_images, train_ann, val_images, val_ann: COCO image folders and JSON files.
         class_names: COCO classes to use (default: every category of ``train_ann``, by category id). For the other
             sources they follow from the config and, if given, must match.
+        coco_labels: how COCO categories become labels. ``category_id``: the id is the label, as torchvision's
+            COCO-pretrained 91-way head was trained. ``contiguous``: labels 1..C by name, for a new head on your own
+            classes. ``auto`` (default): ``category_id`` when ``head_classes`` is 91, else ``contiguous``.
+        head_classes: the detector's ``num_classes`` (the CLI links ``model.num_classes`` here); decides ``auto``.
         kitti_class_map: KITTI type -> class name or None (ignored); default ``fqn.data.kitti.DEFAULT_CLASS_MAP``.
         val_fraction, split_seed: KITTI's seeded train/val split (kept apart from ``seed`` so changing the training
             seed never changes the validation frames).
@@ -94,7 +106,8 @@ class DetectionDataModule(pl.LightningDataModule):
     def __init__(self, source: str = "synthetic", synthetic: SyntheticConfig = DEFAULT_SYNTHETIC,
                  num_train: int = 2000, num_val: int = 200, data_root: str | None = None,
                  train_images: str | None = None, train_ann: str | None = None, val_images: str | None = None,
-                 val_ann: str | None = None, class_names: list[str] | None = None,
+                 val_ann: str | None = None, class_names: list[str] | None = None, coco_labels: str = "auto",
+                 head_classes: int | None = None,
                  kitti_class_map: dict[str, str | None] | None = None, val_fraction: float = 0.2,
                  split_seed: int = 0, batch_size: int = 4, val_batch_size: int | None = None, num_workers: int = 0,
                  augment: bool = True, skip_bad: bool = False, seed: int = 0) -> None:
@@ -120,12 +133,24 @@ class DetectionDataModule(pl.LightningDataModule):
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.augment, self.skip_bad, self.seed = num_workers, augment, skip_bad, seed
+        if coco_labels not in COCO_LABELS:
+            raise ValueError(f"coco_labels must be one of {COCO_LABELS}, got {coco_labels!r}")
+        self.coco_labels, self.head_classes = coco_labels, head_classes
         self._check_paths()
         self._class_names = self._read_class_names(class_names)
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
         self._train_base: Dataset | None = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **overrides: Any) -> DetectionDataModule:
+        """The data of a merged training config (its ``data:`` section), told the ``model:`` head's size."""
+        data = {**(config.get("data") or {}), **overrides}
+        num_classes = (config.get("model") or {}).get("num_classes")
+        if num_classes is not None:
+            data.setdefault("head_classes", num_classes)
+        return cls(**data)
 
     @property
     def class_names(self) -> list[str]:
@@ -154,7 +179,16 @@ class DetectionDataModule(pl.LightningDataModule):
                 if not os.path.isdir(os.path.join(self.data_root, sub)):
                     raise ValueError(f"data_root={self.data_root!r}: no {sub}/ folder in it (KITTI object layout)")
 
+    @property
+    def coco_label_mode(self) -> str:
+        """``category_id`` or ``contiguous``: ``coco_labels`` with ``auto`` resolved by the head's size."""
+        if self.coco_labels != "auto":
+            return self.coco_labels
+        return "category_id" if self.head_classes == COCO_HEAD_CLASSES else "contiguous"
+
     def _read_class_names(self, given: list[str] | None) -> list[str]:
+        if self.source == "coco" and self.coco_label_mode == "category_id":
+            return self._coco_head_names(given)
         if self.source == "coco":
             return list(given) if given is not None else coco_class_names(self.coco_paths["train_ann"])
         derived = self.synthetic.class_names if self.source == "synthetic" else kitti_class_names(self.kitti_class_map)
@@ -164,6 +198,25 @@ class DetectionDataModule(pl.LightningDataModule):
                              f"leave class_names unset for source {self.source!r}")
         return derived
 
+    def _coco_head_names(self, given: list[str] | None) -> list[str]:
+        """The head's labels when category ids are labels; with ``auto``, the file must be COCO's own label space."""
+        ann = self.coco_paths["train_ann"]
+        if given is not None:
+            raise ValueError("class_names selects and renumbers classes, which needs coco_labels: contiguous; "
+                             "with category ids as labels every category of the file keeps its id")
+        if self.coco_labels == "auto":
+            cats = category_names(load_coco(ann), ann)
+            coco = torchvision_coco_names()
+            foreign = {cid: name for cid, name in cats.items()
+                       if not 1 <= cid <= len(coco) or coco[cid - 1].lower() != name.lower()}
+            if foreign:
+                raise ValueError(
+                    f"{ann}: categories {foreign} are not COCO's at those ids, but the model has torchvision's "
+                    f"91-class COCO head (labels = COCO category ids). For your own classes set "
+                    f"model.num_classes: {len(cats) + 1} (a new box predictor; labels 1..{len(cats)} by name); "
+                    "to keep the ids as labels anyway set data.coco_labels: category_id")
+        return coco_class_names(ann, "category_id", self.head_classes)
+
     def _build(self, split: str) -> Dataset:
         """The un-augmented data set of ``split`` ("train", "val" or "test"; COCO and KITTI test = val)."""
         if self.source == "synthetic":
@@ -171,7 +224,7 @@ class DetectionDataModule(pl.LightningDataModule):
         if self.source == "coco":
             key = "train" if split == "train" else "val"
             return CocoDetection(self.coco_paths[f"{key}_images"], self.coco_paths[f"{key}_ann"], self.class_names,
-                                 skip_bad=self.skip_bad)
+                                 skip_bad=self.skip_bad, label_mode=self.coco_label_mode)
         return KittiDetection(self.data_root, "train" if split == "train" else "val", self.kitti_class_map,
                               self.val_fraction, self.split_seed, skip_bad=self.skip_bad)
 

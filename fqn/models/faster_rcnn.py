@@ -32,7 +32,7 @@ _DETECTION_BUILDERS = {"resnet50": tv_frcnn.fasterrcnn_resnet50_fpn,
 
 def build_detector(backbone: str, num_classes: int, *, weights: Any = None, weights_backbone: Any = None,
                    min_size: int = 800, max_size: int = 1333, trainable_backbone_layers: int | None = None,
-                   **kwargs: Any) -> FasterRCNN:
+                   frozen_bn: bool | None = None, **kwargs: Any) -> FasterRCNN:
     """A torchvision Faster R-CNN with an FPN on the named backbone.
 
     Without pretrained weights the backbone uses trainable ``BatchNorm2d``
@@ -47,6 +47,9 @@ def build_detector(backbone: str, num_classes: int, *, weights: Any = None, weig
         num_classes: number of classes including the background.
         weights, weights_backbone: torchvision weight enums or their names.
         min_size, max_size: resize bounds of torchvision's transform.
+        frozen_bn: ``FrozenBatchNorm2d`` in the backbone (default: when weights are given). ``True`` without
+            weights builds the pretrained detector's architecture without downloading anything, for
+            loading its fine-tuned weights from a checkpoint.
 
     Example:
         >>> model = build_detector("resnet18", num_classes=3, min_size=128, max_size=128)
@@ -71,14 +74,15 @@ def build_detector(backbone: str, num_classes: int, *, weights: Any = None, weig
             model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
         return model
 
-    trained = weights_backbone is not None
+    trained = weights_backbone is not None if frozen_bn is None else frozen_bn
     norm_layer = FrozenBatchNorm2d if trained else nn.BatchNorm2d
     layers = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if trained else 5)
     if backbone in _RESNETS:
         body = _RESNETS[backbone](weights=weights_backbone, norm_layer=norm_layer)
         feat = _resnet_fpn_extractor(body, layers)
     else:
-        body = mobilenet_v3_large(weights=weights_backbone, norm_layer=norm_layer, dilated=True)
+        # torchvision's pretrained detector is not dilated; keep its architecture when rebuilding it
+        body = mobilenet_v3_large(weights=weights_backbone, norm_layer=norm_layer, dilated=not trained)
         feat = _mobilenet_extractor(body, True, min(layers, 6))
     if backbone == "mobilenet_v3_large":
         from torchvision.models.detection.anchor_utils import AnchorGenerator

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fqn.config import QuantConfig
 from fqn.evaluation import detections_for_metric, evaluate_map, make_map_metric, map_columns
+from fqn.models.checkpoint import pretrained
 from fqn.models.faster_rcnn import build_detector, prepare_qat
 from fqn.quant.calibrate import calibrate
 from fqn.quant.fake_quant import quantizers
@@ -27,8 +28,10 @@ from fqn.train.callbacks import QuantPhaseScheduler
 log = logging.getLogger(__name__)
 
 
-def load_float_state(path: str | Path) -> dict[str, Tensor]:
-    """The detector weights of a float checkpoint: a Lightning ``.ckpt`` of this module or a plain state dict."""
+def load_float_state(path: str | Path) -> tuple[dict[str, Tensor], bool]:
+    """The detector weights of a float checkpoint (a Lightning ``.ckpt`` of this module or a plain state dict),
+    and whether its architecture has torchvision's ``FrozenBatchNorm2d`` (it was fine-tuned from pretrained
+    weights), read off its hyper-parameters or, for a plain state dict, off its keys."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init_from checkpoint {path} does not exist; train the float model first "
@@ -39,9 +42,12 @@ def load_float_state(path: str | Path) -> dict[str, Tensor]:
         if hparams.get("quant"):
             raise ValueError(f"init_from {path} is a quantized (QAT) checkpoint; QAT starts from a float one")
         state = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+        frozen = pretrained(hparams)
+    else:  # BatchNorm2d counts its batches; FrozenBatchNorm2d has no such buffer
+        frozen = not any(k.endswith("num_batches_tracked") for k in state)
     if not state:
         raise ValueError(f"init_from {path} holds no detector weights")
-    return state
+    return state, frozen
 
 
 class DetectionModule(pl.LightningModule):
@@ -61,6 +67,8 @@ class DetectionModule(pl.LightningModule):
         seed: per-step RNG seed base, so interrupted and resumed runs sample identical RoIs.
         ptq_eval: evaluate (and log as ``ptq/*``) the calibrated model before fine-tuning; off when the
             caller measures PTQ itself (`fqn quickstart` does, in its comparison).
+        frozen_bn: torchvision's ``FrozenBatchNorm2d`` in the backbone; default: as the model it starts from
+            (torchvision weights, or the ``init_from`` checkpoint's architecture).
     """
 
     def __init__(self, backbone: str = "resnet18", num_classes: int = 5, quant: QuantConfig | None = None,
@@ -68,7 +76,7 @@ class DetectionModule(pl.LightningModule):
                  min_size: int = 160, max_size: int = 160, detector: dict[str, Any] | None = None,
                  lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9, weight_decay: float = 1e-4,
                  warmup_steps: int = 100, warmup_factor: float = 0.001, lr_steps: list[int] | None = None,
-                 lr_gamma: float = 0.1, seed: int = 0, ptq_eval: bool = True) -> None:
+                 lr_gamma: float = 0.1, seed: int = 0, ptq_eval: bool = True, frozen_bn: bool | None = None) -> None:
         super().__init__()
         if isinstance(quant, dict):  # rebuilt from a checkpoint's hyper-parameters
             quant = QuantConfig.from_dict(quant)
@@ -77,10 +85,14 @@ class DetectionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["quant"])
         self.hparams["quant"] = quant.to_dict() if quant is not None else None
         self.qcfg = quant
+        state, frozen = load_float_state(init_from) if init_from else (None, None)
+        if frozen_bn is None:  # the architecture of what it starts from: torchvision weights freeze BN
+            frozen_bn = frozen if frozen is not None else bool(weights or weights_backbone)
+        self.hparams["frozen_bn"] = frozen_bn  # so a checkpoint rebuilds the same architecture
         self.model = build_detector(backbone, num_classes, weights=weights, weights_backbone=weights_backbone,
-                                    min_size=min_size, max_size=max_size, **(detector or {}))
-        if init_from:
-            self._load_float(init_from, backbone, num_classes)
+                                    min_size=min_size, max_size=max_size, frozen_bn=frozen_bn, **(detector or {}))
+        if state is not None:
+            self._load_float(state, init_from, backbone, num_classes)
         elif quant is not None and weights is None:
             log.warning("QAT without init_from or weights starts from random weights")
         if quant is not None:
@@ -90,10 +102,10 @@ class DetectionModule(pl.LightningModule):
         self.test_map = make_map_metric()
         self.ptq_metrics: dict[str, float] | None = None
 
-    def _load_float(self, path: str, backbone: str, num_classes: int) -> None:
+    def _load_float(self, state: dict[str, Tensor], path: str, backbone: str, num_classes: int) -> None:
         hint = f"init_from {path} does not fit a {backbone} detector with {num_classes} classes"
         try:
-            missing, unexpected = self.model.load_state_dict(load_float_state(path), strict=False)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatches: torch's message lists them after its first line
             raise ValueError(f"{hint}: {str(err).strip().splitlines()[-1].strip()}") from None
         if missing or unexpected:

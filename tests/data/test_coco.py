@@ -150,3 +150,19 @@ def test_export_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train: 2 images" in out and "val: 1 images" in out
     assert (tmp_path / "annotations" / "train.json").is_file() and (tmp_path / "val" / "000000.png").is_file()
+
+
+def test_category_ids_as_labels(tmp_path):
+    """torchvision's COCO head reads the category id as the label: no renumbering, unused ids left as "N/A"."""
+    image_dir, ann_file = write_coco(tmp_path, IMAGES, ANNOTATIONS, CATEGORIES)
+    ds = CocoDetection(image_dir, ann_file, label_mode="category_id")
+    assert ds.class_names == ["N/A", "N/A", "cat", "N/A", "bird", "N/A", "dog"]  # label i + 1 is class_names[i]
+    assert ds[0][1]["labels"].tolist() == [7, 3] and ds[1][1]["labels"].tolist() == [5]
+    names = coco_class_names(ann_file, "category_id", head_classes=10)
+    assert len(names) == 9 and names[6] == "dog"
+    with pytest.raises(DataError, match="do not fit a 6-class head"):
+        coco_class_names(ann_file, "category_id", head_classes=6)
+    with pytest.raises(DataError, match="must match the head"):
+        CocoDetection(image_dir, ann_file, class_names=["a", "b", "dog", "d", "e", "f", "g"], label_mode="category_id")
+    with pytest.raises(ValueError, match="label_mode"):
+        CocoDetection(image_dir, ann_file, label_mode="ids")

@@ -1,0 +1,70 @@
+"""A user who brings torchvision's COCO-pretrained Faster R-CNN: `fqn fit` QAT, `fqn convert`, `fqn compare`.
+
+Nothing downloads here: the test writes "torchvision's COCO weights" for R50-FPN (realistic BN statistics, a
+recognisable box predictor) into a hub cache of its own, where `weights: DEFAULT` finds them as it finds the real
+file on a user's machine. The head must come through intact, with COCO category ids as labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fqn.models.checkpoint import load_detector
+from fqn.models.faster_rcnn import recalibrate_bn
+from tests.test_configs import COCO_IDS, REPO, coco_files, fqn, qat_checkpoint
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory) -> Path:
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights, fasterrcnn_resnet50_fpn
+
+    home = tmp_path_factory.mktemp("torch_home")
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=128, max_size=128)
+    recalibrate_bn(model, [torch.rand(3, 128, 128) for _ in range(4)])  # BN statistics that fit the activations
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.normal_(0.2, 0.05)  # far from a fresh predictor's N(0, 0.01)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = home / "hub" / "checkpoints" / Path(FasterRCNN_ResNet50_FPN_Weights.DEFAULT.url).name
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return home
+
+
+def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tmp_path):
+    env = {**os.environ, "TORCH_HOME": str(torch_home)}
+    files = coco_files(tmp_path / "coco", COCO_IDS)
+    config = tmp_path / "coco_tiny.yaml"  # the shipped recipe, pointed at the tiny data
+    config.write_text(yaml.safe_dump({"__base__": str(REPO / "configs" / "coco_r50_w4a4.yaml"),
+                                      "data": dict(zip(("train_images", "train_ann", "val_images", "val_ann"), files),
+                                                   num_workers=0)}))
+    fit = fqn("fit", "--config", str(config), "--model.min_size", "128", "--model.max_size", "128",
+              "--data.batch_size", "2", "--model.quant.n_cal", "2", "--trainer.max_steps", "2",
+              "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", cwd=tmp_path, env=env)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = qat_checkpoint(tmp_path)
+    model, hp = load_detector(ckpt)
+    assert hp["weights"] == "DEFAULT" and hp["frozen_bn"] is True and model.fqn_config.flags == "FPC"
+    pretrained = torch.load(next(torch_home.glob("hub/checkpoints/*.pth")), weights_only=True)
+    head = model.roi_heads.box_predictor.cls_score.weight.detach()
+    assert head.shape == (91, 1024)  # the 91-way head stayed: it was fine-tuned, not replaced
+    assert torch.allclose(head, pretrained["roi_heads.box_predictor.cls_score.weight"], atol=1e-2)
+    conv1 = model.backbone.body.layer1[0].conv1
+    assert not conv1.bn_weight.requires_grad  # FrozenBatchNorm2d's affine stays frozen under QAT
+    onnx_file = tmp_path / "coco_w4a4.onnx"
+    convert = fqn("convert", str(ckpt), str(onnx_file), cwd=tmp_path, env=env)
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    assert onnx_file.stat().st_size > 0
+    compare = fqn("compare", "--qat", str(ckpt), "--config", str(config), "--out", str(tmp_path / "cmp"),
+                  "--ptq-bits", "8", "--peers", "--runs", "1", "--n-cal", "2", "--threads", "1", cwd=tmp_path,
+                  env=env)
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]}
+    assert {"fqn PTQ w8a8", "fqn QAT w4a4"} <= set(rows)
+    assert any(r["method"] == "fp32" for r in rows.values())  # the FP32 model: torchvision's weights, from the cache
