@@ -5,7 +5,7 @@ pretrained weights can be downloaded here, so the detector is a BN-calibrated ra
 (same layer shapes and activation sizes as a trained one); the images are random 375x1242
 tensors. Prints and saves peak RSS (whole process) and wall time of each phase.
 
-    .venv/bin/python tools/analyze_memory.py --images 2 --out /work/bench/analyze_memory.json
+    .venv/bin/python tools/analyze_memory.py --images 2 --out runs/analyze_memory.json
 """
 
 from __future__ import annotations
