@@ -86,7 +86,7 @@ class _QuantLayerMixin:
         floor = bias_scale_floor(bias, s_in, fq.ch_axis is not None)
         out = fq(w, min_scale=floor)
         if not self.training:  # reported by the int8 export; in training the count would sync the device
-            self.scale_floored = int((fq.scale <= floor).sum()) if fq.observing else self.scale_floored
+            self.scale_floored = int((fq.scale <= floor).sum())
         return out
 
     def _q_bias(self, bias: Tensor | None, x: Tensor) -> Tensor | None:
@@ -154,9 +154,8 @@ class QConvBn2d(QConv2d):
         return w
 
     @classmethod
-    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, cfg: QuantConfig, *, frozen: bool | None = None,
-                     **kw) -> QConvBn2d:
-        """Swap conv + BN; BN statistics frozen from the start when ``frozen`` (default: ``cfg.freeze_bn``)."""
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, cfg: QuantConfig, **kw) -> QConvBn2d:
+        """Swap conv + BN; the BN statistics are frozen from the start under F (``cfg.freeze_bn``)."""
         q = cls.from_float(conv, cfg, **kw)
         gamma, beta, mean, var, eps = bn_stats(bn)
         # trainable only where the float model trained them: FrozenBatchNorm2d's are buffers and stay fixed
@@ -172,7 +171,7 @@ class QConvBn2d(QConv2d):
         q.last_batch_stats = None
         momentum = getattr(bn, "momentum", None)
         q.bn_momentum = 0.1 if momentum is None else float(momentum)
-        q.freeze_bn(cfg.freeze_bn if frozen is None else frozen)
+        q.freeze_bn(cfg.freeze_bn)
         return q
 
     def extra_repr(self) -> str:
