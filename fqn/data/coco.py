@@ -78,12 +78,17 @@ def torchvision_coco_names() -> list[str]:
 
 
 def coco_class_names(ann_file: str, label_mode: str = "contiguous", head_classes: int | None = None) -> list[str]:
-    """The class list of ``ann_file``, label ``i + 1`` is ``names[i]``: the default of :class:`CocoDetection`.
+    """The class list of ``ann_file``, label ``i + 1`` is ``names[i]``: the default of :class:`CocoDetection`."""
+    return label_names(category_names(load_coco(ann_file), ann_file), ann_file, label_mode, head_classes)
+
+
+def label_names(cats: dict[int, str], ann_file: str, label_mode: str = "contiguous",
+                head_classes: int | None = None) -> list[str]:
+    """Names by label for the categories ``cats`` (``{id: name}``) of ``ann_file``.
 
     ``contiguous``: every category name ordered by id. ``category_id``: one entry per label of the head
     (``head_classes - 1``, default: up to the largest id), the file's name at its id and "N/A" elsewhere.
     """
-    cats = category_names(load_coco(ann_file), ann_file)
     if label_mode == "contiguous":
         return list(cats.values())
     if label_mode != "category_id":
@@ -124,7 +129,7 @@ class CocoDetection(FileDetection):
         coco = load_coco(ann_file)
         cats = category_names(coco, ann_file)
         if label_mode == "category_id":
-            names = list(class_names) if class_names is not None else coco_class_names(ann_file, label_mode)
+            names = list(class_names) if class_names is not None else label_names(cats, ann_file, label_mode)
             moved = {cid: name for cid, name in cats.items() if cid > len(names) or names[cid - 1] != name}
             if moved:
                 raise DataError(f"{ann_file}: with category ids as labels, category {moved} must match the head's "

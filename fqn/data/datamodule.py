@@ -25,6 +25,7 @@ from fqn.data.coco import (
     CocoDetection,
     category_names,
     coco_class_names,
+    label_names,
     load_coco,
     torchvision_coco_names,
 )
@@ -204,8 +205,8 @@ class DetectionDataModule(pl.LightningDataModule):
         if given is not None:
             raise ValueError("class_names selects and renumbers classes, which needs coco_labels: contiguous; "
                              "with category ids as labels every category of the file keeps its id")
+        cats = category_names(load_coco(ann), ann)
         if self.coco_labels == "auto":
-            cats = category_names(load_coco(ann), ann)
             coco = torchvision_coco_names()
             foreign = {cid: name for cid, name in cats.items()
                        if not 1 <= cid <= len(coco) or coco[cid - 1].lower() != name.lower()}
@@ -215,7 +216,7 @@ class DetectionDataModule(pl.LightningDataModule):
                     f"91-class COCO head (labels = COCO category ids). For your own classes set "
                     f"model.num_classes: {len(cats) + 1} (a new box predictor; labels 1..{len(cats)} by name); "
                     "to keep the ids as labels anyway set data.coco_labels: category_id")
-        return coco_class_names(ann, "category_id", self.head_classes)
+        return label_names(cats, ann, "category_id", self.head_classes)
 
     def _build(self, split: str) -> Dataset:
         """The un-augmented data set of ``split`` ("train", "val" or "test"; COCO and KITTI test = val)."""
