@@ -172,3 +172,27 @@ def test_validating_an_uncalibrated_qat_model_is_a_clear_error(tmp_path):
     model = tiny_module(quant=QuantConfig(n_cal=1))
     with pytest.raises(RuntimeError, match="no calibrated ranges"):
         tiny_trainer(str(tmp_path)).validate(model, tiny_data())
+
+
+def test_float_reference_is_the_model_a_qat_run_started_from(float_ckpt, tmp_path):
+    """`fqn compare` without --float: the init_from checkpoint (trainer .ckpt or plain state dict), or an error."""
+    from fqn.models.checkpoint import load_float_reference
+
+    float_model, _ = load_detector(float_ckpt)
+    plain = tmp_path / "float.pth"
+    torch.save(float_model.state_dict(), plain)
+    for i, source in enumerate((float_ckpt, plain)):
+        model = tiny_module(quant=QuantConfig(n_cal=1), init_from=str(source))
+        assert model.hparams.frozen_bn is False  # trained from scratch: BatchNorm2d, read off the source
+        trainer = tiny_trainer(str(tmp_path / str(i)), max_steps=1, limit_val_batches=0)
+        trainer.fit(model, tiny_data())
+        trainer.save_checkpoint(tmp_path / f"qat{i}.ckpt")
+        ref, _ = load_float_reference(tmp_path / f"qat{i}.ckpt")
+        assert getattr(ref, "fqn_config", None) is None
+        for (name, a), b in zip(float_model.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), name
+    plain.unlink()
+    with pytest.raises(FileNotFoundError, match="--float"):
+        load_float_reference(tmp_path / "qat1.ckpt")
+    with pytest.raises(ValueError, match="float checkpoint"):
+        load_float_reference(float_ckpt)
