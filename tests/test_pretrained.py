@@ -68,3 +68,22 @@ def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tm
     rows = {r["name"]: r for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]}
     assert {"fqn PTQ w8a8", "fqn QAT w4a4"} <= set(rows)
     assert any(r["method"] == "fp32" for r in rows.values())  # the FP32 model: torchvision's weights, from the cache
+
+
+def test_build_detector_loads_torchvision_weights_and_says_when_the_head_is_replaced(torch_home, monkeypatch,
+                                                                                    caplog):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from fqn import build_detector
+
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    state = torch.load(next(torch_home.glob("hub/checkpoints/*.pth")), weights_only=True)
+    coco = build_detector("resnet50", 91, weights="DEFAULT", min_size=128, max_size=128)
+    assert isinstance(coco.backbone.body.bn1, FrozenBatchNorm2d)
+    for name, value in coco.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert "replaced" not in caplog.text
+    kitti = build_detector("resnet50", 8, weights="DEFAULT", min_size=128, max_size=128)
+    assert kitti.roi_heads.box_predictor.cls_score.out_features == 8
+    assert torch.equal(kitti.backbone.body.layer4[2].conv3.weight, state["backbone.body.layer4.2.conv3.weight"])
+    assert "replaced by a new, untrained one" in caplog.text

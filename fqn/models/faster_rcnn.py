@@ -70,6 +70,9 @@ def build_detector(backbone: str, num_classes: int, *, weights: Any = None, weig
                                               max_size=max_size, trainable_backbone_layers=trainable_backbone_layers,
                                               **kwargs)
         if num_classes != model.roi_heads.box_predictor.cls_score.out_features:
+            log.warning("num_classes=%d with COCO weights: the pretrained %d-way box predictor is replaced by a new, "
+                        "untrained one (keep num_classes=91 to fine-tune the COCO head with category ids as labels)",
+                        num_classes, model.roi_heads.box_predictor.cls_score.out_features)
             in_features = model.roi_heads.box_predictor.cls_score.in_features
             model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
         return model
