@@ -4,13 +4,19 @@
     fqn fit --config configs/synthetic_w4a4.yaml --trainer.max_steps 500
     fqn validate --config configs/synthetic_w4a4.yaml --ckpt_path runs/.../last.ckpt
     fqn fit --print_config
+
+A data or config error (a bad label, a missing image, ``bits_w: 3.5``) ends the command with one line naming the file
+and what is wrong, exit status 1. ``fqn --debug ...`` (or ``FQN_DEBUG=1``) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
+from pathlib import Path
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -32,7 +38,8 @@ def lightning_main(argv: list[str]) -> None:
     sys.argv = sys.argv[:1]  # the arguments come through args=, expanded
     with tempfile.TemporaryDirectory(prefix="fqn-config-") as tmp:
         FqnCLI(DetectionModule, DetectionDataModule, args=expand_config_bases(argv, tmp),
-               seed_everything_default=0, save_config_kwargs={"overwrite": True})
+               seed_everything_default=0, save_config_kwargs={"overwrite": True},
+               parser_kwargs={"exit_on_error": False})  # a parse error is one line from main(), not the usage
 
 
 def expand_config_bases(argv: list[str], tmp_dir: str) -> list[str]:
@@ -40,10 +47,9 @@ def expand_config_bases(argv: list[str], tmp_dir: str) -> list[str]:
 
     A config may start with ``__base__: base.yaml`` (a path relative to it), so overrides stay short;
     each file of the chain is passed to LightningCLI as its own ``--config``, base first; the
-    overrides, stripped of ``__base__``, are written to ``tmp_dir``.
+    overrides, stripped of ``__base__``, are written to ``tmp_dir``. The chain is checked first (see
+    :func:`read_config_chain`), so a bad value is reported with the file it is in.
     """
-    from pathlib import Path
-
     import yaml
 
     out: list[str] = []
@@ -57,24 +63,84 @@ def expand_config_bases(argv: list[str], tmp_dir: str) -> list[str]:
             out.append(arg)
             i += 1
             continue
-        chain = []
-        current = Path(path)
-        while True:
-            if not current.is_file():
-                raise SystemExit(f"fqn: config file {current} not found")
-            data = yaml.safe_load(current.read_text()) or {}
-            base = data.pop("__base__", None) if isinstance(data, dict) else None
-            if base is None:
-                chain.append(str(current))
-                break
-            stripped = Path(tmp_dir) / f"{len(out)}_{len(chain)}_{current.name}"
-            stripped.write_text(yaml.safe_dump(data))
-            chain.append(str(stripped))
-            current = current.parent / base
-        for item in reversed(chain):
+        chain = read_config_chain(path)
+        files = []
+        for k, (current, data) in enumerate(reversed(chain)):  # leaf first, as the files name each other
+            if "__base__" in data:
+                stripped = Path(tmp_dir) / f"{len(out)}_{k}_{current.name}"
+                stripped.write_text(yaml.safe_dump({key: v for key, v in data.items() if key != "__base__"}))
+                current = stripped
+            files.append(str(current))
+        for item in reversed(files):
             out += ["--config", item]
         i += 1 if arg.startswith("--config=") else 2
     return out
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+def read_config_chain(path: str | Path) -> list[tuple[Path, dict]]:
+    """``[(file, its mapping), ...]`` of a config and its ``__base__`` files, base first, checked.
+
+    Each file must exist and hold a YAML mapping; the chain must not loop; and each ``model.quant`` section, merged
+    over the files before it, must be a valid :class:`~fqn.config.QuantConfig`. Otherwise :class:`ConfigError`
+    (or FileNotFoundError) names the file that made it wrong.
+    """
+    import yaml
+
+    chain: list[tuple[Path, dict]] = []
+    current = Path(path)
+    while True:
+        if not current.is_file():
+            named_by = f" (the __base__ of {chain[-1][0]})" if chain else ""
+            raise FileNotFoundError(f"config file {current} not found{named_by}; paths are relative to the current "
+                                    "folder, a __base__ to the file that names it")
+        if any(current.resolve() == seen.resolve() for seen, _ in chain):
+            raise ConfigError(f"{current}: the __base__ chain loops ({' -> '.join(str(p) for p, _ in chain)})")
+        try:
+            data = yaml.safe_load(current.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"{current}{where}: not valid YAML ({problem})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{current}: a config file holds a mapping (model:, data:, trainer: ...), "
+                              f"got {type(data).__name__}")
+        chain.append((current, data))
+        if "__base__" not in data:
+            break
+        current = current.parent / str(data["__base__"])
+    chain.reverse()
+    _check_quant_sections(chain)
+    return chain
+
+
+def _check_quant_sections(chain: list[tuple[Path, dict]]) -> None:
+    """Build ``model.quant`` after each file of the chain (base first), blaming the first file that breaks it."""
+    from fqn.config import QuantConfig
+
+    quant: dict | None = None
+    for file, data in chain:
+        model = data.get("model")
+        if not isinstance(model, dict) or "quant" not in model:
+            continue
+        section = model["quant"]
+        if section is None:
+            quant = None
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{file}: model.quant must be a mapping of QuantConfig keys (bits_w, bits_a, ...) "
+                              f"or null, got {section!r}")
+        if "class_path" in section or "init_args" in section:  # jsonargparse's long form of the same
+            section = section.get("init_args") or {}
+        quant = {**(quant or {}), **section}
+        try:
+            QuantConfig.from_dict(quant)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{file}: model.quant: {err}") from None
 
 
 def demo_main(argv: list[str]) -> None:
@@ -108,12 +174,9 @@ def quickstart_main(argv: list[str]) -> None:
     parser.add_argument("--runs", type=int, default=d.runs, help="timed runs per model")
     parser.add_argument("--threads", type=int, default=d.threads)
     a = parser.parse_args(argv)
-    try:
-        cfg = QuickstartConfig(out=a.out, backbone=a.backbone, size=a.size, float_steps=a.float_steps,
-                               qat_steps=a.qat_steps, qat_bits=tuple(a.bits), num_val=a.num_val, n_cal=a.n_cal,
-                               peers=tuple(a.peers), runs=a.runs, threads=a.threads)
-    except ValueError as err:
-        raise SystemExit(f"fqn quickstart: {err}") from None
+    cfg = QuickstartConfig(out=a.out, backbone=a.backbone, size=a.size, float_steps=a.float_steps,
+                           qat_steps=a.qat_steps, qat_bits=tuple(a.bits), num_val=a.num_val, n_cal=a.n_cal,
+                           peers=tuple(a.peers), runs=a.runs, threads=a.threads)
     run_quickstart(cfg)
 
 
@@ -133,17 +196,14 @@ def ablate_main(argv: list[str]) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="rows in parallel processes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per row")
     a = parser.parse_args(argv)
-    try:
-        spec = grid_spec(a.float_ckpt, a.out, load_config(a.config), bits=a.bits, steps=a.steps)
-        rows = table_rows(a.table, spec.steps)
-        if a.rows:
-            unknown = set(a.rows) - {r.name for r in rows}
-            if unknown:
-                raise ValueError(f"unknown rows {sorted(unknown)}; the table has {[r.name for r in rows]}")
-            rows = [r for r in rows if r.name in a.rows]
-        results = run_grid(spec, rows, jobs=a.jobs, threads=a.threads)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"fqn ablate: {err}") from None
+    spec = grid_spec(a.float_ckpt, a.out, load_config(a.config), bits=a.bits, steps=a.steps)
+    rows = table_rows(a.table, spec.steps)
+    if a.rows:
+        unknown = set(a.rows) - {r.name for r in rows}
+        if unknown:
+            raise ValueError(f"unknown rows {sorted(unknown)}; the table has {[r.name for r in rows]}")
+        rows = [r for r in rows if r.name in a.rows]
+    results = run_grid(spec, rows, jobs=a.jobs, threads=a.threads)
     print(markdown(results))
     print(f"\ntable: {a.out}/table.md, {a.out}/table.csv; TensorBoard: tensorboard --logdir {a.out}/tensorboard")
 
@@ -169,58 +229,42 @@ def analyze_main(argv: list[str]) -> None:
     from fqn import analyze
     from fqn.models.checkpoint import load_detector
 
-    try:
-        model, _ = load_detector(a.checkpoint)
-        if getattr(model, "fqn_config", None) is None:
-            raise ValueError(f"{a.checkpoint} is a float checkpoint; analyze a quantized (QAT) one")
-        data = _data_module(a.config, None)
-        data.setup("validate")
-        pairs = list(itertools.islice(((img, t) for b in data.val_dataloader() for img, t in zip(*b)),
-                                      max(1, a.images)))
-        images = [p[0] for p in pairs]
-        int8 = a.int8
-        if int8 == "":
-            from fqn.int8 import convert_int8
+    model, _ = load_detector(a.checkpoint)
+    if getattr(model, "fqn_config", None) is None:
+        raise ValueError(f"{a.checkpoint} is a float checkpoint; analyze a quantized (QAT) one")
+    data = _data_module(a.config, None)
+    data.setup("validate")
+    pairs = list(itertools.islice(((img, t) for b in data.val_dataloader() for img, t in zip(*b)),
+                                  max(1, a.images)))
+    images = [p[0] for p in pairs]
+    int8 = a.int8
+    if int8 == "":
+        from fqn.int8 import convert_int8
 
-            int8 = convert_int8(model, pathlib.Path(a.out) / "model_int8.onnx", images[:1])
-            print(f"int8 model: {int8}")
-        stats, pictures = analyze.analyze_layers(model, images, keep=a.plot_layers or None, progress=True, int8=int8)
-        if not a.plot_layers:  # the 4 worst layers that have pictures (conv feature maps)
-            worst = [s.layer for s in stats if s.layer in pictures][:4]
-            pictures = {k: pictures[k] for k in worst}
-        ranking = analyze.layer_sensitivity(model, images, progress=True) if a.sensitivity else None
-        if int8:  # the boxes drawn come from the model whose activations were compared
-            from fqn.int8 import load_int8
+        int8 = convert_int8(model, pathlib.Path(a.out) / "model_int8.onnx", images[:1])
+        print(f"int8 model: {int8}")
+    stats, pictures = analyze.analyze_layers(model, images, keep=a.plot_layers or None, progress=True, int8=int8)
+    if not a.plot_layers:  # the 4 worst layers that have pictures (conv feature maps)
+        worst = [s.layer for s in stats if s.layer in pictures][:4]
+        pictures = {k: pictures[k] for k in worst}
+    ranking = analyze.layer_sensitivity(model, images, progress=True) if a.sensitivity else None
+    if int8:  # the boxes drawn come from the model whose activations were compared
+        from fqn.int8 import load_int8
 
-            prediction = load_int8(int8)([images[0]])[0]
-        else:
-            prediction = model.eval()([images[0]])[0]
-        source = f"int8 model {int8}" if int8 else "fake-quant model"
-        out = analyze.write_report(a.out, stats, pictures, images[0], pairs[0][1], prediction, ranking,
-                                   data.class_names, source=source)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"fqn analyze: {err}") from None
+        prediction = load_int8(int8)([images[0]])[0]
+    else:
+        prediction = model.eval()([images[0]])[0]
+    source = f"int8 model {int8}" if int8 else "fake-quant model"
+    out = analyze.write_report(a.out, stats, pictures, images[0], pairs[0][1], prediction, ranking,
+                               data.class_names, source=source)
     print(analyze.report_markdown(stats, ranking, source=source))
     print(f"pictures and tables: {out}; TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
 
 
 def load_config(path: str | None) -> dict:
     """A training config with its ``__base__`` chain merged (later files win, dicts merge key by key)."""
-    from pathlib import Path
-
-    import yaml
-
     if path is None:
         return {}
-    chain, current = [], Path(path)
-    while True:
-        if not current.is_file():
-            raise SystemExit(f"fqn: config file {current} not found")
-        cfg = yaml.safe_load(current.read_text()) or {}
-        chain.append(cfg)
-        if "__base__" not in cfg:
-            break
-        current = current.parent / cfg["__base__"]
 
     def merge(base: dict, over: dict) -> dict:
         out = dict(base)
@@ -229,7 +273,7 @@ def load_config(path: str | None) -> dict:
         return out
 
     merged: dict = {}
-    for cfg in reversed(chain):
+    for _, cfg in read_config_chain(path):
         merged = merge(merged, {k: v for k, v in cfg.items() if k != "__base__"})
     return merged
 
@@ -258,10 +302,7 @@ def convert_main(argv: list[str]) -> None:
     from fqn.int8 import convert_int8
     from fqn.models.checkpoint import load_detector
 
-    try:
-        model, hp = load_detector(args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"fqn convert: {err}") from None
+    model, hp = load_detector(args.checkpoint)
     quantized = getattr(model, "fqn_config", None) is not None
     if quantized and args.ptq_bits:
         raise SystemExit("fqn convert: --ptq-bits needs a float checkpoint; this one is already quantized")
@@ -298,12 +339,9 @@ def compare_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     from fqn.compare import run_compare
 
-    try:
-        cmp = run_compare(args.float_ckpt, args.qat, args.out, _data_module(args.config, args.num_val),
-                          ptq_bits=args.ptq_bits, calibration=args.calibration, n_cal=args.n_cal, peers=args.peers,
-                          runs=args.runs, threads=args.threads)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"fqn compare: {err}") from None
+    cmp = run_compare(args.float_ckpt, args.qat, args.out, _data_module(args.config, args.num_val),
+                      ptq_bits=args.ptq_bits, calibration=args.calibration, n_cal=args.n_cal, peers=args.peers,
+                      runs=args.runs, threads=args.threads)
     print(cmp.markdown())
     print(f"\nresults: {cmp.out / 'compare.json'}; TensorBoard: tensorboard --logdir {cmp.out / 'tensorboard'}")
 
@@ -312,18 +350,72 @@ SUBCOMMANDS = {"convert": convert_main, "compare": compare_main, "ablate": ablat
                "quickstart": quickstart_main, "demo": demo_main}
 
 
+#: What a person can fix from one line: bad data or config values, missing files, bad command-line arguments.
+USER_ERRORS = (ValueError, OSError, argparse.ArgumentError)
+_NOISE = ("Subtypes:", "Given value", "Errors:", "Does not validate against any of the Union subtypes",
+          "- Expected a <class 'NoneType'>")
+
+
+def error_line(err: BaseException) -> str:
+    r"""One line of ``err``'s message: a DataLoader worker's re-raise keeps the original message, jsonargparse's
+    nested type errors keep their reasons, and an error raised outside fqn points to ``--debug``.
+
+    Example:
+        >>> error_line(ValueError("Parser key 'model.quant':\n  Errors:\n    - bits_w must be an integer"))
+        "Parser key 'model.quant': bits_w must be an integer (fqn --debug shows the traceback)"
+    """
+    text, raised_in_fqn = str(err), _raised_in_fqn(err)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the last line is "module.Error: message"
+        files = re.findall(r'File "([^"]+)"', text)
+        raised_in_fqn = bool(files) and _in_fqn(files[-1])
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    lines = [line.strip().removeprefix("- ") for line in text.splitlines()]
+    line = " ".join(x for x in lines if x and not x.startswith(_NOISE)) or type(err).__name__
+    if isinstance(err, argparse.ArgumentError):
+        return f"{line} (--help lists the options)"
+    return line if raised_in_fqn else f"{line} (fqn --debug shows the traceback)"
+
+
+def _raised_in_fqn(err: BaseException) -> bool:
+    """Whether ``err`` was raised by fqn's own code, whose messages say what to do (not by a library below it)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return _in_fqn(tb.tb_frame.f_code.co_filename)
+
+
+def _in_fqn(filename: str) -> bool:
+    return Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``fqn`` command; a user error raises ``SystemExit("fqn CMD: one line")`` (exit status 1).
+
+    ``fqn --debug CMD ...`` or the environment variable ``FQN_DEBUG=1`` lets the error through with its traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("FQN_DEBUG", "") not in ("", "0")
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        lightning_main(argv)
-    elif argv and argv[0] in SUBCOMMANDS:
-        SUBCOMMANDS[argv[0]](argv[1:])
-    else:
-        print("usage: fqn {fit,validate,test} [--config FILE] [--key value ...]\n"
-              f"       fqn {{{','.join(SUBCOMMANDS)}}} --help\n"
-              "       fqn fit --help | fqn fit --print_config", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command = argv[0] if argv else None
+    if command not in LIGHTNING_COMMANDS and command not in SUBCOMMANDS:
+        print("usage: fqn [--debug] {fit,validate,test} [--config FILE] [--key value ...]\n"
+              f"       fqn [--debug] {{{','.join(SUBCOMMANDS)}}} --help\n"
+              "       fqn fit --help | fqn fit --print_config\n"
+              "--debug (or FQN_DEBUG=1): show the traceback of a data or config error", file=sys.stderr)
+        return 0 if command in ("-h", "--help") else 2
+    try:
+        if command in LIGHTNING_COMMANDS:
+            lightning_main(argv)
+        else:
+            SUBCOMMANDS[command](argv[1:])
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        raise SystemExit(f"fqn {command}: {error_line(err)}") from None
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 from pycocotools.coco import COCO
 
 from fqn.data.sanitize import (
+    SKIP_HINT,
     DataError,
     FileDetection,
     Sample,
@@ -182,5 +183,6 @@ class CocoDetection(FileDetection):
                             f"which is not in the file's categories {sorted(self._cats)}", "unknown label")
         if cid not in self._label_of:
             raise DataError(f"{self.ann_file}: annotation {ann.get('id')} of {path} has category "
-                            f"{self._cats[cid]!r} (id {cid}), which is not in class_names {names}", "unknown label")
+                            f"{self._cats[cid]!r} (id {cid}), which is not in class_names {names}", "unknown label",
+                            fix=f"add it to class_names (data.class_names), or {SKIP_HINT}")
         return self._label_of[cid]

@@ -9,6 +9,7 @@ calibrates its quantizers on the same images and PTQ and QAT start from the same
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import os
@@ -148,6 +149,10 @@ class DetectionDataModule(pl.LightningDataModule):
     def from_config(cls, config: dict[str, Any], **overrides: Any) -> DetectionDataModule:
         """The data of a merged training config (its ``data:`` section), told the ``model:`` head's size."""
         data = {**(config.get("data") or {}), **overrides}
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"data: unknown keys {unknown} in the config; the data module takes {sorted(known)}")
         num_classes = (config.get("model") or {}).get("num_classes")
         if num_classes is not None:
             data.setdefault("head_classes", num_classes)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from fqn.data.sanitize import (
+    SKIP_HINT,
     DataError,
     FileDetection,
     Sample,
@@ -98,7 +99,8 @@ def parse_label_file(path: str, class_map: dict[str, str | None], class_names: l
             raise DataError(f"{where}: non-numeric field in {line!r}", "malformed label") from None
         if fields[0] not in class_map:
             raise DataError(f"{where}: KITTI type {fields[0]!r} is not in the class map {sorted(class_map)}",
-                            "unknown label")
+                            "unknown label", fix=f"add it to the class map (data.kitti_class_map; null ignores its "
+                            f"objects), or {SKIP_HINT}")
         name = class_map[fields[0]]
         if name is None:
             continue

@@ -29,15 +29,33 @@ log = logging.getLogger(__name__)
 _IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error, Image.DecompressionBombError)
 
 
+#: The reasons a sample can be skipped for with ``skip_bad``; a DataError of one of them says so.
+SKIPPABLE = frozenset({"missing label", "bad label file", "malformed label", "unknown label", "missing image",
+                       "corrupt image", "image size mismatch"})
+SKIP_HINT = "set skip_bad (data.skip_bad: true in a config) to skip such samples"
+
+
 class DataError(ValueError):
-    """Bad input data; the message names the file and what is wrong with it.
+    """Bad input data; the message names the file, what is wrong with it and what to do.
 
     ``reason`` is a short category ("missing image", "unknown label", ...) used to count skipped samples.
+    ``fix`` says what to do; by default, for a sample ``skip_bad`` can skip, "fix the file, or set skip_bad".
+    ``str(error)`` is ``message; fix``; ``error.message`` alone is what a skipped sample is counted with.
+
+    Example:
+        >>> str(DataError("a.txt line 3: 14 fields", "malformed label", fix="give it 15"))
+        'a.txt line 3: 14 fields; give it 15'
+        >>> DataError("a/1.png: image file is missing", "missing image").fix
+        'fix or restore the file, or set skip_bad (data.skip_bad: true in a config) to skip such samples'
     """
 
-    def __init__(self, message: str, reason: str = "bad sample") -> None:
-        super().__init__(message)
+    def __init__(self, message: str, reason: str = "bad sample", fix: str | None = None) -> None:
+        if fix is None and reason in SKIPPABLE:
+            fix = f"fix or restore the file, or {SKIP_HINT}"
+        super().__init__(f"{message}; {fix}" if fix else message)
+        self.message = message
         self.reason = reason
+        self.fix = fix
 
 
 @dataclass
@@ -194,7 +212,7 @@ def collect_samples(keys: Iterable[Any], build: Callable[[Any], Sample], stats: 
         except DataError as e:
             if not skip_bad:
                 raise
-            stats.skip(e.reason, str(e))
+            stats.skip(e.reason, e.message)
     return samples
 
 
@@ -236,8 +254,8 @@ class FileDetection(Dataset):
                 if not self.skip_bad:
                     raise
                 self._bad.add(j)
-                self.stats.skip(e.reason, str(e))
-                log.warning("%s: skipping %s", self.name, e)
+                self.stats.skip(e.reason, e.message)
+                log.warning("%s: skipping %s", self.name, e.message)
                 continue
             target = {"boxes": sample.boxes.clone(), "labels": sample.labels.clone(),
                       "image_id": torch.tensor(sample.image_id, dtype=torch.int64)}
