@@ -130,8 +130,9 @@ class Comparison:
             full["_timers"] = timers
         self.rows.append(full)
         self.save()
-        log.info("compare: %s AP=%.4f size=%.1f MB", full["name"], full.get("AP") or float("nan"),
-                 full.get("size_mb") or float("nan"))
+        missing = float("nan")  # not measured (a failed row): `or` would also turn an AP of 0.0 into nan
+        log.info("compare: %s AP=%.4f size=%.1f MB", full["name"], missing if full.get("AP") is None else full["AP"],
+                 missing if full.get("size_mb") is None else full["size_mb"])
         return full
 
     # -- rows -----------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,8 +32,21 @@ def make_map_metric() -> MeanAveragePrecision:
 
 
 def map_columns(result: dict[str, Tensor]) -> dict[str, float]:
-    """The Table 1 columns from a `MeanAveragePrecision.compute()` result (-1 where a size bin is empty)."""
-    return {name: float(result[key]) for key, name in MAP_COLUMNS.items()}
+    """The Table 1 columns from a `MeanAveragePrecision.compute()` result, with pycocotools' meaning.
+
+    ``-1`` means *no ground truth* in that column: a size bin (``APs``, ``APm``, ``APl``) without boxes of that
+    size, or every column of a data set without boxes. A model that detects nothing on images that have boxes
+    scores ``0.0``, never ``nan``: a ``nan`` (a division by zero detections, as some metric versions return) is
+    read as ``0.0``.
+
+    Example:
+        >>> nothing = {"map": torch.tensor(float("nan")), "map_small": torch.tensor(-1.0)}
+        >>> cols = map_columns({**{k: torch.tensor(0.0) for k in MAP_COLUMNS}, **nothing})
+        >>> cols["AP"], cols["APs"], cols["AP50"]
+        (0.0, -1.0, 0.0)
+    """
+    values = {name: float(result[key]) for key, name in MAP_COLUMNS.items()}
+    return {name: 0.0 if math.isnan(v) else v for name, v in values.items()}
 
 
 def detections_for_metric(preds: list[dict[str, Tensor]], targets: Iterable[dict[str, Tensor]]) -> tuple[list, list]:
