@@ -85,9 +85,11 @@ def test_integer_kernels_reproduce_fake_quant_layer_by_layer(bits, tmp_path):
     got = sess.run(None, {"x": x.numpy()})[0]
     out_q = block.add.act_fq
     steps = np.abs(got - ref) / float(out_q.scale)
-    assert (steps < 0.5).mean() >= 0.99  # identical codes but for rounding ties (and int32 bias rounding)
-    assert (steps < 1.5).mean() >= 0.999
-    assert steps.max() < 2.5  # a flipped code in b's input moves the add by at most one more step
+    if bits == 4:  # measured: all 18432 output codes equal
+        assert steps.max() < 0.5, (steps >= 0.5).mean()
+    else:  # measured: 99.97% of the codes equal (rounding ties), every one within one step
+        assert (steps < 0.5).mean() >= 0.999
+        assert steps.max() < 1.5
     if bits == 4:  # k-bit activations stay on their 2^k levels inside the int8 kernels
         levels = np.unique(np.round(got / float(out_q.scale)) + int(out_q.zero_point))
         assert levels.min() >= 0 and levels.max() <= 15
@@ -152,11 +154,15 @@ def test_four_bit_file_is_smaller(tiny_files):
 
 
 def test_head_outputs_track_the_fake_quant_model(tiny_quantized, scenes, tmp_path):
-    """On a random (BN-calibrated) network rounding ties compound through ~20 layers; most elements stay close."""
+    """4 bits: the same codes. 8 bits, on a random (BN-calibrated) network: rounding ties compound through ~20 layers;
+    measured 41% of the head outputs on the same code, 88% within one step, the farthest 7 steps off."""
     for bits, model in tiny_quantized.items():
         path = export_part(model, "heads", tmp_path / f"heads{bits}.onnx", scenes[0])
         parity = head_parity(model, path, scenes[6:8], threads=1)
-        assert parity["within_1_step"] > 0.6, parity
+        if bits == 4:
+            assert parity["exact"] == 1.0 and parity["max_steps"] == 0, parity
+        else:
+            assert parity["within_1_step"] > 0.85 and parity["exact"] > 0.35, parity
 
 
 def test_convert_rejects_float_uncalibrated_and_bad_images(float_detector, scenes, tmp_path):
@@ -207,9 +213,12 @@ def test_int8_taps_read_the_integer_activations(tiny_quantized, tiny_files, scen
             step = float(q.scale.reshape(-1)[0])
             diff = (got[name][0] - store[name]).abs() / step
             assert got[name][0].shape == store[name].shape, name
-            if bits == 4 or name == "backbone.body.conv1.act_fq":  # 4 bits: bit-exact (as in the layer test)
-                assert float((diff < 0.5).float().mean()) >= 0.999, (bits, name)
-            else:  # 8 bits on a random network: rounding ties compound with depth (see the heads test)
+            if bits == 4:  # measured: every code of all 55 points equal (as in the layer test)
+                assert float(diff.max()) < 0.5, (bits, name, float((diff >= 0.5).float().mean()))
+            elif name == "backbone.body.conv1.act_fq":  # the first layer: all but rounding ties equal, within a step
+                assert float((diff < 0.5).float().mean()) >= 0.999 and float(diff.max()) < 1.5, name
+            else:  # 8 bits on a random network: rounding ties compound with depth (see the heads test); measured:
+                # at the worst point 58% within one step
                 assert float((diff < 1.5).float().mean()) > 0.55, (bits, name)
         # the extra outputs leave ORT's integer fusions in place
         counts = []
