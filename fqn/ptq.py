@@ -21,7 +21,14 @@ CALIBRATIONS = ("percentile", "histogram", "minmax")
 
 
 def ptq_config(bits: int, calibration: str = "percentile", **overrides: Any) -> QuantConfig:
-    """The QuantConfig of a PTQ run at ``bits`` (weights and activations) with the named range estimate."""
+    """The QuantConfig of a PTQ run at ``bits`` (weights and activations) with the named range estimate.
+
+    Example:
+        >>> ptq_config(8).flags, ptq_config(4, "histogram").activation_observer
+        ('FPC', 'histogram')
+        >>> ptq_config(4, "minmax", n_cal=2).n_cal
+        2
+    """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     if calibration == "percentile":

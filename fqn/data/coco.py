@@ -89,6 +89,13 @@ def label_names(cats: dict[int, str], ann_file: str, label_mode: str = "contiguo
 
     ``contiguous``: every category name ordered by id. ``category_id``: one entry per label of the head
     (``head_classes - 1``, default: up to the largest id), the file's name at its id and "N/A" elsewhere.
+
+    Example:
+        >>> cats = {1: "person", 3: "car"}
+        >>> label_names(cats, "ann.json")  # labels 1, 2
+        ['person', 'car']
+        >>> label_names(cats, "ann.json", "category_id", head_classes=5)  # labels 1..4 = category ids
+        ['person', 'N/A', 'car', 'N/A']
     """
     if label_mode == "contiguous":
         return list(cats.values())

@@ -15,7 +15,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ShardedShuffleSampler(Sampler[int]):
-    """A seeded permutation per epoch, split across ranks (padded to equal length), optionally skipping a prefix."""
+    """A seeded permutation per epoch, split across ranks (padded to equal length), optionally skipping a prefix.
+
+    Example:
+        >>> ranks = [list(ShardedShuffleSampler(5, seed=0, rank=r, world_size=2)) for r in (0, 1)]
+        >>> [len(r) for r in ranks], sorted(set(ranks[0] + ranks[1]))  # 5 indices padded to 2 x 3
+        ([3, 3], [0, 1, 2, 3, 4])
+        >>> s = ShardedShuffleSampler(5, seed=0)
+        >>> full = list(s)
+        >>> s.skip = 2  # resuming after two samples of this epoch
+        >>> list(s) == full[2:]
+        True
+    """
 
     def __init__(self, length: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.length = length
