@@ -11,7 +11,9 @@ import fqn
 
 
 def test_public_api():
-    assert {"QuantConfig", "build_detector", "prepare_qat", "calibrate"} <= set(fqn.__all__)
+    lifecycle = {"QuantConfig", "build_detector", "prepare_qat", "calibrate", "post_training_quantize",
+                 "convert_int8", "load_int8", "load_detector", "set_phase", "Phase", "strip_quantizers"}
+    assert lifecycle <= set(fqn.__all__)
     for name in fqn.__all__:
         assert getattr(fqn, name).__doc__, name
 
@@ -36,10 +38,13 @@ def test_api_demo_runs_from_the_console_script():
     assert "| w8a8 FPC |" in result.stdout and "| w4a4 FPC |" in result.stdout
 
 
-def test_readme_python_example_runs():
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example writes its int8 file where it runs
     readme = (Path(fqn.__file__).parent.parent / "README.md").read_text()
     block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["model"].fqn_scope["float"] == []
     assert set(namespace["detections"][0]) == {"boxes", "scores", "labels"}
+    assert set(namespace["int8_detections"][0]) == {"boxes", "scores", "labels"}
+    assert not [type(m) for m in namespace["float_again"].modules() if type(m).__module__.startswith("fqn")]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchvision.ops import MultiScaleRoIAlign, poolers, roi_align
 
 import fqn
 from fqn.int8.onnx_qdq import GraphConstants, export_onnx
@@ -39,16 +40,42 @@ def _gather_merge_levels(levels: Tensor, unmerged_results: list[Tensor]) -> Tens
     return torch.cat(unmerged_results, 0)[inverse]
 
 
-@contextlib.contextmanager
-def _export_friendly_roi_merge() -> Iterator[None]:
-    from torchvision.ops import poolers
+class GatherMergeRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign whose per-level results are merged by `_gather_merge_levels`, in eager mode and traced.
 
-    original = poolers._onnx_merge_levels
-    poolers._onnx_merge_levels = _gather_merge_levels
+    Eager, it computes exactly what torchvision's pooler computes; traced, its graph is a Concat + Gather
+    where torchvision's is a ScatterElements per level. The converter swaps it in on the model it exports.
+    """
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        feats = poolers._filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = poolers._setup_scales(feats, image_shapes, self.canonical_scale,
+                                                                 self.canonical_level)
+        if len(feats) == 1:
+            return super().forward(x, boxes, image_shapes)
+        rois = poolers._convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        per_level = []
+        for level, (feat, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.where(levels == level)[0]
+            per_level.append(roi_align(feat, rois[idx], output_size=self.output_size, spatial_scale=scale,
+                                       sampling_ratio=self.sampling_ratio).to(feats[0].dtype))
+        return _gather_merge_levels(levels, per_level)
+
+
+@contextlib.contextmanager
+def _export_friendly_roi_merge(model: nn.Module) -> Iterator[None]:
+    """The detector's own RoI pooler as a `GatherMergeRoIAlign` while it is exported (this model only)."""
+    pooler = getattr(getattr(model, "roi_heads", None), "box_roi_pool", None)
+    if type(pooler) is not MultiScaleRoIAlign:
+        yield
+        return
+    pooler.__class__ = GatherMergeRoIAlign
     try:
         yield
     finally:
-        poolers._onnx_merge_levels = original
+        pooler.__class__ = MultiScaleRoIAlign
 
 
 def check_quantized(model: nn.Module) -> Any:
@@ -120,13 +147,9 @@ class HeadOutputs(BackboneFPN):
 def resized_batch(model: nn.Module, image: Tensor) -> Tensor:
     """The 1x3xHxW batch (resized, padded, not normalised) that ``model.transform`` makes of one image."""
     t = model.transform
-    mean, std = t.image_mean, t.image_std
-    try:
-        t.image_mean, t.image_std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-        with torch.no_grad():
-            return t([image])[0].tensors
-    finally:
-        t.image_mean, t.image_std = mean, std
+    with torch.no_grad():
+        resized, _ = t.resize(image, None)
+        return t.batch_images([resized], size_divisible=t.size_divisible)
 
 
 def _metadata(model: nn.Module, cfg: Any, extra: dict[str, Any] | None) -> dict[str, str]:
@@ -147,7 +170,7 @@ def _export_detector(model: nn.Module, path: str | Path, example_images: Sequenc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
-    with _export_friendly_roi_merge():
+    with _export_friendly_roi_merge(model):
         export_onnx(_Detector(model).eval(), (images[0],), path, input_names=["image"],
                     output_names=["boxes", "labels", "scores"], dynamic_axes=_IMAGE_AXES, quantized=cfg is not None,
                     metadata=_metadata(model, cfg, metadata), weight_range=_weight_range(cfg))

@@ -15,7 +15,7 @@ from torchvision.models.detection import FasterRCNN
 
 from fqn.config import QuantConfig
 from fqn.models.faster_rcnn import build_detector, prepare_qat
-from fqn.quant.fake_quant import current_phase, set_phase
+from fqn.quant.fake_quant import Phase, current_phase, set_phase
 
 _BUILD_KEYS = ("backbone", "num_classes", "min_size", "max_size")
 
@@ -62,8 +62,8 @@ def load_detector(path: str | Path) -> tuple[FasterRCNN, dict[str, Any]]:
         prepare_qat(model, QuantConfig.from_dict(quant) if isinstance(quant, dict) else quant)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
-    if current_phase(model) == "observe_quantize":
-        set_phase(model, "quantize")
+    if current_phase(model) == Phase.OBSERVE_QUANTIZE:
+        set_phase(model, Phase.QUANTIZE)
     return model.eval(), hp
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -17,9 +18,9 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from fqn.config import QuantConfig
 from fqn.models.quantizable import CONVERTERS, stable_ties
-from fqn.quant.fake_quant import set_phase
+from fqn.quant.fake_quant import Phase, set_phase
 from fqn.quant.modules import QConv2d, act_quantizer
-from fqn.quant.prepare import is_prepared, scope_summary, swap_modules
+from fqn.quant.prepare import bind_input_grids, is_prepared, restore_float, scope_summary, swap_modules
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +124,71 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     ctx = swap_modules(model, cfg, CONVERTERS, {"num_levels": num_levels})
     _quantize_network_input(model, cfg)
     stable_ties(model)  # quantized scores tie often: break ties by index, as the int8 graph does
-    set_phase(model, "float")
+    set_phase(model, Phase.FLOAT)
+    bind_input_grids(model, lambda: _probe(model))
     model.fqn_config = cfg
     model.fqn_scope = {"quantized": ctx.swapped, "float": ctx.kept_float}
     log.info("fqn scope (%s, w%d/a%d): %s; kept float: %s", cfg.flags, cfg.bits_w, cfg.bits_a,
              scope_summary(model), ctx.kept_float or "none")
     return model
+
+
+def strip_quantizers(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The inverse of `prepare_qat`: a float torchvision detector with the trained weights, no quantizer left.
+
+    Every layer is torchvision's own again (conv and BatchNorm2d/FrozenBatchNorm2d apart, with ``W``,
+    gamma, beta and the EMA statistics as trained), so the result loads where a float torchvision
+    Faster R-CNN does, e.g. to fine-tune again at another bit-width or to export in float.
+
+    Example:
+        >>> from fqn import QuantConfig, build_detector, prepare_qat
+        >>> float_model = build_detector("resnet18", 3, min_size=128, max_size=128)
+        >>> quantized = prepare_qat(copy.deepcopy(float_model), QuantConfig(bits_w=4, bits_a=4))
+        >>> back = strip_quantizers(quantized)
+        >>> sorted(back.state_dict()) == sorted(float_model.state_dict())
+        True
+    """
+    if getattr(model, "fqn_config", None) is None and not is_prepared(model):
+        raise ValueError("this model has no quantizers to strip: it is a float model already")
+    if not inplace:
+        model = copy.deepcopy(model)
+    restore_float(model)
+    for attr in ("fqn_config", "fqn_scope"):
+        model.__dict__.pop(attr, None)
+    if is_prepared(model):
+        raise RuntimeError("quantizers are left after stripping: a block without restore_float holds them")
+    return model
+
+
+@torch.no_grad()
+def head_outputs(model: nn.Module, images: list[Tensor]) -> dict[str, Tensor]:
+    """FPN features and RPN head outputs for a batch, in eval mode."""
+    model.eval()
+    batch, _ = model.transform(images)
+    feats = model.backbone(batch.tensors)
+    logits, deltas = model.rpn.head(list(feats.values()))
+    out = {f"fpn.{k}": v for k, v in feats.items()}
+    out["rpn.objectness"] = torch.cat([t.flatten() for t in logits])
+    out["rpn.box_deltas"] = torch.cat([t.flatten() for t in deltas])
+    return out
+
+
+def _probe(model: nn.Module, size: int = 128) -> None:
+    """One pass of zeros through the parts that hold quantized layers, for `bind_input_grids`.
+
+    The backbone takes a batch directly (no resize to ``min_size``: the probe only follows tensors) and
+    the box head a zero RoIAlign output, so neither the transform nor the pooler's cached scales are touched.
+    """
+    if not all(hasattr(model, a) for a in ("backbone", "rpn", "roi_heads")):
+        return
+    device = next(model.parameters()).device
+    feats = model.backbone(torch.zeros(1, 3, size, size, device=device))
+    model.rpn.head(list(feats.values()))
+    heads = model.roi_heads
+    out = heads.box_roi_pool.output_size
+    out = (out, out) if isinstance(out, int) else tuple(out)
+    pooled = torch.zeros(1, next(iter(feats.values())).shape[1], *out, device=device)
+    heads.box_predictor(heads.box_head(pooled))
 
 
 def _quantize_network_input(model: nn.Module, cfg: QuantConfig) -> None:

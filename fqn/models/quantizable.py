@@ -11,10 +11,6 @@ levels) get one quantizer per call site.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Any
-
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -28,8 +24,8 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import SqueezeExcitation
 
-from fqn.quant.fake_quant import input_scale, tag_scale
-from fqn.quant.modules import GridMaxPool2d, QAdd, QMul, act_quantizer
+from fqn.quant.fake_quant import FakeQuantize
+from fqn.quant.modules import GridMaxPool2d, QAdd, QConv2d, QMul, act_quantizer
 from fqn.quant.prepare import SwapContext
 
 
@@ -56,6 +52,24 @@ class QuantBasicBlock(BasicBlock):
         block.add_relu = QAdd(None if ctx.is_float(f"{name}.add_relu") else ctx.cfg, relu=True)
         return block
 
+    def restore_float(self) -> None:
+        _restore_resnet_block(self, 2, BasicBlock)
+
+
+def _restore_resnet_block(block: nn.Module, n: int, cls: type) -> None:
+    """conv1..n and bn1..n back from their fused layers, one ReLU, no quantized add: torchvision's block."""
+    for i in range(1, n + 1):
+        conv, bn = _unfuse(getattr(block, f"conv{i}"))[:2]
+        setattr(block, f"conv{i}", conv)
+        setattr(block, f"bn{i}", bn)
+    block.relu = nn.ReLU(inplace=True)
+    del block.add_relu
+    block.__class__ = cls
+
+
+def _unfuse(layer: nn.Module) -> list[nn.Module]:
+    return layer.float_layers() if hasattr(layer, "float_layers") else [layer]
+
 
 class QuantBottleneck(Bottleneck):
     """ResNet Bottleneck: three conv+BN (ReLU fused in the first two), add+relu quantized."""
@@ -75,6 +89,9 @@ class QuantBottleneck(Bottleneck):
         block.add_relu = QAdd(None if ctx.is_float(f"{name}.add_relu") else ctx.cfg, relu=True)
         return block
 
+    def restore_float(self) -> None:
+        _restore_resnet_block(self, 3, Bottleneck)
+
 
 class QuantInvertedResidual(InvertedResidual):
     """MobileNetV3 block: its convs are fused by the walker, the residual add is quantized."""
@@ -91,6 +108,11 @@ class QuantInvertedResidual(InvertedResidual):
             block.add = QAdd(None if ctx.is_float(f"{name}.add") else ctx.cfg)
         return block
 
+    def restore_float(self) -> None:
+        if hasattr(self, "add"):
+            del self.add
+        self.__class__ = InvertedResidual
+
 
 class QuantSqueezeExcitation(SqueezeExcitation):
     """SE: pooled input requantized into fc1, hardsigmoid scale quantized, product quantized."""
@@ -106,6 +128,12 @@ class QuantSqueezeExcitation(SqueezeExcitation):
         se.activation = se.scale_activation = nn.Identity()
         se.mul = QMul(None if ctx.is_float(f"{name}.mul") else ctx.cfg)
         return se
+
+    def restore_float(self) -> None:
+        self.fc1, self.activation = _unfuse(self.fc1)
+        self.fc2, self.scale_activation = _unfuse(self.fc2)
+        del self.mul
+        self.__class__ = SqueezeExcitation
 
 
 class QuantFPN(FeaturePyramidNetwork):
@@ -133,19 +161,46 @@ class QuantFPN(FeaturePyramidNetwork):
         fpn.adds = nn.ModuleList(QAdd(None if ctx.is_float(f"{name}.adds.{i}") else ctx.cfg) for i in range(n - 1))
         return fpn
 
+    def restore_float(self) -> None:
+        del self.adds
+        self.__class__ = FeaturePyramidNetwork
+
 
 class QuantRPNHead(RPNHead):
     """RPN head: one weight quantizer per conv, one output quantizer per conv and pyramid level."""
 
     def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         logits, bbox_reg = [], []
+        level_grids = getattr(self, "_level_grids", ())
         for level, feature in enumerate(x):
             t = feature
+            grid = level_grids[level] if level < len(level_grids) else None
             for depth, block in enumerate(self.conv):
-                t = self._q(self.conv_fq, depth, level, block(t))
-            logits.append(self._q(self.cls_fq, 0, level, self.cls_logits(t)))
-            bbox_reg.append(self._q(self.bbox_fq, 0, level, self.bbox_pred(t)))
+                t = self._on_grid(block[0], t, grid)
+                for rest in list(block)[1:]:  # Identity once the activation is fused
+                    t = rest(t)
+                t = self._q(self.conv_fq, depth, level, t)
+                grid = self.conv_fq[depth][level] if self.conv_fq is not None else None
+            logits.append(self._q(self.cls_fq, 0, level, self._on_grid(self.cls_logits, t, grid)))
+            bbox_reg.append(self._q(self.bbox_fq, 0, level, self._on_grid(self.bbox_pred, t, grid)))
         return logits, bbox_reg
+
+    @staticmethod
+    def _on_grid(layer: nn.Module, t: Tensor, grid: FakeQuantize | None) -> Tensor:
+        """The shared conv told which level's quantizer produced ``t`` (its bias goes on that grid)."""
+        return layer(t, grid) if isinstance(layer, QConv2d) else layer(t)
+
+    def grid_inputs(self, args: tuple) -> list[Tensor]:
+        return list(args[0])
+
+    def restore_float(self) -> None:
+        del self.conv_fq, self.cls_fq, self.bbox_fq
+        self.__dict__.pop("_level_grids", None)
+        self.__class__ = RPNHead
+
+    def bind_grids(self, calls: list[list[FakeQuantize | None]]) -> None:
+        """The quantizer of each pyramid level's input, from the probe (`bind_input_grids`); plain references."""
+        object.__setattr__(self, "_level_grids", tuple(calls[0]) if calls else ())
 
     @staticmethod
     def _q(table: nn.ModuleList | None, row: int, level: int, t: Tensor) -> Tensor:
@@ -192,6 +247,10 @@ class QuantTwoMLPHead(TwoMLPHead):
         head.fc7 = ctx.linear(f"{name}.fc7", head.fc7, activation=nn.ReLU())
         return head
 
+    def restore_float(self) -> None:
+        self.fc6, self.fc7 = _unfuse(self.fc6)[0], _unfuse(self.fc7)[0]  # torchvision applies the ReLUs itself
+        self.__class__ = TwoMLPHead
+
 
 def _convert_predictor(pred: FastRCNNPredictor, name: str, ctx: SwapContext) -> FastRCNNPredictor:
     """Box predictor: class scores and box deltas are head outputs, quantized before decoding/NMS."""
@@ -201,14 +260,14 @@ def _convert_predictor(pred: FastRCNNPredictor, name: str, ctx: SwapContext) -> 
 
 
 class QuantLastLevelMaxPool(LastLevelMaxPool):
-    """The FPN's extra "pool" level, passing the grid of its input on (the RPN head quantizes its bias with it)."""
+    """The FPN's extra "pool" level: max pooling keeps the grid of its input (the RPN head's bias uses it)."""
 
-    def forward(self, x: list[Tensor], y: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
-        s = input_scale(x[-1])
-        results, names = super().forward(x, y, names)
-        if s is not None:
-            tag_scale(results[-1], s)
-        return results, names
+    def grid_sources(self, args: tuple, output: tuple[list[Tensor], list[str]]) -> list[tuple[Tensor, Tensor]]:
+        results = output[0]  # torchvision appends the pooled level to the list it was given
+        return [(results[-1], results[-2])]
+
+    def restore_float(self) -> None:
+        self.__class__ = LastLevelMaxPool
 
     @classmethod
     def convert(cls, pool: LastLevelMaxPool, name: str, ctx: SwapContext) -> QuantLastLevelMaxPool:
@@ -221,19 +280,13 @@ def _grid_max_pool(pool: nn.MaxPool2d, name: str, ctx: SwapContext) -> GridMaxPo
     return pool
 
 
-@contextlib.contextmanager
-def _stable_batched_nms() -> Iterator[None]:
-    """torchvision's batched NMS as one NMS over offset boxes (its ONNX path) for the duration of a forward.
+def stable_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """torchvision's batched NMS as one NMS over offset boxes (its ONNX path), on every input size.
 
-    On large inputs torchvision's eager path runs NMS per class and re-sorts the kept boxes with an
-    unstable sort; the single NMS keeps equal scores in index order, as ONNX NonMaxSuppression does.
+    On large inputs torchvision's eager ``batched_nms`` runs NMS per class and re-sorts the kept boxes
+    with an unstable sort; the single NMS keeps equal scores in index order, as ONNX NonMaxSuppression does.
     """
-    original = box_ops.batched_nms
-    box_ops.batched_nms = box_ops._batched_nms_coordinate_trick
-    try:
-        yield
-    finally:
-        box_ops.batched_nms = original
+    return box_ops._batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold)
 
 
 class StableTiesRPN(RegionProposalNetwork):
@@ -254,17 +307,67 @@ class StableTiesRPN(RegionProposalNetwork):
             offset += ob.shape[1]
         return torch.cat(r, dim=1)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with _stable_batched_nms():
-            return super().forward(*args, **kwargs)
+    def restore_float(self) -> None:
+        self.__class__ = RegionProposalNetwork
+
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
+                         num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's ``RegionProposalNetwork.filter_proposals`` (0.29) with `stable_batched_nms`."""
+        num_images = proposals.shape[0]
+        device = proposals.device
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([torch.full((n,), idx, dtype=torch.int64, device=device)
+                            for idx, n in enumerate(num_anchors_per_level)], 0)
+        levels = levels.reshape(1, -1).expand_as(objectness)
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch_idx = torch.arange(num_images, device=device)[:, None]
+        objectness = objectness[batch_idx, top_n_idx]
+        levels = levels[batch_idx, top_n_idx]
+        proposals = proposals[batch_idx, top_n_idx]
+        objectness_prob = torch.sigmoid(objectness)
+        final_boxes, final_scores = [], []
+        for boxes, scores, lvl, img_shape in zip(proposals, objectness_prob, levels, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, img_shape)
+            keep = box_ops.remove_small_boxes(boxes, self.min_size)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = torch.where(scores >= self.score_thresh)[0]
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = stable_batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
 
 
 class StableTiesRoIHeads(RoIHeads):
     """RoI heads whose final NMS keeps equal scores in index order (see `StableTiesRPN`)."""
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with _stable_batched_nms():
-            return super().forward(*args, **kwargs)
+    def restore_float(self) -> None:
+        self.__class__ = RoIHeads
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                               image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """torchvision's ``RoIHeads.postprocess_detections`` (0.29) with `stable_batched_nms`."""
+        device = class_logits.device
+        num_classes = class_logits.shape[-1]
+        boxes_per_image = [b.shape[0] for b in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals)
+        pred_scores = F.softmax(class_logits, -1)
+        all_boxes, all_scores, all_labels = [], [], []
+        for boxes, scores, image_shape in zip(pred_boxes.split(boxes_per_image, 0),
+                                              pred_scores.split(boxes_per_image, 0), image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
+            # drop the background column, then one candidate per (box, class)
+            boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+            inds = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = stable_batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
 
 
 def stable_ties(model: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fqn.quant.fake_quant import current_phase, quantizers, set_phase
+from fqn.quant.fake_quant import Phase, current_phase, quantizers, set_phase
 from fqn.quant.observers import EMAMinMaxObserver, dist_ready
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,9 @@ def calibration_mode(model: nn.Module) -> Iterator[nn.Module]:
         ...     model(images)
     """
     was_training = model.training
-    phase = current_phase(model) or "float"
+    phase = current_phase(model) or Phase.FLOAT
     model.eval()
-    set_phase(model, "observe")
+    set_phase(model, Phase.OBSERVE)
     try:
         yield model
     finally:
@@ -105,7 +105,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int, *, pro
     if empty:
         log.warning("%d activation quantizers saw no data during calibration (e.g. no RoIs): %s", len(empty),
                     ", ".join(empty[:5]))
-    set_phase(model, "quantize")
+    set_phase(model, Phase.QUANTIZE)
     return model
 
 

@@ -7,7 +7,9 @@ FQN paper: the gradient passes unchanged inside [lb, ub] and is zero outside.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import copy
+import enum
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +92,9 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax, axis)
 
 
+ExportFn = Callable[[Tensor, Tensor, Tensor, int, int, "int | None"], Tensor]
+
+
 class FakeQuantize(nn.Module):
     """A named quantizer: an observer that proposes ranges and an affine fake quantizer.
 
@@ -125,7 +130,20 @@ class FakeQuantize(nn.Module):
         self.register_buffer("fake_quant_enabled", torch.tensor(0, dtype=torch.uint8))
         self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
         self._observe, self._quantize, self._calibrated = True, False, False
+        self._export_fn: ExportFn | None = None
         self.register_load_state_dict_post_hook(refresh_after_load)
+
+    def set_export_mode(self, fn: ExportFn | None) -> None:
+        """Quantize with ``fn`` (same signature as `fake_quantize`) instead, e.g. to trace a graph op; None resets.
+
+        An exporter gives the quantizer its graph form here instead of rebinding `fake_quantize` for the
+        whole process: another model running meanwhile, in another thread, keeps quantizing as before.
+        """
+        self._export_fn = fn
+
+    @property
+    def export_mode(self) -> bool:
+        return self._export_fn is not None
 
     def _refresh(self) -> None:
         self._observe = bool(self.observer_enabled)
@@ -168,6 +186,21 @@ class FakeQuantize(nn.Module):
         self.calibrated.fill_(1)
         self._calibrated = True
 
+    @torch.no_grad()
+    def quantize_detached(self, x: Tensor) -> Tensor:
+        """``x`` fake-quantized as this quantizer would on its own range of ``x``, leaving its state untouched.
+
+        A fresh copy of the observer sees ``x`` alone, so this works in any phase (fake quantization on or
+        off) and keeps buffers and statistics as they were, which calling ``self(x)`` would not: what the
+        training monitor needs to measure a weight's quantization error between steps.
+        """
+        observer = copy.deepcopy(self.observer)
+        observer.reset()
+        observer(x)
+        lb, ub = observer.compute_range()
+        scale, zero_point = calc_qparams(lb, ub, self.bits, self.symmetric)
+        return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.ch_axis)
+
     @property
     def range(self) -> tuple[Tensor, Tensor]:
         """The nudged range [lb, ub] that the quantizer actually represents."""
@@ -189,28 +222,8 @@ class FakeQuantize(nn.Module):
             raise RuntimeError(
                 f"this {self.role} quantizer has no range yet: run fqn.calibrate(model, batches, n) "
                 "before enabling fake quantization")
-        out = fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
-        if self.ch_axis is None:
-            tag_scale(out, self.scale)
-        return out
-
-
-SCALE_TAG = "fqn_scale"
-
-
-def tag_scale(t: Tensor, scale: Tensor) -> Tensor:
-    """Mark ``t`` as lying on the grid of step ``scale``, so the layer that reads it can quantize its bias.
-
-    Integer kernels add the bias as int32 on the grid ``s_in * s_w`` of their accumulator; a layer
-    knows ``s_w`` but only its input knows ``s_in``. Grid-preserving ops (max pooling) pass the tag on.
-    """
-    setattr(t, SCALE_TAG, scale)
-    return t
-
-
-def input_scale(t: Tensor) -> Tensor | None:
-    """The step of the grid ``t`` lies on (see `tag_scale`), or None when no quantizer produced it."""
-    return getattr(t, SCALE_TAG, None)
+        fn = self._export_fn or fake_quantize
+        return fn(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
 
 
 BIAS_BOUND = 2**30
@@ -250,13 +263,31 @@ def weight_quantizer(weight: Tensor, bits: int, *, per_channel: bool, symmetric:
     return fq.to(weight.device)
 
 
-PHASES = {
-    # name: (activation observers on, fake quantization on)
-    "float": (False, False),
-    "observe": (True, False),
-    "quantize": (False, True),
-    "observe_quantize": (True, True),
-}
+class Phase(str, enum.Enum):
+    """What every quantizer of a model does: observe statistics, fake-quantize, both, or neither.
+
+    * ``FLOAT``: identity everywhere (no observing, no quantizing).
+    * ``OBSERVE``: activation observers record statistics, no quantization (calibration).
+    * ``QUANTIZE``: fixed ranges, fake quantization on (P: after calibration).
+    * ``OBSERVE_QUANTIZE``: EMA ranges keep updating while quantizing ([17], P off).
+
+    Weight quantizers recompute their range from the current weight whenever they quantize.
+    A `str` enum: ``Phase.QUANTIZE == "quantize"``, so configs and logs may use the names.
+    """
+
+    FLOAT = "float"
+    OBSERVE = "observe"
+    QUANTIZE = "quantize"
+    OBSERVE_QUANTIZE = "observe_quantize"
+
+    @property
+    def flags(self) -> tuple[bool, bool]:
+        """(activation observers on, fake quantization on)."""
+        return _PHASE_FLAGS[self]
+
+
+_PHASE_FLAGS = {Phase.FLOAT: (False, False), Phase.OBSERVE: (True, False), Phase.QUANTIZE: (False, True),
+                Phase.OBSERVE_QUANTIZE: (True, True)}
 
 
 def quantizers(model: nn.Module, role: str | None = None) -> list[tuple[str, FakeQuantize]]:
@@ -265,28 +296,22 @@ def quantizers(model: nn.Module, role: str | None = None) -> list[tuple[str, Fak
             if isinstance(m, FakeQuantize) and (role is None or m.role == role)]
 
 
-def set_phase(model: nn.Module, phase: str) -> None:
-    """Switch every quantizer of ``model`` to a named phase.
-
-    * ``float``: identity everywhere (no observing, no quantizing).
-    * ``observe``: activation observers record statistics, no quantization (calibration).
-    * ``quantize``: fixed ranges, fake quantization on (P: after calibration).
-    * ``observe_quantize``: EMA ranges keep updating while quantizing ([17], P off).
-
-    Weight quantizers recompute their range from the current weight whenever they quantize.
-    """
-    if phase not in PHASES:
-        raise ValueError(f"unknown quantizer phase {phase!r}; choose one of {sorted(PHASES)}")
-    observe, quantize = PHASES[phase]
+def set_phase(model: nn.Module, phase: Phase | str) -> None:
+    """Switch every quantizer of ``model`` to ``phase`` (a `Phase` or its name)."""
+    try:
+        phase = Phase(phase)
+    except ValueError:
+        raise ValueError(f"unknown quantizer phase {phase!r}; choose one of {[p.value for p in Phase]}") from None
+    observe, quantize = phase.flags
     for _, fq in quantizers(model):
         fq.enable_fake_quant(quantize)
         fq.enable_observer(observe if fq.role == "act" else quantize)
 
 
 @contextlib.contextmanager
-def phase_of(model: nn.Module, phase: str) -> Iterator[None]:
-    """``model`` in ``phase`` inside the block; its phase before (``quantize`` if mixed) restored after."""
-    before = current_phase(model) or "quantize"
+def phase_of(model: nn.Module, phase: Phase | str) -> Iterator[None]:
+    """``model`` in ``phase`` inside the block; its phase before (``QUANTIZE`` if mixed) restored after."""
+    before = current_phase(model) or Phase.QUANTIZE
     set_phase(model, phase)
     try:
         yield
@@ -295,17 +320,19 @@ def phase_of(model: nn.Module, phase: str) -> Iterator[None]:
 
 
 def ranges_fixed(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """EMA ranges still updating ([17], phase ``observe_quantize``) held fixed inside the block, restored after.
+    """EMA ranges still updating ([17], `Phase.OBSERVE_QUANTIZE`) held fixed inside the block, restored after.
 
     Evaluation must not move the ranges: the int8 model is written from them.
     """
-    return phase_of(model, "quantize") if current_phase(model) == "observe_quantize" else contextlib.nullcontext()
+    if current_phase(model) == Phase.OBSERVE_QUANTIZE:
+        return phase_of(model, Phase.QUANTIZE)
+    return contextlib.nullcontext()
 
 
-def current_phase(model: nn.Module) -> str | None:
+def current_phase(model: nn.Module) -> Phase | None:
     """The phase of the activation quantizers, or None if they disagree or there are none."""
     states = {(fq.observing, fq.quantizing) for _, fq in quantizers(model, "act")}
     if len(states) != 1:
         return None
     (state,) = states
-    return next(name for name, value in PHASES.items() if value == state)
+    return next(p for p in Phase if p.flags == state)

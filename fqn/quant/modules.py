@@ -14,14 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fqn.config import QuantConfig
-from fqn.quant.fake_quant import (
-    FakeQuantize,
-    bias_scale_floor,
-    input_scale,
-    quantize_bias,
-    tag_scale,
-    weight_quantizer,
-)
+from fqn.quant.fake_quant import FakeQuantize, bias_scale_floor, quantize_bias, weight_quantizer
 from fqn.quant.fold import batch_stats, bn_stats, fold_conv_bn_weights
 from fqn.quant.observers import make_activation_observer, refresh_after_load
 
@@ -37,6 +30,28 @@ def act_quantizer(cfg: QuantConfig) -> FakeQuantize:
 
 def _maybe(fq_on: bool, cfg: QuantConfig) -> FakeQuantize | None:
     return act_quantizer(cfg) if fq_on else None
+
+
+def _take(layer: nn.Module, name: str, value: Tensor) -> None:
+    """``value`` as ``layer``'s parameter ``name``, trainable as it was."""
+    setattr(layer, name, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+
+
+def _make_bn(bn_type: type, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float, momentum: float,
+             trainable: bool) -> nn.Module:
+    """A BatchNorm2d or FrozenBatchNorm2d (``bn_type``) holding these statistics, on their device."""
+    c, device = mean.numel(), mean.device
+    if bn_type is nn.BatchNorm2d:
+        bn = nn.BatchNorm2d(c, eps=eps, momentum=momentum, device=device)
+        bn.weight = nn.Parameter(gamma.detach().clone().to(device), requires_grad=trainable)
+        bn.bias = nn.Parameter(beta.detach().clone().to(device), requires_grad=trainable)
+    else:
+        bn = bn_type(c, eps=eps).to(device)
+        bn.weight.copy_(gamma.detach())
+        bn.bias.copy_(beta.detach())
+    bn.running_mean.copy_(mean.detach())
+    bn.running_var.copy_(var.detach())
+    return bn
 
 
 class _QuantLayerMixin:
@@ -75,12 +90,34 @@ class _QuantLayerMixin:
     def is_quantized(self) -> bool:
         return self.weight_fq is not None
 
-    def _q_weight(self, w: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    def bind_input_grid(self, fq: FakeQuantize | None) -> None:
+        """The quantizer whose output this layer reads (its input grid ``s_in``), found by `bind_input_grids`.
+
+        Integer kernels add the bias as int32 on the grid ``s_in * s_w`` of their accumulator; the layer
+        knows ``s_w``, the quantizer upstream knows ``s_in``. Kept as a plain reference (not a child), so
+        the quantizer is saved once, where it lives. None: the input comes out of float glue.
+        """
+        object.__setattr__(self, "_input_grid", fq)
+
+    def grid_inputs(self, args: tuple) -> list[Tensor]:
+        return [args[0]]
+
+    def bind_grids(self, calls: list[list[FakeQuantize | None]]) -> None:
+        """Bind the upstream quantizer seen in every probe call; a layer called on several grids (a head
+        shared across pyramid levels) binds none and is given its grid by the caller."""
+        sources = {id(c[0]): c[0] for c in calls}
+        self.bind_input_grid(next(iter(sources.values())) if len(sources) == 1 else None)
+
+    def _input_step(self, grid: FakeQuantize | None) -> Tensor | None:
+        """``s_in``: of this layer's own input quantizer, else of ``grid`` (given by the caller) or the bound one."""
+        fq = next((q for q in (self.input_fq, grid, getattr(self, "_input_grid", None)) if q is not None), None)
+        return fq.scale if fq is not None and fq.quantizing else None
+
+    def _q_weight(self, w: Tensor, bias: Tensor | None, s_in: Tensor | None) -> Tensor:
         """The quantized weight; its scale floored so that the bias fits the int32 grid (`bias_scale_floor`)."""
         fq = self.weight_fq
         if fq is None:
             return w
-        s_in = input_scale(x)
         if bias is None or s_in is None or not fq.quantizing:
             return fq(w)
         floor = bias_scale_floor(bias, s_in, fq.ch_axis is not None)
@@ -89,10 +126,9 @@ class _QuantLayerMixin:
             self.scale_floored = int((fq.scale <= floor).sum())
         return out
 
-    def _q_bias(self, bias: Tensor | None, x: Tensor) -> Tensor | None:
-        """The bias on the int32 grid ``s_in * s_w`` when the weight is quantized and ``x`` is on a known grid."""
+    def _q_bias(self, bias: Tensor | None, s_in: Tensor | None) -> Tensor | None:
+        """The bias on the int32 grid ``s_in * s_w`` when the weight is quantized and the input grid is known."""
         fq = self.weight_fq
-        s_in = input_scale(x)
         self.bias_quantized = bias is not None and fq is not None and fq.quantizing and s_in is not None
         if not self.bias_quantized:
             return bias
@@ -125,10 +161,30 @@ class QConv2d(_QuantLayerMixin, nn.Conv2d):
         q._setup(cfg, activation=activation, input_quant=input_quant, output_quant=output_quant)
         return q
 
-    def forward(self, x: Tensor) -> Tensor:
+    def float_layers(self) -> list[nn.Module]:
+        """The float layers this one stands for, in order: the conv, its BN if one was folded in, the activation."""
+        folded = getattr(self, "folded_bn", None)  # (BN class, conv had a bias): a kept-float conv+BN, folded
+        keep_bias = self.bias is not None and (folded is None or folded[1])
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=keep_bias, padding_mode=self.padding_mode,
+                         device=self.weight.device, dtype=self.weight.dtype)
+        _take(conv, "weight", self.weight)
+        if keep_bias:
+            _take(conv, "bias", self.bias)
+        layers: list[nn.Module] = [conv]
+        if folded is not None:  # the fold is exact: BN(gamma=1, beta=b_fold, mean=0, var=1-eps) adds the bias back
+            c = self.out_channels
+            beta = self.bias.detach() if self.bias is not None and not keep_bias else torch.zeros(c)
+            layers.append(_make_bn(folded[0], torch.ones(c), beta, torch.zeros(c), torch.full((c,), 1 - 1e-5),
+                                   1e-5, 0.1, self.weight.requires_grad))
+        return layers + ([self.activation] if self.activation is not None else [])
+
+    def forward(self, x: Tensor, grid: FakeQuantize | None = None) -> Tensor:
+        """``grid``: the quantizer that produced ``x``, for a layer shared between inputs on different grids."""
         x = self._q_input(x)
-        w = self._q_weight(self.weight, self.bias, x)
-        return self._q_output(self._conv_forward(x, w, self._q_bias(self.bias, x)))
+        s_in = self._input_step(grid)
+        w = self._q_weight(self.weight, self.bias, s_in)
+        return self._q_output(self._conv_forward(x, w, self._q_bias(self.bias, s_in)))
 
 
 class QConvBn2d(QConv2d):
@@ -146,6 +202,18 @@ class QConvBn2d(QConv2d):
     inference quantize the same weights. The EMA keeps updating. Once `bn_frozen` is set (the [18]
     variant: frozen for the last N steps), or in eval mode, the layer computes as under F.
     """
+
+    def float_layers(self) -> list[nn.Module]:
+        """Conv (trained ``W``), the BN it folds (its class, trained gamma/beta, EMA statistics), the activation."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
+                         device=self.weight.device, dtype=self.weight.dtype)
+        _take(conv, "weight", self.weight)
+        if self.bias is not None:
+            _take(conv, "bias", self.bias)
+        bn = _make_bn(self.bn_type, self.bn_weight, self.bn_bias, self.running_mean, self.running_var, self.bn_eps,
+                      self.bn_momentum, self.bn_weight.requires_grad)
+        return [conv, bn] + ([self.activation] if self.activation is not None else [])
 
     def folded_weight(self) -> Tensor:
         """The weight folded with the EMA statistics: what is quantized in training and inference alike."""
@@ -168,6 +236,7 @@ class QConvBn2d(QConv2d):
         q._frozen = False  # mirror of bn_frozen, read without a device sync
         q.register_load_state_dict_post_hook(refresh_after_load)
         q.bn_eps = eps
+        q.bn_type = type(bn)
         q.last_batch_stats = None
         momentum = getattr(bn, "momentum", None)
         q.bn_momentum = 0.1 if momentum is None else float(momentum)
@@ -185,13 +254,14 @@ class QConvBn2d(QConv2d):
         self.bn_frozen.fill_(int(frozen))
         self._frozen = bool(frozen)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, grid: FakeQuantize | None = None) -> Tensor:
         x = self._q_input(x)
+        s_in = self._input_step(grid)
         w, b = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean,
                                     self.running_var, self.bn_eps)
-        w = self._q_weight(w, b, x)
+        w = self._q_weight(w, b, s_in)
         if not self.training or self._frozen:
-            return self._q_output(self._conv_forward(x, w, self._q_bias(b, x)))
+            return self._q_output(self._conv_forward(x, w, self._q_bias(b, s_in)))
         # [17]: batch statistics of the float conv, quantized conv on the EMA fold, rescaled by sigma_EMA / sigma_B
         y_float = self._conv_forward(x, self.weight, self.bias)
         mean, var = batch_stats(y_float)
@@ -199,7 +269,7 @@ class QConvBn2d(QConv2d):
         _, b_batch = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, mean, var,
                                           self.bn_eps)
         # c * (conv + b_B / c) = c * conv + b_B: the bias goes onto the accumulator grid as at inference
-        y = self._conv_forward(x, w, self._q_bias(b_batch / correction, x)) * correction.reshape(1, -1, 1, 1)
+        y = self._conv_forward(x, w, self._q_bias(b_batch / correction, s_in)) * correction.reshape(1, -1, 1, 1)
         self._update_ema(mean.detach(), var.detach(), y_float.numel() // y_float.shape[1])
         return self._q_output(y)
 
@@ -235,19 +305,30 @@ class QLinear(_QuantLayerMixin, nn.Linear):
         q._setup(cfg, activation=activation, input_quant=input_quant, output_quant=output_quant)
         return q
 
-    def forward(self, x: Tensor) -> Tensor:
+    def float_layers(self) -> list[nn.Module]:
+        """The float linear (trained weight and bias) and its activation, if one was fused."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        _take(linear, "weight", self.weight)
+        if self.bias is not None:
+            _take(linear, "bias", self.bias)
+        return [linear] + ([self.activation] if self.activation is not None else [])
+
+    def forward(self, x: Tensor, grid: FakeQuantize | None = None) -> Tensor:
         x = self._q_input(x)
-        w = self._q_weight(self.weight, self.bias, x)
-        return self._q_output(F.linear(x, w, self._q_bias(self.bias, x)))
+        s_in = self._input_step(grid)
+        w = self._q_weight(self.weight, self.bias, s_in)
+        return self._q_output(F.linear(x, w, self._q_bias(self.bias, s_in)))
 
 
 class GridMaxPool2d(nn.MaxPool2d):
-    """Max pooling that passes its input's grid (`tag_scale`) on: its outputs are input values."""
+    """Max pooling, which keeps its input's grid: its outputs are input values (see `bind_input_grids`)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
-        s = input_scale(x)
-        return tag_scale(y, s) if s is not None else y
+    def grid_sources(self, args: tuple, output: Tensor) -> list[tuple[Tensor, Tensor]]:
+        return [(output, args[0])]
+
+    def restore_float(self) -> None:
+        self.__class__ = nn.MaxPool2d
 
 
 class QAdd(nn.Module):

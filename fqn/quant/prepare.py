@@ -15,7 +15,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from fqn.config import QuantConfig
 from fqn.quant.fake_quant import FakeQuantize
@@ -55,7 +56,9 @@ class SwapContext:
         if bn is None:
             return QConv2d.from_float(conv, cfg, **kw)
         if cfg is None:
-            return QConv2d.from_float(fold_bn(conv, bn), None, **kw)
+            q = QConv2d.from_float(fold_bn(conv, bn), None, **kw)
+            q.folded_bn = (type(bn), conv.bias is not None)  # for `restore_float`
+            return q
         return QConvBn2d.from_conv_bn(conv, bn, cfg, **kw)
 
     def linear(self, name: str, linear: nn.Linear, *, activation: nn.Module | None = None,
@@ -117,6 +120,116 @@ def swap_modules(model: nn.Module, cfg: QuantConfig, converters: dict[type, Call
     ctx = SwapContext(cfg, converters, extra or {})
     ctx.walk(model)
     return ctx
+
+
+def restore_float(module: nn.Module) -> nn.Module:
+    """Undo `swap_modules` in place: every quantized layer back to the float layers it stands for; returns it.
+
+    Bottom-up: a conv+BN(+activation) run fused in an ordered container gets its conv, BN and
+    activation back in the slots the fusion emptied; modules with a ``restore_float`` method (the
+    model's quantized blocks) put their own layers back and take their class back; a quantized
+    layer left on its own becomes its float layer. Quantizers go with the layers that held them.
+    """
+    for _, child in list(module.named_children()):
+        if not isinstance(child, (QConv2d, QLinear, FakeQuantize)):
+            restore_float(child)
+    if isinstance(module, (nn.Sequential, nn.ModuleDict)):
+        _unfuse_ordered(module)
+    restore = getattr(module, "restore_float", None)
+    if callable(restore):
+        restore()
+    for name, child in list(module.named_children()):
+        if isinstance(child, (QConv2d, QLinear)):
+            layers = child.float_layers()
+            if len(layers) != 1:
+                raise RuntimeError(f"{type(module).__name__}.{name} fuses {len(layers)} float layers and its block "
+                                   "does not say where they go: the block needs a restore_float method")
+            setattr(module, name, layers[0])
+    return module
+
+
+def _unfuse_ordered(seq: nn.Module) -> None:
+    """The inverse of `SwapContext._fuse_ordered`: a fused layer's BN and activation back into the Identity
+    slots after it (appended where the container ended with it, as a 1-layer downsample does)."""
+    items = list(seq.named_children())
+    i = 0
+    while i < len(items):
+        name, mod = items[i]
+        if not isinstance(mod, (QConv2d, QLinear)):
+            i += 1
+            continue
+        layers = mod.float_layers()
+        setattr(seq, name, layers[0])
+        j = i + 1
+        for extra in layers[1:]:
+            if j < len(items) and isinstance(items[j][1], nn.Identity):
+                setattr(seq, items[j][0], extra)
+                j += 1
+            elif j >= len(items):
+                seq.add_module(str(len(list(seq.children()))), extra)
+            else:
+                raise RuntimeError(f"cannot put {type(extra).__name__} back after {name}: {items[j][0]} is not empty")
+        i = j
+
+
+def bind_input_grids(model: nn.Module, probe: Callable[[], object]) -> int:
+    """Tell every quantized layer which quantizer produces its input, by one ``probe`` forward; returns the count.
+
+    A layer puts its bias on the int32 grid ``s_in * s_w`` as the integer kernel will, so it must know
+    ``s_in``. The probe runs with every quantizer off and every module in eval mode (nothing observed,
+    no BN statistics moved, all restored after); hooks follow tensors by identity from each activation
+    quantizer to the layers that read them, through grid-keeping ops (those with ``grid_sources``:
+    max pooling). Modules with ``grid_inputs``/``bind_grids`` (the quantized conv and linear, heads
+    shared across levels) are bound. Values do not matter: zeros will do.
+    """
+    produced: dict[int, tuple[Tensor, FakeQuantize]] = {}
+    calls: dict[nn.Module, list[list[FakeQuantize | None]]] = {}
+
+    def lookup(t: object) -> FakeQuantize | None:
+        hit = produced.get(id(t)) if isinstance(t, Tensor) else None
+        return hit[1] if hit is not None and hit[0] is t else None
+
+    def on_quantizer(m: FakeQuantize, args: tuple, out: Tensor) -> None:
+        if m.role == "act":
+            produced[id(out)] = (out, m)
+
+    def on_grid_op(m: nn.Module, args: tuple, out: object) -> None:
+        for y, x in m.grid_sources(args, out):
+            src = lookup(x)
+            if src is not None:
+                produced[id(y)] = (y, src)
+
+    def on_reader(m: nn.Module, args: tuple) -> None:
+        calls.setdefault(m, []).append([lookup(t) for t in m.grid_inputs(args)])
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, FakeQuantize):
+            handles.append(m.register_forward_hook(on_quantizer))
+        if hasattr(m, "grid_sources"):
+            handles.append(m.register_forward_hook(on_grid_op))
+        if hasattr(m, "grid_inputs"):
+            handles.append(m.register_forward_pre_hook(on_reader))
+    flags = [(q, q.observing, q.quantizing) for q in model.modules() if isinstance(q, FakeQuantize)]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for q, _, _ in flags:
+            q.enable_observer(False)
+            q.enable_fake_quant(False)
+        model.eval()
+        with torch.no_grad():
+            probe()
+    finally:
+        for h in handles:
+            h.remove()
+        for q, observe, quantize in flags:
+            q.enable_observer(observe)
+            q.enable_fake_quant(quantize)
+        for m, training in modes:
+            m.training = training
+    for m, seen in calls.items():
+        m.bind_grids(seen)
+    return sum(1 for seen in calls.values() if any(s is not None for c in seen for s in c))
 
 
 def scope_summary(model: nn.Module) -> dict[str, int]:

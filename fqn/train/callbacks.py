@@ -9,13 +9,13 @@ import pytorch_lightning as pl
 
 from fqn.config import QuantConfig
 from fqn.quant.calibrate import sync_ema_observers
-from fqn.quant.fake_quant import current_phase, set_phase
+from fqn.quant.fake_quant import Phase, current_phase, set_phase
 from fqn.quant.modules import freeze_bn_stats
 
 
-def training_phase(cfg: QuantConfig) -> str:
+def training_phase(cfg: QuantConfig) -> Phase:
     """P: ranges fixed after calibration. Not P ([17]): EMA ranges keep updating while fine-tuning."""
-    return "observe_quantize" if cfg.activation_observer == "ema" else "quantize"
+    return Phase.OBSERVE_QUANTIZE if cfg.activation_observer == "ema" else Phase.QUANTIZE
 
 
 class QuantPhaseScheduler(pl.Callback):
@@ -25,7 +25,7 @@ class QuantPhaseScheduler(pl.Callback):
     """
 
     def __init__(self) -> None:
-        self._train_phase: str | None = None
+        self._train_phase: Phase | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_phase = training_phase(pl_module.qcfg)
@@ -39,12 +39,12 @@ class QuantPhaseScheduler(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if self._train_phase == "observe_quantize":
+        if self._train_phase == Phase.OBSERVE_QUANTIZE:
             sync_ema_observers(pl_module.model)  # every rank keeps identical EMA ranges (no-op on one rank)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if current_phase(pl_module.model) == "observe_quantize":
-            set_phase(pl_module.model, "quantize")  # evaluation must not move the ranges
+        if current_phase(pl_module.model) == Phase.OBSERVE_QUANTIZE:
+            set_phase(pl_module.model, Phase.QUANTIZE)  # evaluation must not move the ranges
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._train_phase is not None and trainer.training:

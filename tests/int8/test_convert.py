@@ -18,6 +18,7 @@ from fqn.int8.onnx_qdq import export_onnx
 from fqn.int8.runtime import session_options
 from fqn.quant.fake_quant import quantizers, set_phase
 from fqn.quant.modules import QAdd, QConv2d
+from fqn.quant.prepare import bind_input_grids
 
 
 class _Block(nn.Module):
@@ -39,6 +40,7 @@ def _calibrated_block(bits: int) -> tuple[_Block, torch.Tensor]:
     cfg = QuantConfig(bits_w=bits, bits_a=bits, percentile=False, act_observer="minmax")
     block = _Block(cfg).eval()
     x = torch.randn(2, 8, 24, 24)
+    bind_input_grids(block, lambda: block(x))  # b reads a's output: its bias goes on a's grid, as prepare_qat does
     set_phase(block, "observe")
     with torch.no_grad():
         block(x)
