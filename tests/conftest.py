@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from fqn.demo import synthetic_scenes
+from fqn.data.synthetic import synthetic_scenes
 from fqn.models import build_detector, recalibrate_bn
 
 SIZE = 128

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from fqn.ablate import grid_spec, markdown, run_grid, table_rows
-from fqn.cli import main
+from fqn.commands.ablate import grid_spec, markdown, run_grid, table_rows
+from fqn.commands.cli import main
 from fqn.models import build_detector
 
 from .train.tiny import DETECTOR, SIZE

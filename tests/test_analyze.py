@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fqn import QuantConfig, calibrate, prepare_qat
-from fqn.analyze import (
+from fqn.commands.analyze import (
     analyze_layers,
     comparable_points,
     error_stats,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fqn.cli import ConfigError, error_line, main
+from fqn.commands.cli import error_line, main
+from fqn.commands.config_files import ConfigError
 from fqn.data.sanitize import DataError
 from tests.data.files import kitti_line, write_garbage, write_kitti
 from tests.test_configs import CUSTOM, REPO, SIZE, coco_args, coco_files, fqn

@@ -111,7 +111,7 @@ def test_every_config_starts_on_tiny_data(chain, tmp_path):
 
 def test_coco_recipe_keeps_category_ids_as_labels(tmp_path):
     """The 91-way head: stop sign (id 13) is label 13, not 2; a foreign label space is a clear error."""
-    from fqn.cli import load_config
+    from fqn.commands.config_files import load_config
     from fqn.data.datamodule import DetectionDataModule
 
     files = coco_files(tmp_path / "coco", COCO_IDS)

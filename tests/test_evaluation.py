@@ -102,9 +102,9 @@ def test_a_detector_that_detects_nothing_scores_zero():
 
 
 def test_compare_logs_an_ap_of_zero_as_zero(tmp_path, caplog):
-    from fqn.compare import Comparison
+    from fqn.commands.compare import Comparison
 
-    cmp = Comparison(tmp_path, [()], [torch.zeros(3, 8, 8)], progress=False)
-    with caplog.at_level(logging.INFO, logger="fqn.compare"):
+    cmp = Comparison(tmp_path, info={})
+    with caplog.at_level(logging.INFO, logger="fqn.commands.compare"):
         cmp.add({"name": "blind", "method": "fp32", "AP": 0.0, "size_mb": 1.0})
     assert "blind AP=0.0000 size=1.0 MB" in caplog.text

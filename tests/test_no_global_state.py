@@ -114,11 +114,11 @@ def test_pooler_swap_computes_what_torchvision_computes(float_detector, scenes):
 
 
 def test_input_grids_are_bound_inside_the_model_and_follow_a_deep_copy(quantized):
-    from fqn.quant.modules import QConv2d
+    from fqn.quant.modules import QuantConv2d
 
     def bound(model):
         return {n: m._input_grid for n, m in model.named_modules()
-                if isinstance(m, QConv2d) and getattr(m, "_input_grid", None) is not None}
+                if isinstance(m, QuantConv2d) and getattr(m, "_input_grid", None) is not None}
 
     original = bound(quantized)
     assert len(original) > 20

@@ -30,6 +30,33 @@ def test_method_never_imports_lightning_or_detection_models():
         assert not pattern.search(path.read_text()), path
 
 
+LIBRARY = ("fqn.config", "fqn.quant", "fqn.models", "fqn.int8", "fqn.data", "fqn.train", "fqn.evaluation", "fqn.ptq",
+           "fqn.viz")
+
+
+def test_library_layers_never_import_a_command():
+    """The method, the models, the int8 backend, the data and the trainer sit below the commands."""
+    root = Path(fqn.__file__).parent
+    pattern = re.compile(r"^\s*(from|import)\s+fqn\.commands\b", re.M)
+    files = [p for p in sorted(root.rglob("*.py")) if "commands" not in p.relative_to(root).parts]
+    assert len(files) > 25
+    offenders = [str(p.relative_to(root)) for p in files if pattern.search(p.read_text())]
+    assert offenders == []
+    code = ("import sys, importlib;"
+            f"[importlib.import_module(m) for m in {LIBRARY!r}];"
+            "print(sorted(m for m in sys.modules if m.startswith('fqn.commands')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_commands_live_in_one_place():
+    root = Path(fqn.__file__).parent
+    top = sorted(p.stem for p in root.glob("*.py"))
+    assert top == ["__init__", "config", "evaluation", "ptq", "viz"], top
+    assert {"cli", "compare", "ablate", "analyze", "quickstart", "demo", "peers", "report", "config_files"} <= {
+        p.stem for p in (root / "commands").glob("*.py")}
+
+
 def test_api_demo_runs_from_the_console_script():
     exe = Path(sys.executable).with_name("fqn")
     cmd = [str(exe) if exe.exists() else "fqn", "demo", "--size", "128", "--n-cal", "1"]

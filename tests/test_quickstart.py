@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fqn.cli import main
-from fqn.quickstart import QuickstartConfig, _train, run_quickstart
+from fqn.commands.cli import main
+from fqn.commands.quickstart import QuickstartConfig, _train, run_quickstart
 
 
 def test_tiny_quickstart_runs_and_reuses_its_checkpoints(tmp_path, capsys):

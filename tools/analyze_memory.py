@@ -1,4 +1,4 @@
-"""Peak memory and time of `fqn.analyze` on an R50-FPN at KITTI size, on the CPU.
+"""Peak memory and time of `fqn.commands.analyze` on an R50-FPN at KITTI size, on the CPU.
 
 The issue asks that the analysis fit an R50-FPN at KITTI resolution in reasonable memory. No
 pretrained weights can be downloaded here, so the detector is a BN-calibrated random R50-FPN
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fqn import QuantConfig, calibrate, prepare_qat
-from fqn.analyze import analyze_layers, comparable_points, write_report
+from fqn.commands.analyze import analyze_layers, comparable_points, write_report
 from fqn.models import build_detector
 
 

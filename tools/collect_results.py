@@ -9,11 +9,11 @@ FP32 and QAT rows are the last `val/*` values of their runs; the PTQ row of a QA
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fqn.commands.report import columns, markdown_table, write_json
 from fqn.evaluation import MAP_COLUMNS
 
 COLUMNS = list(MAP_COLUMNS.values())
@@ -44,11 +44,7 @@ def collect(root: Path, float_run: str, qat_runs: list[str]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for r in rows:
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) and r[c] >= 0 else "–" for c in COLUMNS]
-        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, columns("model", *COLUMNS))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = collect(args.root, args.float_run, args.qat)
     print(markdown(rows))
     out = args.out or args.root / "results.json"
-    out.write_text(json.dumps(rows, indent=2))
+    write_json(out, rows)
     print(f"\nwrote {out}")
 
 

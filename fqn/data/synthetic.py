@@ -173,3 +173,9 @@ class SyntheticDetection(Dataset):
             raise IndexError(index)
         img, boxes, labels = render(index, self.cfg, self.split)
         return img, {"boxes": boxes, "labels": labels, "image_id": torch.tensor(index)}
+
+
+def synthetic_scenes(n: int, size: int = 256, seed: int = 0) -> list[Tensor]:
+    """``n`` images of the embedded synthetic benchmark (its ``cal`` split, disjoint from train/val)."""
+    cfg = SyntheticConfig(image_size=size, max_size=min(80, size), seed=seed)
+    return [render(i, cfg, "cal")[0] for i in range(n)]

@@ -19,7 +19,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from fqn.config import QuantConfig
 from fqn.models.quantizable import CONVERTERS, stable_ties
 from fqn.quant.fake_quant import Phase, set_phase
-from fqn.quant.modules import QConv2d, act_quantizer
+from fqn.quant.modules import QuantConv2d, act_quantizer
 from fqn.quant.prepare import bind_input_grids, is_prepared, restore_float, scope_summary, swap_modules
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def _quantize_network_input(model: nn.Module, cfg: QuantConfig) -> None:
     """The normalised input (after torchvision's transform) is quantized at the first conv of the backbone."""
     backbone = getattr(model, "backbone", model)
     first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
-    if isinstance(first, QConv2d) and first.is_quantized and first.input_fq is None:
+    if isinstance(first, QuantConv2d) and first.is_quantized and first.input_fq is None:
         first.input_fq = act_quantizer(cfg)
 
 

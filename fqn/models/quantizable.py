@@ -25,7 +25,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from torchvision.ops.misc import SqueezeExcitation
 
 from fqn.quant.fake_quant import FakeQuantize
-from fqn.quant.modules import GridMaxPool2d, QAdd, QConv2d, QMul, act_quantizer
+from fqn.quant.modules import QuantAdd, QuantConv2d, QuantMaxPool2d, QuantMul, act_quantizer
 from fqn.quant.prepare import SwapContext
 
 
@@ -49,7 +49,7 @@ class QuantBasicBlock(BasicBlock):
         block.conv2 = ctx.conv_bn(f"{name}.conv2", block.conv2, block.bn2)
         block.bn1 = block.bn2 = block.relu = nn.Identity()
         _downsample(block, name, ctx)
-        block.add_relu = QAdd(None if ctx.is_float(f"{name}.add_relu") else ctx.cfg, relu=True)
+        block.add_relu = QuantAdd(None if ctx.is_float(f"{name}.add_relu") else ctx.cfg, relu=True)
         return block
 
     def restore_float(self) -> None:
@@ -86,7 +86,7 @@ class QuantBottleneck(Bottleneck):
         block.conv3 = ctx.conv_bn(f"{name}.conv3", block.conv3, block.bn3)
         block.bn1 = block.bn2 = block.bn3 = block.relu = nn.Identity()
         _downsample(block, name, ctx)
-        block.add_relu = QAdd(None if ctx.is_float(f"{name}.add_relu") else ctx.cfg, relu=True)
+        block.add_relu = QuantAdd(None if ctx.is_float(f"{name}.add_relu") else ctx.cfg, relu=True)
         return block
 
     def restore_float(self) -> None:
@@ -105,7 +105,7 @@ class QuantInvertedResidual(InvertedResidual):
         block.__class__ = cls
         ctx.walk(block, f"{name}.")
         if block.use_res_connect:
-            block.add = QAdd(None if ctx.is_float(f"{name}.add") else ctx.cfg)
+            block.add = QuantAdd(None if ctx.is_float(f"{name}.add") else ctx.cfg)
         return block
 
     def restore_float(self) -> None:
@@ -126,7 +126,7 @@ class QuantSqueezeExcitation(SqueezeExcitation):
         se.fc1 = ctx.conv_bn(f"{name}.fc1", se.fc1, None, activation=type(se.activation)(), input_quant=True)
         se.fc2 = ctx.conv_bn(f"{name}.fc2", se.fc2, None, activation=type(se.scale_activation)())
         se.activation = se.scale_activation = nn.Identity()
-        se.mul = QMul(None if ctx.is_float(f"{name}.mul") else ctx.cfg)
+        se.mul = QuantMul(None if ctx.is_float(f"{name}.mul") else ctx.cfg)
         return se
 
     def restore_float(self) -> None:
@@ -158,7 +158,7 @@ class QuantFPN(FeaturePyramidNetwork):
         fpn.__class__ = cls
         ctx.walk(fpn, f"{name}.")
         n = len(fpn.inner_blocks)
-        fpn.adds = nn.ModuleList(QAdd(None if ctx.is_float(f"{name}.adds.{i}") else ctx.cfg) for i in range(n - 1))
+        fpn.adds = nn.ModuleList(QuantAdd(None if ctx.is_float(f"{name}.adds.{i}") else ctx.cfg) for i in range(n - 1))
         return fpn
 
     def restore_float(self) -> None:
@@ -188,7 +188,7 @@ class QuantRPNHead(RPNHead):
     @staticmethod
     def _on_grid(layer: nn.Module, t: Tensor, grid: FakeQuantize | None) -> Tensor:
         """The shared conv told which level's quantizer produced ``t`` (its bias goes on that grid)."""
-        return layer(t, grid) if isinstance(layer, QConv2d) else layer(t)
+        return layer(t, grid) if isinstance(layer, QuantConv2d) else layer(t)
 
     def grid_inputs(self, args: tuple) -> list[Tensor]:
         return list(args[0])
@@ -275,8 +275,8 @@ class QuantLastLevelMaxPool(LastLevelMaxPool):
         return pool
 
 
-def _grid_max_pool(pool: nn.MaxPool2d, name: str, ctx: SwapContext) -> GridMaxPool2d:
-    pool.__class__ = GridMaxPool2d
+def _grid_max_pool(pool: nn.MaxPool2d, name: str, ctx: SwapContext) -> QuantMaxPool2d:
+    pool.__class__ = QuantMaxPool2d
     return pool
 
 
@@ -289,7 +289,7 @@ def stable_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshol
     return box_ops._batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold)
 
 
-class StableTiesRPN(RegionProposalNetwork):
+class QuantRPN(RegionProposalNetwork):
     """RPN whose top-k and NMS break ties between equal scores by index, as the exported int8 graph does.
 
     Quantized objectness takes few distinct values (16 at 4 bits), so ties are common, and
@@ -338,8 +338,8 @@ class StableTiesRPN(RegionProposalNetwork):
         return final_boxes, final_scores
 
 
-class StableTiesRoIHeads(RoIHeads):
-    """RoI heads whose final NMS keeps equal scores in index order (see `StableTiesRPN`)."""
+class QuantRoIHeads(RoIHeads):
+    """RoI heads whose final NMS keeps equal scores in index order (see `QuantRPN`)."""
 
     def restore_float(self) -> None:
         self.__class__ = RoIHeads
@@ -373,9 +373,9 @@ class StableTiesRoIHeads(RoIHeads):
 def stable_ties(model: nn.Module) -> nn.Module:
     """Give a torchvision detector's RPN and RoI heads the index-ordered tie-breaking of the int8 graph."""
     if type(getattr(model, "rpn", None)) is RegionProposalNetwork:
-        model.rpn.__class__ = StableTiesRPN
+        model.rpn.__class__ = QuantRPN
     if type(getattr(model, "roi_heads", None)) is RoIHeads:
-        model.roi_heads.__class__ = StableTiesRoIHeads
+        model.roi_heads.__class__ = QuantRoIHeads
     return model
 
 

@@ -1,6 +1,6 @@
 """Batch-norm folding (FQN 3.5).
 
-`QConvBn2d` keeps the conv weight ``W`` as the parameter and folds at every step:
+`QuantConvBn2d` keeps the conv weight ``W`` as the parameter and folds at every step:
 F on, with the frozen EMA statistics (eqs. 13-14, Fig. 3); F off, the [17] scheme
 (eqs. 11-12, batch statistics with the EMA-fold correction). `fold_bn` folds once,
 for layers kept float and for float references. Both read each BN module's own
@@ -30,7 +30,7 @@ def fold_conv_bn_weights(weight: Tensor, bias: Tensor | None, gamma: Tensor, bet
                          var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Eqs. 11-14: ``W_fold = gamma/sqrt(var+eps) * W``, ``b_fold = gamma/sqrt(var+eps) * (b - mean) + beta``.
 
-    Differentiable: `QConvBn2d` calls it at every training step with batch statistics (eqs. 11-12).
+    Differentiable: `QuantConvBn2d` calls it at every training step with batch statistics (eqs. 11-12).
     """
     factor = gamma / torch.sqrt(var + eps)
     b = bias if bias is not None else torch.zeros_like(mean)

@@ -55,7 +55,7 @@ def _make_bn(bn_type: type, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tens
 
 
 class _QuantLayerMixin:
-    """Shared wiring of QConv2d and QLinear."""
+    """Shared wiring of QuantConv2d and QuantLinear."""
 
     weight_fq: FakeQuantize | None
     input_fq: FakeQuantize | None
@@ -145,13 +145,13 @@ class _QuantLayerMixin:
         return self.act_fq(y) if self.act_fq is not None else y
 
 
-class QConv2d(_QuantLayerMixin, nn.Conv2d):
+class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
     """Conv2d with fake-quantized weight, optional input quantizer, fused activation and output quantizer."""
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, cfg: QuantConfig | None, *, bias: Tensor | None = None,
                    weight: Tensor | None = None, activation: nn.Module | None = None, input_quant: bool = False,
-                   output_quant: bool = True) -> QConv2d:
+                   output_quant: bool = True) -> QuantConv2d:
         """Swap ``conv`` (``cfg=None`` keeps it float); ``weight``/``bias`` override, e.g. BN-folded ones."""
         w = conv.weight if weight is None else weight
         b = conv.bias if bias is None else bias
@@ -187,7 +187,7 @@ class QConv2d(_QuantLayerMixin, nn.Conv2d):
         return self._q_output(self._conv_forward(x, w, self._q_bias(self.bias, s_in)))
 
 
-class QConvBn2d(QConv2d):
+class QuantConvBn2d(QuantConv2d):
     """Conv + BN whose trained parameter stays ``W``, folded with the BN statistics at every step.
 
     **F** (``freeze_bn=True``, paper Fig. 3): the EMA statistics are frozen; each forward folds
@@ -222,7 +222,7 @@ class QConvBn2d(QConv2d):
         return w
 
     @classmethod
-    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, cfg: QuantConfig, **kw) -> QConvBn2d:
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, cfg: QuantConfig, **kw) -> QuantConvBn2d:
         """Swap conv + BN; the BN statistics are frozen from the start under F (``cfg.freeze_bn``)."""
         q = cls.from_float(conv, cfg, **kw)
         gamma, beta, mean, var, eps = bn_stats(bn)
@@ -283,22 +283,22 @@ class QConvBn2d(QConv2d):
 
 
 def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> int:
-    """Freeze (or unfreeze) the BN statistics of every `QConvBn2d`; returns how many there are.
+    """Freeze (or unfreeze) the BN statistics of every `QuantConvBn2d`; returns how many there are.
 
     Without F the trainer calls this ``freeze_bn_last_steps`` steps before the end.
     """
-    layers = [m for m in model.modules() if isinstance(m, QConvBn2d)]
+    layers = [m for m in model.modules() if isinstance(m, QuantConvBn2d)]
     for m in layers:
         m.freeze_bn(frozen)
     return len(layers)
 
 
-class QLinear(_QuantLayerMixin, nn.Linear):
+class QuantLinear(_QuantLayerMixin, nn.Linear):
     """Linear with fake-quantized weight, optional input quantizer, fused activation and output quantizer."""
 
     @classmethod
     def from_float(cls, linear: nn.Linear, cfg: QuantConfig | None, *, activation: nn.Module | None = None,
-                   input_quant: bool = False, output_quant: bool = True) -> QLinear:
+                   input_quant: bool = False, output_quant: bool = True) -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype)
         q._copy_params(linear.weight, linear.bias, linear.weight.requires_grad)
@@ -321,7 +321,7 @@ class QLinear(_QuantLayerMixin, nn.Linear):
         return self._q_output(F.linear(x, w, self._q_bias(self.bias, s_in)))
 
 
-class GridMaxPool2d(nn.MaxPool2d):
+class QuantMaxPool2d(nn.MaxPool2d):
     """Max pooling, which keeps its input's grid: its outputs are input values (see `bind_input_grids`)."""
 
     def grid_sources(self, args: tuple, output: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -331,7 +331,7 @@ class GridMaxPool2d(nn.MaxPool2d):
         self.__class__ = nn.MaxPool2d
 
 
-class QAdd(nn.Module):
+class QuantAdd(nn.Module):
     """Element-wise add of two quantized tensors, optional fused ReLU, quantized output (FQN 3.6)."""
 
     def __init__(self, cfg: QuantConfig | None, relu: bool = False) -> None:
@@ -346,7 +346,7 @@ class QAdd(nn.Module):
         return self.act_fq(y) if self.act_fq is not None else y
 
 
-class QMul(nn.Module):
+class QuantMul(nn.Module):
     """Element-wise product (squeeze-excitation scaling) with a quantized output."""
 
     def __init__(self, cfg: QuantConfig | None) -> None:
@@ -358,4 +358,5 @@ class QMul(nn.Module):
         return self.act_fq(y) if self.act_fq is not None else y
 
 
-__all__ = ["QConv2d", "QConvBn2d", "QLinear", "QAdd", "QMul", "GridMaxPool2d", "act_quantizer", "freeze_bn_stats"]
+__all__ = ["QuantConv2d", "QuantConvBn2d", "QuantLinear", "QuantAdd", "QuantMul", "QuantMaxPool2d", "act_quantizer",
+           "freeze_bn_stats"]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from fqn.config import QuantConfig
 from fqn.quant.fake_quant import FakeQuantize
 from fqn.quant.fold import BN_TYPES, fold_bn
-from fqn.quant.modules import QAdd, QConv2d, QConvBn2d, QLinear, QMul
+from fqn.quant.modules import QuantAdd, QuantConv2d, QuantConvBn2d, QuantLinear, QuantMul
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ class SwapContext:
 
     def conv_bn(self, name: str, conv: nn.Conv2d, bn: nn.Module | None, *, activation: nn.Module | None = None,
                 input_quant: bool = False, output_quant: bool = True) -> nn.Conv2d:
-        """Swap conv(+BN)(+act): a `QConvBn2d` that trains ``W`` and folds BN at every step, frozen under F.
+        """Swap conv(+BN)(+act): a `QuantConvBn2d` that trains ``W`` and folds BN at every step, frozen under F.
 
-        A name kept float returns the conv itself if there is nothing to fuse, else a float `QConv2d`
+        A name kept float returns the conv itself if there is nothing to fuse, else a float `QuantConv2d`
         (folded BN, fused activation, no quantizers), since the quantized block no longer calls its BN.
         """
         cfg = None if self.is_float(name) else self.cfg
@@ -54,20 +54,20 @@ class SwapContext:
             return conv  # nothing to fuse: the float layer itself stays
         kw = dict(activation=activation, input_quant=input_quant, output_quant=output_quant)
         if bn is None:
-            return QConv2d.from_float(conv, cfg, **kw)
+            return QuantConv2d.from_float(conv, cfg, **kw)
         if cfg is None:
-            q = QConv2d.from_float(fold_bn(conv, bn), None, **kw)
+            q = QuantConv2d.from_float(fold_bn(conv, bn), None, **kw)
             q.folded_bn = (type(bn), conv.bias is not None)  # for `restore_float`
             return q
-        return QConvBn2d.from_conv_bn(conv, bn, cfg, **kw)
+        return QuantConvBn2d.from_conv_bn(conv, bn, cfg, **kw)
 
     def linear(self, name: str, linear: nn.Linear, *, activation: nn.Module | None = None,
-               input_quant: bool = False, output_quant: bool = True) -> QLinear:
+               input_quant: bool = False, output_quant: bool = True) -> QuantLinear:
         cfg = None if self.is_float(name) else self.cfg
         (self.kept_float if cfg is None else self.swapped).append(name)
         if cfg is None and activation is None:
             return linear
-        return QLinear.from_float(linear, cfg, activation=activation, input_quant=input_quant,
+        return QuantLinear.from_float(linear, cfg, activation=activation, input_quant=input_quant,
                                   output_quant=output_quant)
 
     def walk(self, module: nn.Module, prefix: str = "") -> None:
@@ -76,7 +76,7 @@ class SwapContext:
             self._fuse_ordered(module, prefix)
         for name, child in list(module.named_children()):
             full = f"{prefix}{name}"
-            if isinstance(child, (QConv2d, QLinear, QAdd, QMul, FakeQuantize)):
+            if isinstance(child, (QuantConv2d, QuantLinear, QuantAdd, QuantMul, FakeQuantize)):
                 continue
             if self.is_float(full):
                 if any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in child.modules()):
@@ -131,7 +131,7 @@ def restore_float(module: nn.Module) -> nn.Module:
     layer left on its own becomes its float layer. Quantizers go with the layers that held them.
     """
     for _, child in list(module.named_children()):
-        if not isinstance(child, (QConv2d, QLinear, FakeQuantize)):
+        if not isinstance(child, (QuantConv2d, QuantLinear, FakeQuantize)):
             restore_float(child)
     if isinstance(module, (nn.Sequential, nn.ModuleDict)):
         _unfuse_ordered(module)
@@ -139,7 +139,7 @@ def restore_float(module: nn.Module) -> nn.Module:
     if callable(restore):
         restore()
     for name, child in list(module.named_children()):
-        if isinstance(child, (QConv2d, QLinear)):
+        if isinstance(child, (QuantConv2d, QuantLinear)):
             layers = child.float_layers()
             if len(layers) != 1:
                 raise RuntimeError(f"{type(module).__name__}.{name} fuses {len(layers)} float layers and its block "
@@ -155,7 +155,7 @@ def _unfuse_ordered(seq: nn.Module) -> None:
     i = 0
     while i < len(items):
         name, mod = items[i]
-        if not isinstance(mod, (QConv2d, QLinear)):
+        if not isinstance(mod, (QuantConv2d, QuantLinear)):
             i += 1
             continue
         layers = mod.float_layers()
@@ -236,16 +236,16 @@ def scope_summary(model: nn.Module) -> dict[str, int]:
     """Counts by kind of what is quantized and what computes in float, read off the model itself."""
     counts: Counter[str] = Counter()
     for _, m in model.named_modules():
-        if isinstance(m, (QConv2d, QLinear)):
-            kind = "conv" if isinstance(m, QConv2d) else "linear"
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            kind = "conv" if isinstance(m, QuantConv2d) else "linear"
             counts[f"{kind}:quantized" if m.is_quantized else f"{kind}:float"] += 1
         elif isinstance(m, nn.Conv2d):
             counts["conv:float"] += 1
         elif isinstance(m, nn.Linear):
             counts["linear:float"] += 1
-        elif isinstance(m, QAdd):
+        elif isinstance(m, QuantAdd):
             counts["add:quantized" if m.act_fq is not None else "add:float"] += 1
-        elif isinstance(m, QMul):
+        elif isinstance(m, QuantMul):
             counts["mul:quantized" if m.act_fq is not None else "mul:float"] += 1
         elif isinstance(m, FakeQuantize):
             counts[f"quantizer:{m.role}"] += 1

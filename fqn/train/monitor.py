@@ -18,7 +18,6 @@ Tags (``<name>`` is the module name in ``pl_module.model``):
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,49 +26,30 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
-from torchvision.utils import draw_bounding_boxes
 
 from fqn.evaluation import sqnr_db
-from fqn.quant.fake_quant import FakeQuantize, calc_qparams, fake_quantize, quantizers
-from fqn.quant.modules import QConv2d, QConvBn2d, QLinear
+from fqn.quant.fake_quant import FakeQuantize, quantizers
+from fqn.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear
+from fqn.viz import draw_detections
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-GT_COLOR = (0, 255, 0)
-PRED_COLOR = (255, 0, 0)
 
 
 @torch.no_grad()
-def quantize_weight_like(fq: FakeQuantize, w: Tensor) -> Tensor:
-    """Fake-quantize ``w`` as the weight quantizer ``fq`` would, without touching ``fq``'s state.
-
-    A weight quantizer takes its range from the weight it is given (its
-    observer), so a fresh copy of that observer sees ``w`` alone; this works
-    whatever phase the quantizer is in (fake quantization on or off) and leaves
-    its buffers as they were, which calling ``fq(w)`` would not.
-    """
-    observer = copy.deepcopy(fq.observer)
-    observer.reset()
-    observer(w)
-    lb, ub = observer.compute_range()
-    scale, zero_point = calc_qparams(lb, ub, fq.bits, fq.symmetric)
-    return fake_quantize(w, scale, zero_point, fq.qmin, fq.qmax, fq.ch_axis)
-
-
-@torch.no_grad()
-def weight_sqnr_db(layer: QConv2d | QLinear) -> Tensor:
+def weight_sqnr_db(layer: QuantConv2d | QuantLinear) -> Tensor:
     """SQNR in dB of a quantized layer's weight: ``10 log10(sum w^2 / sum (w - Q(w))^2)``, a 0-d tensor.
 
-    `QConvBn2d` is measured on its weight folded with the EMA statistics (what
+    `QuantConvBn2d` is measured on its weight folded with the EMA statistics (what
     eval mode and the int8 export quantize). Exact weights give ``inf``, an
     all-zero weight ``nan``; the callback skips both.
     """
     if layer.weight_fq is None:
         raise ValueError("this layer has no weight quantizer (it is kept float)")
-    w = layer.folded_weight() if isinstance(layer, QConvBn2d) else layer.weight
+    w = layer.folded_weight() if isinstance(layer, QuantConvBn2d) else layer.weight
     w = w.detach().float()
-    return sqnr_db(w, quantize_weight_like(layer.weight_fq, w))
+    return sqnr_db(w, layer.weight_fq.quantize_detached(w))
 
 
 def _bounds(fq: FakeQuantize, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,7 +123,7 @@ def act_range_scalars(model: nn.Module) -> dict[str, Tensor]:
 def weight_sqnr_scalars(model: nn.Module) -> dict[str, Tensor]:
     """``quant/weight_sqnr_db/<name>`` for every quantized conv and linear layer."""
     return {f"quant/weight_sqnr_db/{name}": weight_sqnr_db(m) for name, m in model.named_modules()
-            if isinstance(m, (QConv2d, QLinear)) and m.is_quantized}
+            if isinstance(m, (QuantConv2d, QuantLinear)) and m.is_quantized}
 
 
 def _with_summary(values: dict[str, float], summary_tag: str,
@@ -156,56 +136,14 @@ def _with_summary(values: dict[str, float], summary_tag: str,
 
 
 def bn_batch_stats(model: nn.Module, max_layers: int) -> list[tuple[str, Tensor, Tensor]]:
-    """``(name, batch mean, batch var)`` of the first ``max_layers`` unfrozen `QConvBn2d` that have them."""
+    """``(name, batch mean, batch var)`` of the first ``max_layers`` unfrozen `QuantConvBn2d` that have them."""
     out = []
     for name, m in model.named_modules():
         if len(out) >= max_layers:
             break
-        if isinstance(m, QConvBn2d) and not m._frozen and m.last_batch_stats is not None:
+        if isinstance(m, QuantConvBn2d) and not m._frozen and m.last_batch_stats is not None:
             mean, var = m.last_batch_stats
             out.append((name, mean, var))
-    return out
-
-
-def _to_uint8(image: Tensor) -> Tensor:
-    return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def _box_labels(labels: Tensor, scores: Tensor | None, class_names: Sequence[str] | None) -> list[str] | None:
-    if class_names is None:
-        return None
-    names = [class_names[i] if 0 <= i < len(class_names) else str(i) for i in labels.tolist()]
-    if scores is None:
-        return names
-    return [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())]
-
-
-def draw_detections(image: Tensor, target: Mapping[str, Tensor] | None, pred: Mapping[str, Tensor] | None,
-                    class_names: Sequence[str] | None = None, score_threshold: float = 0.5) -> Tensor:
-    """A 3xHxW uint8 image with predictions (red, score >= threshold) and ground truth (green) drawn on top.
-
-    Args:
-        image: 3xHxW float image in [0, 1].
-        target, pred: dicts with ``boxes`` (xyxy, pixels) and ``labels``; ``pred`` also ``scores``.
-        class_names: names indexed by the model's label (0 is the background); without them no text is drawn.
-        score_threshold: predictions below it are not drawn.
-
-    Example:
-        >>> img = draw_detections(torch.rand(3, 32, 32), {"boxes": torch.tensor([[2., 2., 20., 20.]]),
-        ...                       "labels": torch.tensor([1])}, None)
-        >>> img.dtype, tuple(img.shape), tuple(img[:, 2, 10].tolist())
-        (torch.uint8, (3, 32, 32), (0, 255, 0))
-    """
-    out = _to_uint8(image)
-    if pred is not None:
-        keep = pred["scores"].detach().cpu() >= score_threshold
-        boxes = pred["boxes"].detach().cpu()[keep]
-        if len(boxes):
-            labels = _box_labels(pred["labels"].cpu()[keep], pred["scores"].cpu()[keep], class_names)
-            out = draw_bounding_boxes(out, boxes, labels=labels, colors=PRED_COLOR, width=1)
-    if target is not None and len(target["boxes"]):
-        labels = _box_labels(target["labels"].cpu(), None, class_names)
-        out = draw_bounding_boxes(out, target["boxes"].detach().cpu(), labels=labels, colors=GT_COLOR, width=1)
     return out
 
 

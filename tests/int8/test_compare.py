@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fqn import QuantConfig, calibrate, prepare_qat
-from fqn.cli import main
-from fqn.compare import ROW_FIELDS, run_compare
+from fqn.commands.cli import main
+from fqn.commands.compare import ROW_FIELDS, run_compare
 from fqn.int8 import load_int8
 from fqn.models import build_detector
 

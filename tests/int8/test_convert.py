@@ -17,7 +17,7 @@ from fqn.int8 import convert_int8, export_part, head_parity, load_int8
 from fqn.int8.onnx_qdq import export_onnx
 from fqn.int8.runtime import session_options
 from fqn.quant.fake_quant import quantizers, set_phase
-from fqn.quant.modules import QAdd, QConv2d
+from fqn.quant.modules import QuantAdd, QuantConv2d
 from fqn.quant.prepare import bind_input_grids
 
 
@@ -27,10 +27,10 @@ class _Block(nn.Module):
     def __init__(self, cfg: QuantConfig) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.a = QConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), cfg, activation=nn.ReLU(), input_quant=True)
-        self.b = QConv2d.from_float(nn.Conv2d(16, 16, 3, padding=1), cfg)
-        self.c = QConv2d.from_float(nn.Conv2d(8, 16, 1), cfg, input_quant=True)
-        self.add = QAdd(cfg, relu=True)
+        self.a = QuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), cfg, activation=nn.ReLU(), input_quant=True)
+        self.b = QuantConv2d.from_float(nn.Conv2d(16, 16, 3, padding=1), cfg)
+        self.c = QuantConv2d.from_float(nn.Conv2d(8, 16, 1), cfg, input_quant=True)
+        self.add = QuantAdd(cfg, relu=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add(self.b(self.a(x)), self.c(x))
@@ -194,7 +194,7 @@ def test_scope_of_names_the_quantizer_module():
 
 def test_int8_taps_read_the_integer_activations(tiny_quantized, tiny_files, scenes, tmp_path):
     """Each tapped activation is the fake-quant one (torch hooks) as the integer kernels computed it; fusion intact."""
-    from fqn.analyze import comparable_points
+    from fqn.commands.analyze import comparable_points
     from fqn.int8.runtime import _unpack_int4
     from fqn.int8.taps import Int8Taps, add_activation_outputs
 
@@ -247,7 +247,7 @@ def test_near_dead_channel_with_a_large_bias_does_not_wrap_the_int32_bias(tmp_pa
         conv.weight[1] = 1e-9  # a near-dead channel: min/max weight scale at its floor
         conv.bias[1] = 8.0
     float_out = conv(torch.zeros(1, 8, 4, 4))[0, 1, 0, 0].item()
-    layer = nn.Sequential(QConv2d.from_float(conv, cfg, input_quant=True)).eval()
+    layer = nn.Sequential(QuantConv2d.from_float(conv, cfg, input_quant=True)).eval()
     x = torch.randn(2, 8, 12, 12)
     set_phase(layer, "observe")
     layer(x)

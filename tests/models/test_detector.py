@@ -8,10 +8,10 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from fqn import QuantConfig, build_detector, calibrate, prepare_qat
-from fqn.demo import head_outputs
 from fqn.evaluation import sqnr_db
+from fqn.models.faster_rcnn import head_outputs
 from fqn.quant.fake_quant import FakeQuantize, current_phase, set_phase
-from fqn.quant.modules import QAdd, QConv2d, QConvBn2d, QLinear
+from fqn.quant.modules import QuantAdd, QuantConv2d, QuantConvBn2d, QuantLinear
 from fqn.quant.prepare import scope_summary
 
 from ..conftest import SIZE, targets_for
@@ -49,7 +49,7 @@ def test_scope_every_conv_and_linear_is_quantized(float_detector, backbone, per_
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert len(layers) > 30
     for name, m in layers:
-        assert isinstance(m, (QConv2d, QLinear)) and m.is_quantized, name
+        assert isinstance(m, (QuantConv2d, QuantLinear)) and m.is_quantized, name
         channels = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
         assert m.weight_fq.scale.numel() == (channels if per_channel else 1), name
     # every activation: each layer's output is quantized by itself or, for the RPN head, per pyramid level
@@ -60,7 +60,7 @@ def test_scope_every_conv_and_linear_is_quantized(float_detector, backbone, per_
     assert len(head.cls_fq[0]) == len(head.bbox_fq[0]) == len(model.rpn.anchor_generator.sizes)
     assert isinstance(model.backbone.body[next(iter(model.backbone.body))].input_fq if backbone == "resnet18"
                       else model.backbone.body["0"][0].input_fq, FakeQuantize)
-    adds = [m for m in model.modules() if isinstance(m, QAdd)]
+    adds = [m for m in model.modules() if isinstance(m, QuantAdd)]
     assert adds and all(a.act_fq is not None for a in adds)
     assert model.fqn_scope["float"] == []
 
@@ -87,12 +87,12 @@ def test_keep_float_leaves_named_modules_float(float_detector):
     assert type(model.roi_heads.box_predictor.cls_score) is nn.Linear
     assert type(model.roi_heads.box_predictor.bbox_pred) is nn.Linear
     conv = model.backbone.body.layer1[0].conv1
-    assert isinstance(conv, QConv2d) and not conv.is_quantized and conv.act_fq is None
+    assert isinstance(conv, QuantConv2d) and not conv.is_quantized and conv.act_fq is None
     assert set(model.fqn_scope["float"]) == {"roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred",
                                              "backbone.body.layer1.0.conv1"}
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in model.fqn_scope["float"]:
-            assert isinstance(m, (QConv2d, QLinear)) and m.is_quantized, name
+            assert isinstance(m, (QuantConv2d, QuantLinear)) and m.is_quantized, name
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
@@ -161,7 +161,7 @@ def test_calibrate_accepts_detection_loader_batches_and_rejects_junk(float_detec
 def test_train_step_gives_finite_losses_and_every_weight_a_gradient(float_detector, scenes, bits, freeze_bn):
     cfg = QuantConfig(bits_w=bits, bits_a=bits, freeze_bn=freeze_bn, percentile=freeze_bn)
     model = calibrate(prepare_qat(float_detector(), cfg), [[img] for img in scenes[:2]], 2, progress=False)
-    bn_layers = [m for m in model.modules() if isinstance(m, QConvBn2d)]
+    bn_layers = [m for m in model.modules() if isinstance(m, QuantConvBn2d)]
     assert bn_layers and all(m._frozen == freeze_bn for m in bn_layers)  # W trained, BN folded per step (Fig. 3)
     set_phase(model, "quantize" if cfg.percentile else "observe_quantize")
     model.train()
@@ -208,8 +208,8 @@ def test_every_quantized_layer_sees_its_input_grid_and_quantizes_its_bias(float_
     with torch.inference_mode():
         model(scenes[6:7])
     layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, (QConv2d, QLinear)) and m.is_quantized
-              and (m.bias is not None or isinstance(m, QConvBn2d))}
+              if isinstance(m, (QuantConv2d, QuantLinear)) and m.is_quantized
+              and (m.bias is not None or isinstance(m, QuantConvBn2d))}
     assert len(layers) > 30
     assert [n for n, m in layers.items() if not m.bias_quantized] == []
 
@@ -219,10 +219,10 @@ def test_prepared_detector_breaks_score_ties_by_index_like_onnx(float_detector):
     import numpy as np
     from torchvision.ops import boxes as box_ops
 
-    from fqn.models.quantizable import StableTiesRoIHeads, StableTiesRPN
+    from fqn.models.quantizable import QuantRoIHeads, QuantRPN
 
     model = prepare_qat(float_detector(), QuantConfig())
-    assert isinstance(model.rpn, StableTiesRPN) and isinstance(model.roi_heads, StableTiesRoIHeads)
+    assert isinstance(model.rpn, QuantRPN) and isinstance(model.roi_heads, QuantRoIHeads)
     torch.manual_seed(0)
     objectness = torch.randint(0, 16, (2, 700)).float()  # 16 levels: a 4-bit objectness
     levels = [400, 200, 100]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fqn import QuantConfig, prepare_qat, strip_quantizers
-from fqn.quant.modules import QConvBn2d
+from fqn.quant.modules import QuantConvBn2d
 
 
 def _types(model):
@@ -42,7 +42,7 @@ def test_stripped_model_holds_the_trained_weights(float_detector, scenes):
     loss.backward()
     opt.step()
     layer = model.backbone.body.layer1[0].conv1
-    assert isinstance(layer, QConvBn2d)
+    assert isinstance(layer, QuantConvBn2d)
     back = strip_quantizers(model)
     block = back.backbone.body.layer1[0]
     torch.testing.assert_close(block.conv1.weight, layer.weight, rtol=0, atol=0)

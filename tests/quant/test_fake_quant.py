@@ -164,17 +164,17 @@ def test_half_precision_input_round_trips():
 
 
 def test_bias_goes_onto_the_int32_accumulator_grid_with_a_straight_through_gradient():
-    """QConv2d's bias is round(b / (s_in * s_w)) * s_in * s_w, as integer kernels add it; the gradient passes."""
+    """QuantConv2d's bias is round(b / (s_in * s_w)) * s_in * s_w, as integer kernels add it; the gradient passes."""
     from torch import nn
     from torch.nn import functional as F
 
     from fqn import QuantConfig
     from fqn.quant.fake_quant import set_phase
-    from fqn.quant.modules import QConv2d
+    from fqn.quant.modules import QuantConv2d
 
     torch.manual_seed(0)
     cfg = QuantConfig(bits_w=4, bits_a=4, percentile=False, act_observer="minmax")
-    conv = QConv2d.from_float(nn.Conv2d(3, 5, 3), cfg, input_quant=True, output_quant=False)
+    conv = QuantConv2d.from_float(nn.Conv2d(3, 5, 3), cfg, input_quant=True, output_quant=False)
     with torch.no_grad():
         conv.bias.copy_(torch.tensor([0.3137, -0.2718, 0.05, 1.0, -0.6]))
     x = torch.randn(2, 3, 8, 8)

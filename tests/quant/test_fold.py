@@ -10,7 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from fqn.config import QuantConfig
 from fqn.quant.fake_quant import set_phase
 from fqn.quant.fold import fold_bn
-from fqn.quant.modules import QConvBn2d, freeze_bn_stats
+from fqn.quant.modules import QuantConvBn2d, freeze_bn_stats
 
 
 def random_bn(bn: nn.Module, c: int, g: torch.Generator) -> nn.Module:
@@ -46,11 +46,11 @@ def test_fold_reads_each_modules_own_eps():
 
 
 def test_conv_bn_batch_statistics_match_torch_batchnorm_in_training():
-    """F off, quantization off: QConvBn2d in training is conv -> BatchNorm2d(train), and updates the EMA alike."""
+    """F off, quantization off: QuantConvBn2d in training is conv -> BatchNorm2d(train), and updates the EMA alike."""
     g = torch.Generator().manual_seed(2)
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
     bn = random_bn(nn.BatchNorm2d(6, momentum=0.1), 6, g)
-    q = QConvBn2d.from_conv_bn(conv, bn, QuantConfig(freeze_bn=False))
+    q = QuantConvBn2d.from_conv_bn(conv, bn, QuantConfig(freeze_bn=False))
     set_phase(q, "float")
     bn.train()
     q.train()
@@ -75,7 +75,7 @@ def test_conv_bn_batch_statistics_match_torch_batchnorm_in_training():
 def test_conv_bn_gradients_reach_conv_and_bn_parameters():
     conv = nn.Conv2d(3, 5, 3, bias=False)
     bn = nn.BatchNorm2d(5)
-    q = QConvBn2d.from_conv_bn(conv, bn, QuantConfig(freeze_bn=False, bits_w=4, bits_a=4))
+    q = QuantConvBn2d.from_conv_bn(conv, bn, QuantConfig(freeze_bn=False, bits_w=4, bits_a=4))
     q.train()
     q.act_fq.observer(torch.randn(100) * 3)
     q.act_fq.update_qparams()
@@ -102,7 +102,7 @@ def test_freeze_bn_trains_w_as_in_fig3():
     w0 = first.conv1.weight.detach().clone()
     prepare_qat(model, QuantConfig(bits_w=4, bits_a=4))
     conv1 = model.backbone.body.layer1[0].conv1
-    assert isinstance(conv1, QConvBn2d) and conv1._frozen
+    assert isinstance(conv1, QuantConvBn2d) and conv1._frozen
     assert torch.equal(conv1.weight, w0) and conv1.weight.requires_grad
 
     g = torch.Generator().manual_seed(5)
@@ -110,7 +110,7 @@ def test_freeze_bn_trains_w_as_in_fig3():
     bn = random_bn(nn.BatchNorm2d(6), 6, g)
     with torch.no_grad():
         bn.weight[0] = 0.01  # alpha / sigma spans orders of magnitude: the effective step must not
-    q = QConvBn2d.from_conv_bn(conv, bn, QuantConfig(bits_w=4, bits_a=4), output_quant=False)
+    q = QuantConvBn2d.from_conv_bn(conv, bn, QuantConfig(bits_w=4, bits_a=4), output_quant=False)
     set_phase(q, "quantize")
     q.train()
     x = torch.randn(2, 4, 9, 9, generator=g)
@@ -127,7 +127,7 @@ def test_freeze_bn_trains_w_as_in_fig3():
     assert torch.allclose(q.weight.detach().double(), expected, atol=1e-6)
     # the running statistics are frozen, and so are the BN parameters of a FrozenBatchNorm2d
     assert torch.equal(q.running_mean, bn.running_mean) and torch.equal(q.running_var, bn.running_var)
-    frozen = QConvBn2d.from_conv_bn(conv, random_bn(FrozenBatchNorm2d(6), 6, g), QuantConfig())
+    frozen = QuantConvBn2d.from_conv_bn(conv, random_bn(FrozenBatchNorm2d(6), 6, g), QuantConfig())
     assert not frozen.bn_weight.requires_grad and not frozen.bn_bias.requires_grad
 
 
@@ -138,7 +138,7 @@ def test_without_f_training_and_inference_quantize_the_same_weights(per_channel)
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
     bn = random_bn(nn.BatchNorm2d(6), 6, g)
     cfg = QuantConfig(bits_w=4, bits_a=4, freeze_bn=False, per_channel=per_channel)
-    q = QConvBn2d.from_conv_bn(conv, bn, cfg, output_quant=False)
+    q = QuantConvBn2d.from_conv_bn(conv, bn, cfg, output_quant=False)
     q.bn_momentum = 0.0  # the EMA stays put, so training and inference fold the same statistics
     set_phase(q, "quantize")
     seen = []

@@ -15,10 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from fqn import QuantConfig, build_detector, calibrate, prepare_qat
-from fqn.demo import synthetic_scenes
+from fqn.data.synthetic import synthetic_scenes
 from fqn.models import recalibrate_bn
 from fqn.quant.fake_quant import quantizers
-from fqn.quant.modules import QConvBn2d
+from fqn.quant.modules import QuantConvBn2d
 from fqn.quant.prepare import scope_summary
 from fqn.train.monitor import GT_COLOR, QuantMonitor, weight_sqnr_db
 
@@ -132,7 +132,7 @@ def _hand_sqnr_db_symmetric_per_channel_4bit(w: torch.Tensor) -> float:
     return 10 * math.log10(w.square().sum().item() / (w - wq).square().sum().item())
 
 
-def _hand_folded_weight(layer: QConvBn2d) -> torch.Tensor:
+def _hand_folded_weight(layer: QuantConvBn2d) -> torch.Tensor:
     factor = layer.bn_weight.double() / torch.sqrt(layer.running_var.double() + layer.bn_eps)
     return layer.weight.double() * factor.reshape(-1, 1, 1, 1)
 
@@ -147,7 +147,7 @@ def test_weight_sqnr_is_finite_and_matches_a_hand_computed_quantizer(quant_run):
     assert sqnr_min[1] == pytest.approx(min(steps[1] for steps in sqnr.values()))
     # step 1 was logged after the last optimizer step, so it describes the final weights and BN statistics
     layer = model.backbone.body.layer1[0].conv1
-    assert isinstance(layer, QConvBn2d)
+    assert isinstance(layer, QuantConvBn2d)
     expected = _hand_sqnr_db_symmetric_per_channel_4bit(_hand_folded_weight(layer))
     assert sqnr["backbone.body.layer1.0.conv1"][1] == pytest.approx(expected, abs=SQNR_TOL_DB)
     fc = model.roi_heads.box_head.fc6
@@ -160,7 +160,7 @@ def test_bn_batch_statistics_histograms_for_the_first_unfrozen_layers(quant_run)
     tags = events.Tags()["histograms"]
     means = [t for t in tags if t.startswith("bn/batch_mean/")]
     assert len(means) == 8 and len([t for t in tags if t.startswith("bn/batch_var/")]) == 8
-    first = [n for n, m in model.named_modules() if isinstance(m, QConvBn2d)][:8]
+    first = [n for n, m in model.named_modules() if isinstance(m, QuantConvBn2d)][:8]
     assert sorted(t.removeprefix("bn/batch_mean/") for t in means) == sorted(first)
     name = first[0]
     mean, var = model.get_submodule(name).last_batch_stats  # from the last training forward, step 1

@@ -15,7 +15,7 @@ from fqn import QuantConfig
 from fqn.evaluation import evaluate_map
 from fqn.models.checkpoint import load_detector
 from fqn.quant.fake_quant import current_phase, quantizers
-from fqn.quant.modules import QConvBn2d
+from fqn.quant.modules import QuantConvBn2d
 from fqn.train.module import DetectionModule
 
 from .tiny import tiny_data, tiny_module, tiny_trainer
@@ -58,7 +58,7 @@ def test_qat_4bit_calibrates_logs_ptq_and_trains(float_ckpt, tmp_path):
 def test_qat_without_p_updates_ema_in_training_and_not_in_validation(float_ckpt, tmp_path):
     cfg = QuantConfig(bits_w=8, bits_a=8, n_cal=1, percentile=False, freeze_bn=False)
     model = tiny_module(quant=cfg, init_from=str(float_ckpt))
-    assert any(isinstance(m, QConvBn2d) for m in model.modules())
+    assert any(isinstance(m, QuantConvBn2d) for m in model.modules())
     trainer = tiny_trainer(str(tmp_path), max_steps=2, limit_val_batches=0)
     trainer.fit(model, tiny_data())
     assert current_phase(model.model) == "observe_quantize"  # [17]: EMA ranges keep moving while fine-tuning

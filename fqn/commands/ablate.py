@@ -16,15 +16,14 @@ Tables (``--table``):
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fqn.commands.report import Column, markdown_table, write_json, write_report
 from fqn.config import QuantConfig
 
 METRICS = ("AP", "AP50", "AP75")
@@ -84,7 +83,7 @@ class GridSpec:
 
 
 def grid_spec(float_ckpt: str, out: str, config: dict[str, Any], *, bits: int, steps: int | None = None) -> GridSpec:
-    """A grid's settings from a training config (``fqn.cli.load_config``): its model, data and trainer sections."""
+    """A grid's settings from a training config (``config_files.load_config``): its model, data and trainer sections."""
     model = dict(config.get("model") or {})
     trainer = config.get("trainer") or {}
     data = dict(config.get("data") or {})
@@ -112,7 +111,7 @@ def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
     """Train (QAT) or calibrate (PTQ) one row, evaluate it fake-quant and as int8, save ``rows/ROW.json``."""
     import torch
 
-    from fqn.demo import synthetic_scenes
+    from fqn.data.synthetic import synthetic_scenes
     from fqn.evaluation import evaluate_map
     from fqn.int8 import convert_int8, load_int8
     from fqn.models.checkpoint import load_detector
@@ -141,7 +140,7 @@ def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
     result = {"row": row.name, "qat": row.qat, "bits": spec.bits, "config": cfg.to_dict(),
               "checkpoint": str(ckpt) if ckpt else None, "int8_file": str(path),
               **{k: fake[k] for k in METRICS}, **{f"int8_{k}": int8[k] for k in METRICS}}
-    _write_json(out / "rows" / f"{row.slug}.json", result)
+    write_json(out / "rows" / f"{row.slug}.json", result)
     return result
 
 
@@ -157,16 +156,8 @@ def _fp32_row(spec: GridSpec) -> dict[str, Any]:
     data.setup("validate")
     metrics = evaluate_map(model, list(data.val_dataloader()), progress=False)
     result = {"row": "FP32", "qat": False, "bits": 32, **{k: metrics[k] for k in METRICS}}
-    _write_json(path, result)
+    write_json(path, result)
     return result
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Write atomically: a row file exists only once its run is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 def _worker(args: tuple[GridSpec, Row, int]) -> dict[str, Any]:
@@ -184,7 +175,7 @@ def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2
     if jobs < 1 or threads < 1:
         raise ValueError("jobs and threads must be >= 1")
     out = Path(spec.out)
-    _write_json(out / "grid.json", {"spec": asdict(spec), "rows": [asdict(r) for r in rows],
+    write_json(out / "grid.json", {"spec": asdict(spec), "rows": [asdict(r) for r in rows],
                                     "command": " ".join(sys.argv)})
     torch.set_num_threads(threads)
     results = [_fp32_row(spec)]
@@ -207,29 +198,27 @@ def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2
     return results
 
 
+TABLE = [Column("#"), Column("row"), Column("F"), Column("P"), Column("C"), *(Column(k) for k in METRICS),
+         *(Column(f"int8_{k}", f"int8 {k}") for k in METRICS)]
+_FLAGS = (("F", "freeze_bn"), ("P", "percentile"), ("C", "per_channel"))
+
+
+def _display(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows shaped like the paper's table: #, the F/P/C checks, then the numbers."""
+    return [{**r, "#": str(i), **{flag: "✓" if (r.get("config") or {}).get(key) else "" for flag, key in _FLAGS}}
+            for i, r in enumerate(results)]
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
     """The table shaped like the paper's: #, the F/P/C checks, AP / AP50 / AP75, then the same for the int8 model."""
-    flags = (("F", "freeze_bn"), ("P", "percentile"), ("C", "per_channel"))
-    lines = ["| # | row | F | P | C | AP | AP50 | AP75 | int8 AP | int8 AP50 | int8 AP75 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(results):
-        cfg = r.get("config") or {}
-        checks = ["✓" if cfg.get(key) else "" for _, key in flags]
-        cells = [r.get(k) for k in METRICS] + [r.get(f"int8_{k}") for k in METRICS]
-        text = ["–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}" for v in cells]
-        lines.append(f"| {i} | {r['row']} | " + " | ".join(checks + text) + " |")
-    return "\n".join(lines)
+    return markdown_table(_display(results), TABLE)
 
 
 def write_outputs(out: Path, results: list[dict[str, Any]], command: str | None = None) -> None:
-    """``table.md``, ``table.csv`` and a TensorBoard hparams entry per row under ``out/tensorboard/hparams``."""
+    """``table.md``, ``table.csv``, ``table.json`` and a TensorBoard hparams entry per row (``out/tensorboard``)."""
     footer = f"\nCommand: `{command}`; settings of every row: `grid.json`.\n" if command else ""
-    (out / "table.md").write_text(markdown(results) + "\n" + footer)
     fields = ["row", "qat", "bits", *METRICS, *(f"int8_{k}" for k in METRICS)]
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results)
+    write_report(out, "table", _display(results), TABLE, meta={"command": command}, footer=footer, csv_keys=fields)
     from torch.utils.tensorboard import SummaryWriter
 
     for r in results:

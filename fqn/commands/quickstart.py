@@ -24,9 +24,18 @@ from fqn.data.datamodule import DetectionDataModule
 
 log = logging.getLogger(__name__)
 
-# the same detector settings as configs/base.yaml (small images need fewer proposals)
-DETECTOR = {"box_batch_size_per_image": 128, "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,
-            "rpn_pre_nms_top_n_test": 500, "rpn_post_nms_top_n_test": 300}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def base_config() -> dict[str, Any]:
+    """``configs/base.yaml``: the detector and data settings every run starts from, the quickstart's too."""
+    from fqn.commands.config_files import load_config
+
+    path = CONFIGS / "base.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: fqn quickstart runs from a clone of the repository, "
+                                "whose configs/ folder holds the settings it starts from")
+    return load_config(str(path))
 
 
 @dataclass
@@ -54,22 +63,25 @@ class QuickstartConfig:
 def _data(cfg: QuickstartConfig) -> DetectionDataModule:
     from fqn.data.synthetic import SyntheticConfig
 
-    synthetic = SyntheticConfig(image_size=cfg.size, num_classes=4, max_size=min(80, cfg.size // 2))
-    return DetectionDataModule(synthetic=synthetic, num_train=2000,
-                               num_val=cfg.num_val, batch_size=cfg.batch_size)
+    base = base_config()
+    synthetic = SyntheticConfig(image_size=cfg.size, num_classes=base["data"]["synthetic"]["num_classes"],
+                                max_size=min(80, cfg.size // 2))
+    return DetectionDataModule.from_config(base, synthetic=synthetic, num_val=cfg.num_val, batch_size=cfg.batch_size)
 
 
 def _train(name: str, cfg: QuickstartConfig, steps: int, **module_kw: Any) -> Path:
     from fqn.train.runs import train_run
 
-    module_kw = {"backbone": cfg.backbone, "num_classes": 5, "min_size": cfg.size, "max_size": cfg.size,
-                 "detector": DETECTOR, "base_batch_size": 16, **module_kw}
+    model = base_config()["model"]
+    module_kw = {"backbone": cfg.backbone, "num_classes": model["num_classes"], "min_size": cfg.size,
+                 "max_size": cfg.size, "detector": model["detector"], "base_batch_size": model["base_batch_size"],
+                 **module_kw}
     return train_run(name, cfg.out, steps, _data(cfg), module_kw, tag="fqn quickstart")
 
 
 def run_quickstart(cfg: QuickstartConfig | None = None) -> Path:
     """Run the pipeline; returns the comparison folder."""
-    from fqn.compare import run_compare
+    from fqn.commands.compare import run_compare
 
     cfg = cfg or QuickstartConfig()
     t0 = time.perf_counter()

@@ -18,7 +18,10 @@ import re
 import sys
 from pathlib import Path
 
+from fqn.commands.config_files import ConfigError, expand_config_bases, load_config, read_config_chain
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+__all__ = ["main", "ConfigError", "expand_config_bases", "load_config", "read_config_chain"]
 
 
 def lightning_main(argv: list[str]) -> None:
@@ -42,107 +45,6 @@ def lightning_main(argv: list[str]) -> None:
                parser_kwargs={"exit_on_error": False})  # a parse error is one line from main(), not the usage
 
 
-def expand_config_bases(argv: list[str], tmp_dir: str) -> list[str]:
-    """Replace ``--config FILE`` by the chain of its ``__base__`` files followed by FILE itself.
-
-    A config may start with ``__base__: base.yaml`` (a path relative to it), so overrides stay short;
-    each file of the chain is passed to LightningCLI as its own ``--config``, base first; the
-    overrides, stripped of ``__base__``, are written to ``tmp_dir``. The chain is checked first (see
-    :func:`read_config_chain`), so a bad value is reported with the file it is in.
-    """
-    import yaml
-
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        if path is None:
-            out.append(arg)
-            i += 1
-            continue
-        chain = read_config_chain(path)
-        files = []
-        for k, (current, data) in enumerate(reversed(chain)):  # leaf first, as the files name each other
-            if "__base__" in data:
-                stripped = Path(tmp_dir) / f"{len(out)}_{k}_{current.name}"
-                stripped.write_text(yaml.safe_dump({key: v for key, v in data.items() if key != "__base__"}))
-                current = stripped
-            files.append(str(current))
-        for item in reversed(files):
-            out += ["--config", item]
-        i += 1 if arg.startswith("--config=") else 2
-    return out
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the key."""
-
-
-def read_config_chain(path: str | Path) -> list[tuple[Path, dict]]:
-    """``[(file, its mapping), ...]`` of a config and its ``__base__`` files, base first, checked.
-
-    Each file must exist and hold a YAML mapping; the chain must not loop; and each ``model.quant`` section, merged
-    over the files before it, must be a valid :class:`~fqn.config.QuantConfig`. Otherwise :class:`ConfigError`
-    (or FileNotFoundError) names the file that made it wrong.
-    """
-    import yaml
-
-    chain: list[tuple[Path, dict]] = []
-    current = Path(path)
-    while True:
-        if not current.is_file():
-            named_by = f" (the __base__ of {chain[-1][0]})" if chain else ""
-            raise FileNotFoundError(f"config file {current} not found{named_by}; paths are relative to the current "
-                                    "folder, a __base__ to the file that names it")
-        if any(current.resolve() == seen.resolve() for seen, _ in chain):
-            raise ConfigError(f"{current}: the __base__ chain loops ({' -> '.join(str(p) for p, _ in chain)})")
-        try:
-            data = yaml.safe_load(current.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or type(err).__name__
-            raise ConfigError(f"{current}{where}: not valid YAML ({problem})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{current}: a config file holds a mapping (model:, data:, trainer: ...), "
-                              f"got {type(data).__name__}")
-        chain.append((current, data))
-        if "__base__" not in data:
-            break
-        current = current.parent / str(data["__base__"])
-    chain.reverse()
-    _check_quant_sections(chain)
-    return chain
-
-
-def _check_quant_sections(chain: list[tuple[Path, dict]]) -> None:
-    """Build ``model.quant`` after each file of the chain (base first), blaming the first file that breaks it."""
-    from fqn.config import QuantConfig
-
-    quant: dict | None = None
-    for file, data in chain:
-        model = data.get("model")
-        if not isinstance(model, dict) or "quant" not in model:
-            continue
-        section = model["quant"]
-        if section is None:
-            quant = None
-            continue
-        if not isinstance(section, dict):
-            raise ConfigError(f"{file}: model.quant must be a mapping of QuantConfig keys (bits_w, bits_a, ...) "
-                              f"or null, got {section!r}")
-        if "class_path" in section or "init_args" in section:  # jsonargparse's long form of the same
-            section = section.get("init_args") or {}
-        quant = {**(quant or {}), **section}
-        try:
-            QuantConfig.from_dict(quant)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{file}: model.quant: {err}") from None
-
-
 def demo_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="fqn demo", description="one-minute API demo: prepare, calibrate and "
                                      "compare w8a8/w4a4 detectors against a random float one (no training)")
@@ -150,13 +52,13 @@ def demo_main(argv: list[str]) -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--n-cal", type=int, default=4)
     args = parser.parse_args(argv)
-    from fqn.demo import print_demo, run_demo
+    from fqn.commands.demo import print_demo, run_demo
 
     print_demo(run_demo(args.backbone, args.size, args.n_cal))
 
 
 def quickstart_main(argv: list[str]) -> None:
-    from fqn.quickstart import QuickstartConfig, run_quickstart
+    from fqn.commands.quickstart import QuickstartConfig, run_quickstart
 
     d = QuickstartConfig()
     parser = argparse.ArgumentParser(
@@ -181,7 +83,7 @@ def quickstart_main(argv: list[str]) -> None:
 
 
 def ablate_main(argv: list[str]) -> None:
-    from fqn.ablate import TABLES, grid_spec, markdown, run_grid, table_rows
+    from fqn.commands.ablate import TABLES, grid_spec, markdown, run_grid, table_rows
 
     parser = argparse.ArgumentParser(
         prog="fqn ablate", description="the FQN paper's ablation tables as resumable grids of QAT/PTQ runs")
@@ -226,7 +128,7 @@ def analyze_main(argv: list[str]) -> None:
     import itertools
     import pathlib
 
-    from fqn import analyze
+    from fqn.commands import analyze
     from fqn.models.checkpoint import load_detector
 
     model, _ = load_detector(a.checkpoint)
@@ -261,23 +163,6 @@ def analyze_main(argv: list[str]) -> None:
     print(f"pictures and tables: {out}; TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
 
 
-def load_config(path: str | None) -> dict:
-    """A training config with its ``__base__`` chain merged (later files win, dicts merge key by key)."""
-    if path is None:
-        return {}
-
-    def merge(base: dict, over: dict) -> dict:
-        out = dict(base)
-        for key, value in over.items():
-            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        return out
-
-    merged: dict = {}
-    for _, cfg in read_config_chain(path):
-        merged = merge(merged, {k: v for k, v in cfg.items() if k != "__base__"})
-    return merged
-
-
 def _data_module(config: str | None, num_val: int | None):
     """The data of a training config (default: the synthetic set), un-augmented, told the model's head size."""
     from fqn.data.datamodule import DetectionDataModule
@@ -298,7 +183,7 @@ def convert_main(argv: list[str]) -> None:
     parser.add_argument("--n-cal", type=int, default=20, help="calibration batches (PTQ)")
     parser.add_argument("--config", help="training config whose data: section gives the calibration data")
     args = parser.parse_args(argv)
-    from fqn.demo import synthetic_scenes
+    from fqn.data.synthetic import synthetic_scenes
     from fqn.int8 import convert_int8
     from fqn.models.checkpoint import load_detector
 
@@ -337,7 +222,7 @@ def compare_main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-val", type=int, help="synthetic validation images (default: the config's)")
     args = parser.parse_args(argv)
-    from fqn.compare import run_compare
+    from fqn.commands.compare import run_compare
 
     cmp = run_compare(args.float_ckpt, args.qat, args.out, _data_module(args.config, args.num_val),
                       ptq_bits=args.ptq_bits, calibration=args.calibration, n_cal=args.n_cal, peers=args.peers,
@@ -387,7 +272,7 @@ def _raised_in_fqn(err: BaseException) -> bool:
 
 
 def _in_fqn(filename: str) -> bool:
-    return Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    return Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1])  # the fqn package
 
 
 def main(argv: list[str] | None = None) -> int:

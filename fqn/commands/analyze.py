@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fqn.evaluation import sqnr_db
-from fqn.quant.fake_quant import FakeQuantize, current_phase, phase_of, quantizers
+from fqn.quant.fake_quant import FakeQuantize, Phase, current_phase, phase_of, quantizers
+from fqn.viz import draw_detections, plot_average_maps, plot_hexbin, plot_maps
 
 SAMPLES_PER_LAYER = 50_000  # (float, error) pairs kept per layer for the hexbin plots
 
@@ -126,7 +127,7 @@ def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[
     (`LayerCapture`, small: maps and 50k samples) of the ``keep`` layers, or of every layer when
     ``keep`` is None. Runs the images through the model twice per chunk of layers.
     """
-    if current_phase(model) not in ("quantize", "observe_quantize"):
+    if current_phase(model) not in (Phase.QUANTIZE, Phase.OBSERVE_QUANTIZE):
         raise ValueError("analyze a calibrated, quantizing model (after fqn.calibrate or from a QAT checkpoint)")
     model.eval()
     names = list(layers) if layers is not None else comparable_points(model)
@@ -144,9 +145,9 @@ def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[
     taps = _int8_taps(int8, names) if int8 is not None else None  # one ORT session; each chunk reads its layers
     for part in chunks:
         if taps is None:
-            with _capture(model, part) as ref, phase_of(model, "float"):
+            with _capture(model, part) as ref, phase_of(model, Phase.FLOAT):
                 model(images)
-            with _capture(model, part) as test, phase_of(model, "quantize"):  # EMA ranges stay where they are
+            with _capture(model, part) as test, phase_of(model, Phase.QUANTIZE):  # EMA ranges stay where they are
                 model(images)
         else:
             ref, test = _int8_pair(model, images, part, taps)
@@ -178,7 +179,7 @@ def _int8_pair(model: nn.Module, images: list[Tensor], names: list[str],
                taps: Any) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
     """Float-phase activations (hooks) and int8 ones (graph outputs of the ONNX file), image by image."""
     test: dict[str, list[Tensor]] = {}
-    with _capture(model, names) as ref, phase_of(model, "float"):
+    with _capture(model, names) as ref, phase_of(model, Phase.FLOAT):
         for img in images:
             model([img])
             for name, values in taps(img, names).items():
@@ -198,16 +199,16 @@ def layer_sensitivity(model: nn.Module, images: Sequence[Tensor], mode: str = "k
     ``keep_float``: the whole model quantized except one layer at a time (the gain of keeping it float);
     ``only``: one layer at a time quantized, the rest float (its own damage). Sorted most costly first.
     """
-    from fqn.demo import head_outputs
+    from fqn.models.faster_rcnn import head_outputs
 
     if mode not in ("keep_float", "only"):
         raise ValueError(f"mode must be keep_float or only, got {mode!r}")
     groups: dict[str, list[FakeQuantize]] = {}
     for name, q in quantizers(model):
         groups.setdefault(layer_of(name), []).append(q)
-    with phase_of(model, "float"):
+    with phase_of(model, Phase.FLOAT):
         ref = head_outputs(model, list(images))
-    with phase_of(model, "quantize"):
+    with phase_of(model, Phase.QUANTIZE):
         full = _sqnr_of_heads(ref, head_outputs(model, list(images)))
     rows = []
     items = list(groups.items())
@@ -216,7 +217,7 @@ def layer_sensitivity(model: nn.Module, images: Sequence[Tensor], mode: str = "k
 
         items = tqdm(items, desc=f"sensitivity ({mode})", unit="layer")
     for layer, qs in items:
-        with phase_of(model, "quantize" if mode == "keep_float" else "float"):
+        with phase_of(model, Phase.QUANTIZE if mode == "keep_float" else Phase.FLOAT):
             for q in qs:
                 q.enable_fake_quant(mode == "only")
             sqnr = _sqnr_of_heads(ref, head_outputs(model, list(images)))
@@ -231,71 +232,6 @@ def keep_float_patterns(sensitivity: list[dict[str, Any]], top: int = 3) -> list
     return [r["layer"] for r in sensitivity[:top] if r["cost_db"] > 0]
 
 
-# -- pictures ---------------------------------------------------------------
-def _figure(ncols: int, width: float = 4.0):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, ncols, figsize=(width * ncols, 3.6))
-
-
-def plot_maps(name: str, cap: LayerCapture):
-    """Per-channel max of the float and quantized activation, and the absolute / relative error maps."""
-    fig, axes = _figure(4)
-    for ax, (title, m) in zip(axes, [("float: max over channels", cap.float_max),
-                                     ("quantized: max over channels", cap.quant_max),
-                                     ("|error|: mean over channels", cap.abs_map),
-                                     ("relative error: mean over channels", cap.rel_map)]):
-        # colours of the error maps stop at their 99th percentile, so a few hot pixels do not flatten the rest
-        vmax = float(torch.quantile(m.flatten().float(), 0.99)) if m is cap.rel_map else None
-        im = ax.imshow(m.numpy(), cmap="viridis", vmax=vmax)
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(name, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_average_maps(pictures: dict[str, LayerCapture], size: tuple[int, int]):
-    """The same maps averaged over layers, each resized to ``size`` and normalised by its own maximum."""
-    def avg(attr: str) -> Tensor:
-        maps = [getattr(c, attr) for c in pictures.values()]
-        maps = [F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0] for m in maps]
-        return torch.stack([m / m.max().clamp_min(1e-12) for m in maps]).mean(0)
-
-    fig, axes = _figure(3)
-    for ax, (title, attr) in zip(axes, [("float max, mean over layers", "float_max"),
-                                        ("|error|, mean over layers", "abs_map"),
-                                        ("relative error, mean over layers", "rel_map")]):
-        im = ax.imshow(avg(attr).numpy(), cmap="viridis")
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return fig
-
-
-def plot_hexbin(name: str, samples: Tensor):
-    """Absolute and relative error against the float activation value, log density."""
-    fig, axes = _figure(2, 5.0)
-    x = samples[:, 0].numpy()
-    hb = axes[0].hexbin(x, samples[:, 1].numpy(), gridsize=60, bins="log", cmap="magma", mincnt=1)
-    fig.colorbar(hb, ax=axes[0], label="count (log)")
-    axes[0].set(xlabel="float activation", ylabel="|quantized - float|", title="absolute error")
-    ok = ~torch.isnan(samples[:, 2])
-    if ok.any():
-        hb = axes[1].hexbin(samples[ok, 0].numpy(), samples[ok, 2].clamp_max(10).numpy(), gridsize=60, bins="log",
-                            cmap="magma", mincnt=1)
-        fig.colorbar(hb, ax=axes[1], label="count (log)")
-    axes[1].set(xlabel="float activation", ylabel="|error| / |float| (clipped at 10)", title="relative error")
-    fig.suptitle(name, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 def write_report(out: str | Path, stats: list[LayerError], pictures: dict[str, LayerCapture], image: Tensor,
                  target: dict[str, Tensor] | None, prediction: dict[str, Tensor] | None,
                  sensitivity: list[dict[str, Any]] | None = None, class_names: Sequence[str] | None = None,
@@ -307,7 +243,6 @@ def write_report(out: str | Path, stats: list[LayerError], pictures: dict[str, L
     from torch.utils.tensorboard import SummaryWriter
     from torchvision.utils import save_image
 
-    from fqn.train.monitor import draw_detections
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

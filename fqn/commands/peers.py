@@ -49,19 +49,19 @@ def ort_quantize_static(float_onnx: str | Path, out_path: str | Path, inputs: Se
 
 
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold every BatchNorm2d that directly follows a Conv2d among its siblings into that conv (eval model).
+    """Fold (`fqn.quant.fold.fold_bn`) every BatchNorm2d that directly follows a Conv2d among its siblings.
 
     pt2e's X86InductorQuantizer expects BN already folded: exported with BN, its conv+add+ReLU pattern
     matcher fails ("Input partition has more than one output node"). Returns how many were folded.
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    from fqn.quant.fold import fold_bn
 
     count = 0
     for module in list(model.modules()):
         children = list(module.named_children())
         for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
             if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+                setattr(module, conv_name, fold_bn(conv, bn))
                 setattr(module, bn_name, nn.Identity())
                 count += 1
     return count

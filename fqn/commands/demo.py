@@ -13,33 +13,14 @@ import copy
 import time
 
 import torch
-from torch import Tensor, nn
 
+from fqn.commands.report import Column, markdown_table
 from fqn.config import QuantConfig
-from fqn.data.synthetic import SyntheticConfig, render
+from fqn.data.synthetic import synthetic_scenes
 from fqn.evaluation import sqnr_db
-from fqn.models.faster_rcnn import build_detector, prepare_qat, recalibrate_bn
+from fqn.models.faster_rcnn import build_detector, head_outputs, prepare_qat, recalibrate_bn
 from fqn.quant.calibrate import calibrate
 from fqn.quant.prepare import scope_summary
-
-
-def synthetic_scenes(n: int, size: int = 256, seed: int = 0) -> list[Tensor]:
-    """``n`` images of the embedded synthetic benchmark (its ``cal`` split, disjoint from train/val)."""
-    cfg = SyntheticConfig(image_size=size, max_size=min(80, size), seed=seed)
-    return [render(i, cfg, "cal")[0] for i in range(n)]
-
-
-@torch.no_grad()
-def head_outputs(model: nn.Module, images: list[Tensor]) -> dict[str, Tensor]:
-    """FPN features and RPN head outputs for a batch, in eval mode."""
-    model.eval()
-    batch, _ = model.transform(images)
-    feats = model.backbone(batch.tensors)
-    logits, deltas = model.rpn.head(list(feats.values()))
-    out = {f"fpn.{k}": v for k, v in feats.items()}
-    out["rpn.objectness"] = torch.cat([t.flatten() for t in logits])
-    out["rpn.box_deltas"] = torch.cat([t.flatten() for t in deltas])
-    return out
 
 
 def run_demo(backbone: str = "resnet18", size: int = 256, n_cal: int = 4, seed: int = 0) -> list[dict]:
@@ -65,8 +46,6 @@ def run_demo(backbone: str = "resnet18", size: int = 256, n_cal: int = 4, seed: 
 def print_demo(rows: list[dict]) -> None:
     keys = list(rows[0]["sqnr_db"])
     print("\nSQNR (dB) of the fake-quantized detector against the float one (higher is closer):")
-    print("| config | " + " | ".join(keys) + " |")
-    print("|---" * (len(keys) + 1) + "|")
-    for r in rows:
-        print(f"| {r['config']} | " + " | ".join(str(r["sqnr_db"][k]) for k in keys) + " |")
+    table = [{"config": r["config"], **r["sqnr_db"]} for r in rows]
+    print(markdown_table(table, [Column("config"), *(Column(k, digits=1) for k in keys)]))
     print("\nquantized scope:", rows[0]["scope"])

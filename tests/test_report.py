@@ -1,0 +1,50 @@
+"""The shared report writer and round-robin timer of the commands."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from fqn.commands.report import Column, RoundRobinTimer, Timed, columns, markdown_table, write_report
+
+
+def test_cells_write_missing_values_one_way():
+    assert Column("AP").cell(0.71234) == "0.712"
+    assert Column("AP").cell(0.0) == "0.000"  # a measured zero is not missing
+    for missing in (None, float("nan"), -1):
+        assert Column("APs").cell(missing) == "–"
+    assert Column("gap", signed=True, digits=4).cell(-1.0) == "-1.0000"  # a difference of -1 is a value
+    assert Column("speedup", digits=2, suffix="x").cell(2.0) == "2.00x"
+    assert Column("name").cell("fqn QAT w4a4") == "fqn QAT w4a4"
+
+
+def test_write_report_keeps_json_markdown_and_csv_in_step(tmp_path):
+    rows = [{"model": "FP32", "AP": 0.5, "APs": -1.0, "_private": object()},
+            {"model": "broken", "AP": float("nan"), "APs": None}]
+    md = write_report(tmp_path, "table", rows, columns("model", "AP", "APs"), meta={"cmd": "x"}, footer="note")
+    assert md.read_text().splitlines() == ["| model | AP | APs |", "|---|---|---|", "| FP32 | 0.500 | – |",
+                                           "| broken | – | – |", "note"]
+    saved = json.loads((tmp_path / "table.json").read_text())  # strict JSON: NaN became null
+    assert saved == {"meta": {"cmd": "x"}, "rows": [{"model": "FP32", "AP": 0.5, "APs": -1.0},
+                                                    {"model": "broken", "AP": None, "APs": None}]}
+    with open(tmp_path / "table.csv") as f:
+        assert list(csv.DictReader(f)) == [{"model": "FP32", "AP": "0.5", "APs": "-1.0"},
+                                           {"model": "broken", "AP": "", "APs": ""}]
+    assert markdown_table([], columns("a")) == "| a |\n|---|"
+
+
+def test_round_robin_timer_interleaves_and_reports_a_median():
+    calls: list[str] = []
+
+    def make(name: str):
+        return lambda x: calls.append(f"{name}{x}")
+
+    medians = RoundRobinTimer(runs=3, warmup=1, progress=False).run(
+        {"a": Timed(make("a"), [0, 1]), "b": Timed(make("b"), [7])})
+    assert calls == ["a0", "b7", "a0", "b7", "a1", "b7", "a0", "b7"]  # warm-up, then one call of each per round
+    assert set(medians) == {"a", "b"} and all(v >= 0 and not math.isnan(v) for v in medians.values())
+    with pytest.raises(ValueError):
+        RoundRobinTimer(runs=0)
