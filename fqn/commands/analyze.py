@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fqn.commands.report import Column, markdown_table
 from fqn.evaluation import sqnr_db
 from fqn.quant.fake_quant import FakeQuantize, Phase, current_phase, phase_of, quantizers
 from fqn.viz import draw_detections, plot_average_maps, plot_hexbin, plot_maps
@@ -280,17 +281,19 @@ def _slug(name: str) -> str:
     return name.replace(".", "_")
 
 
+LAYER_TABLE = [Column("layer"), Column("sqnr_db", "SQNR dB", 1), Column("mse", "MSE", fmt=".3g"),
+               Column("abs_mean", "mean abs err", fmt=".3g"), Column("abs_max", "max abs err", fmt=".3g"),
+               Column("rel_mean", "mean rel err", fmt=".3g"), Column("rel_p99", "p99 rel err", fmt=".3g")]
+SENSITIVITY_TABLE = [Column("layer", "layer (kept float)"), Column("sqnr_db", "head SQNR dB", 1),
+                     Column("cost_db", "gain dB", 2, signed=True)]
+
+
 def report_markdown(stats: list[LayerError], sensitivity: list[dict[str, Any]] | None = None, worst: int = 15,
                     source: str = "fake-quant model") -> str:
     """The worst layers by SQNR, and the layer-sensitivity ranking with the keep_float patterns it suggests."""
     lines = [f"Activations of the {source} against the float phase of the same checkpoint.", "",
-             "| layer | SQNR dB | MSE | mean abs err | max abs err | mean rel err | p99 rel err |",
-             "|---|---|---|---|---|---|---|"]
-    for s in stats[:worst]:
-        lines.append(f"| {s.layer} | {s.sqnr_db:.1f} | {s.mse:.3g} | {s.abs_mean:.3g} | {s.abs_max:.3g} | "
-                     f"{s.rel_mean:.3g} | {s.rel_p99:.3g} |")
+             markdown_table([asdict(s) for s in stats[:worst]], LAYER_TABLE)]
     if sensitivity:
-        lines += ["", "| layer (kept float) | head SQNR dB | gain dB |", "|---|---|---|"]
-        lines += [f"| {r['layer']} | {r['sqnr_db']:.1f} | {r['cost_db']:+.2f} |" for r in sensitivity[:worst]]
+        lines += ["", markdown_table(sensitivity[:worst], SENSITIVITY_TABLE)]
         lines += ["", f"keep_float: {keep_float_patterns(sensitivity)}"]
     return "\n".join(lines) + "\n"

@@ -35,12 +35,15 @@ class Column:
     digits: int = 3
     signed: bool = False
     suffix: str = ""
+    fmt: str | None = None  # a format spec instead of ``digits`` (e.g. ".3g" for errors spanning decades)
 
     def cell(self, value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return MISSING
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return str(value)
+        if self.fmt is not None:
+            return f"{value:{self.fmt}}{self.suffix}"
         if self.signed:
             return f"{value:+.{self.digits}f}{self.suffix}"
         if value == -1:
