@@ -20,7 +20,8 @@ from fqn.models import recalibrate_bn
 from fqn.quant.fake_quant import quantizers
 from fqn.quant.modules import QuantConvBn2d
 from fqn.quant.prepare import scope_summary
-from fqn.train.monitor import GT_COLOR, QuantMonitor, weight_sqnr_db
+from fqn.train.monitor import QuantMonitor, weight_sqnr_db
+from fqn.viz import GT_COLOR
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),  # Lightning: few dataloader workers, tiny data
               pytest.mark.filterwarnings("ignore:.*LeafSpec")]  # Lightning's own use of a deprecated torch API
