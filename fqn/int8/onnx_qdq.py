@@ -153,15 +153,19 @@ def export_onnx(module: nn.Module, args: tuple, path: str | Path | None, *, inpu
 
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    """Silence the tracer's warnings about Python values in torchvision's detection code, only those.
+    """Silence what tracing torchvision's detection code always says and a user cannot act on, only that.
 
-    The legacy exporter's own DeprecationWarning stays visible: docs/onnx_exporter.md says what
+    The tracer's warnings about Python values, the UserWarnings torch and torchvision emit while
+    traced (tensor copy-construction, how advanced indexing is exported), and the ``torch.jit.script``
+    FutureWarning of torchvision's ``_script_if_tracing`` helpers. The legacy exporter's DeprecationWarning stays visible: docs/onnx_exporter.md says what
     moving to the torch.export-based exporter needs.
     """
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.script.* is deprecated")
         yield
 
 
