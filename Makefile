@@ -14,7 +14,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/fqn quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two workers: most tests use one core (pytest-xdist)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fqn tests tools
