@@ -161,17 +161,21 @@ class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
         q._setup(cfg, activation=activation, input_quant=input_quant, output_quant=output_quant)
         return q
 
+    def _float_conv(self, with_bias: bool) -> nn.Conv2d:
+        """A plain nn.Conv2d of this layer's shape holding its (trained) weight and, if asked, its bias."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=with_bias, padding_mode=self.padding_mode,
+                         device=self.weight.device, dtype=self.weight.dtype)
+        _take(conv, "weight", self.weight)
+        if with_bias:
+            _take(conv, "bias", self.bias)
+        return conv
+
     def float_layers(self) -> list[nn.Module]:
         """The float layers this one stands for, in order: the conv, its BN if one was folded in, the activation."""
         folded = getattr(self, "folded_bn", None)  # (BN class, conv had a bias): a kept-float conv+BN, folded
         keep_bias = self.bias is not None and (folded is None or folded[1])
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, bias=keep_bias, padding_mode=self.padding_mode,
-                         device=self.weight.device, dtype=self.weight.dtype)
-        _take(conv, "weight", self.weight)
-        if keep_bias:
-            _take(conv, "bias", self.bias)
-        layers: list[nn.Module] = [conv]
+        layers: list[nn.Module] = [self._float_conv(keep_bias)]
         if folded is not None:  # the fold is exact: BN(gamma=1, beta=b_fold, mean=0, var=1-eps) adds the bias back
             c = self.out_channels
             beta = self.bias.detach() if self.bias is not None and not keep_bias else torch.zeros(c)
@@ -205,12 +209,7 @@ class QuantConvBn2d(QuantConv2d):
 
     def float_layers(self) -> list[nn.Module]:
         """Conv (trained ``W``), the BN it folds (its class, trained gamma/beta, EMA statistics), the activation."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
-                         device=self.weight.device, dtype=self.weight.dtype)
-        _take(conv, "weight", self.weight)
-        if self.bias is not None:
-            _take(conv, "bias", self.bias)
+        conv = self._float_conv(self.bias is not None)
         bn = _make_bn(self.bn_type, self.bn_weight, self.bn_bias, self.running_mean, self.running_var, self.bn_eps,
                       self.bn_momentum, self.bn_weight.requires_grad)
         return [conv, bn] + ([self.activation] if self.activation is not None else [])
