@@ -15,9 +15,13 @@ def test_tiny_quickstart_runs_and_reuses_its_checkpoints(tmp_path, capsys):
                            num_val=2, n_cal=1, peers=("ort",), runs=1)
     out = run_quickstart(cfg)
     rows = json.loads((out / "compare.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["FP32", "FP32 (ONNX Runtime)", "fqn PTQ w4a4", "fqn QAT w4a4",
-                                         "ORT quantize_static w8a8"]
+    assert [(r["name"], r["runtime"]) for r in rows] == [
+        ("FP32", "PyTorch eager"), ("FP32 (ONNX Runtime)", "ONNX Runtime"), ("FP32 (OpenVINO)", "OpenVINO"),
+        ("fqn PTQ w4a4", "ONNX Runtime int8"), ("fqn PTQ w4a4", "OpenVINO int8"),
+        ("fqn QAT w4a4", "ONNX Runtime int8"), ("fqn QAT w4a4", "OpenVINO int8"),
+        ("ORT quantize_static w8a8", "ONNX Runtime int8")]
     assert (out / "fqn_qat_w4a4.onnx").is_file() and (out / "fqn_ptq_w4a4.onnx").is_file()
+    assert (out / "fqn_qat_w4a4.int4.onnx").is_file()  # the packed storage file beside the deployable one
     assert list((tmp_path / "qs" / "tensorboard" / "float" / "version_0").glob("events.*"))
     printed = capsys.readouterr().out
     assert "| fqn QAT w4a4 |" in printed and "done in" in printed

@@ -1,4 +1,4 @@
-"""The ``fqn`` command. Thin: LightningCLI for fit/validate/test; convert, compare, quickstart and demo.
+"""The ``fqn`` command. Thin: LightningCLI for fit/validate/test; convert, predict, compare, quickstart and demo.
 
     fqn fit --config configs/synthetic_float.yaml
     fqn fit --config configs/synthetic_w4a4.yaml --trainer.max_steps 500
@@ -201,9 +201,18 @@ def convert_main(argv: list[str]) -> None:
         batches = _data_module(args.config, None).calibration_batches(args.n_cal)
         model = post_training_quantize(model, batches, cfg)
     example = synthetic_scenes(1, hp["min_size"])
-    path = convert_int8(model, args.output, example, metadata={"source": str(args.checkpoint)})
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {model.fqn_config.flags} "
-          f"w{model.fqn_config.bits_w}a{model.fqn_config.bits_a}); run it with fqn.load_int8('{path}')")
+    cfg = model.fqn_config
+    meta = {"source": str(args.checkpoint)}
+    path = convert_int8(model, args.output, example, metadata=meta)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {cfg.flags} w{cfg.bits_w}a{cfg.bits_a}): the file to "
+          "deploy; ONNX Runtime and OpenVINO run it on integer kernels as they open it. Try it with "
+          f"`fqn predict {path} IMAGE_OR_FOLDER --out OUT` or fqn.load_int8('{path}')")
+    if cfg.bits_w <= 4:
+        packed = convert_int8(model, Path(args.output).with_suffix(".int4.onnx"), example, metadata=meta,
+                              pack_int4=True)
+        print(f"wrote {packed} ({packed.stat().st_size / 1e6:.1f} MB): the same model with packed INT4 weights, "
+              "for storage and transfer; fqn.load_int8 runs it (widening the weights in memory), a plain runtime "
+              "session runs it slower than float")
 
 
 def compare_main(argv: list[str]) -> None:
@@ -221,17 +230,46 @@ def compare_main(argv: list[str]) -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per model (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-val", type=int, help="synthetic validation images (default: the config's)")
+    parser.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "openvino"],
+                        help="where the ONNX files run (default: ONNX Runtime, and OpenVINO when installed)")
     args = parser.parse_args(argv)
     from fqn.commands.compare import run_compare
 
     cmp = run_compare(args.float_ckpt, args.qat, args.out, _data_module(args.config, args.num_val),
                       ptq_bits=args.ptq_bits, calibration=args.calibration, n_cal=args.n_cal, peers=args.peers,
-                      runs=args.runs, threads=args.threads)
+                      runs=args.runs, threads=args.threads, runtimes=args.runtimes)
     print(cmp.markdown())
     print(f"\nresults: {cmp.out / 'compare.json'}; TensorBoard: tensorboard --logdir {cmp.out / 'tensorboard'}")
 
 
-SUBCOMMANDS = {"convert": convert_main, "compare": compare_main, "ablate": ablate_main, "analyze": analyze_main,
+def predict_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="fqn predict", description="run an int8 .onnx file (or a checkpoint) on an image, a folder of images or "
+        "a video: detections as COCO-style JSON, drawn images (or a drawn video), images/s")
+    parser.add_argument("model", help="a .onnx file written by fqn convert, or a checkpoint (.ckpt)")
+    parser.add_argument("source", help="an image, a folder of images, or a video (.mp4, .avi, ...)")
+    parser.add_argument("--out", required=True, help="output folder: detections.json and drawn/")
+    parser.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                        help="runtime of a .onnx model (a checkpoint runs in PyTorch)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--min-score", type=float, default=0.05, help="detections below are left out of the JSON")
+    parser.add_argument("--draw-score", type=float, default=0.5, help="detections below are not drawn")
+    parser.add_argument("--no-draw", action="store_true", help="write the JSON only")
+    parser.add_argument("--class-names", nargs="+", help="names of labels 1, 2, ... (default: class_1, ...)")
+    a = parser.parse_args(argv)
+    from fqn.commands.predict import run_predict
+
+    r = run_predict(a.model, a.source, a.out, runtime=a.runtime, threads=a.threads, min_score=a.min_score,
+                    draw_score=a.draw_score, draw=not a.no_draw, class_names=a.class_names)
+    print(f"{r.images} image(s), {r.detections} detections >= {a.min_score}; {r.images_per_second:.2f} images/s in "
+          f"the detector ({r.images / r.total_seconds:.2f} images/s with reading and drawing)")
+    if r.skipped:
+        print(f"skipped {len(r.skipped)}: " + "; ".join(s["reason"] for s in r.skipped[:5]))
+    print(f"detections: {r.json_path}" + (f"; drawn: {r.drawn}" if r.drawn else ""))
+
+
+SUBCOMMANDS = {"convert": convert_main, "predict": predict_main,
+               "compare": compare_main, "ablate": ablate_main, "analyze": analyze_main,
                "quickstart": quickstart_main, "demo": demo_main}
 
 

@@ -46,12 +46,22 @@ def machine_info(threads: int) -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
+    info = {"cpu": cpu, "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import openvino
+
+        info["openvino"] = openvino.__version__
+    except ImportError:
+        pass
+    return info
 
 
-def _ort_part_fn(path: Path, threads: int) -> Callable[[Tensor], Any]:
-    session, _ = make_session(path, threads)
+RUNTIME_LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+
+
+def _part_fn(path: Path, threads: int, runtime: str = "onnxruntime") -> Callable[[Tensor], Any]:
+    session, _ = make_session(path, threads, runtime=runtime)
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch.numpy()})
 
@@ -63,7 +73,8 @@ def _file_mb(path: Path) -> float:
 # the comparison table: what `markdown` prints of each row
 TABLE = [Column("name", "model"), Column("runtime"), *(Column(k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",
                                                                           "AR100")),
-         Column("size_mb", "size MB", 1), Column("latency_ms", "latency ms", 1),
+         Column("size_mb", "size MB", 1), Column("packed_mb", "int4-packed MB", 1),
+         Column("latency_ms", "latency ms", 1),
          Column("speedup", "speedup", 2, suffix="x"), Column("backbone_ms", "backbone+FPN ms", 1),
          Column("backbone_speedup", "speedup", 2, suffix="x"),
          Column("int8_gap_AP", "int8 - fake-quant AP", 4, signed=True)]
@@ -81,10 +92,14 @@ class Bench:
     images: list[Tensor]
     threads: int = 2
     progress: bool = True
+    runtimes: tuple[str, ...] = ("onnxruntime",)
 
     def __post_init__(self) -> None:
         if self.threads < 1:
             raise ValueError("need threads >= 1")
+        unknown = set(self.runtimes) - set(RUNTIME_LABELS)
+        if unknown or not self.runtimes:
+            raise ValueError(f"runtimes must be among {tuple(RUNTIME_LABELS)}, got {self.runtimes}")
         if not self.val or not self.images:
             raise ValueError("the comparison needs validation batches and at least one image to time")
         self.out = Path(self.out)
@@ -118,34 +133,47 @@ def export_float_files(bench: Bench, model: nn.Module, example: Tensor) -> Float
 
 
 def float_rows(bench: Bench, model: nn.Module, files: FloatFiles) -> list[Row]:
-    """FP32 eager PyTorch (the baseline of every speedup) and the same model in ONNX Runtime."""
+    """FP32 eager PyTorch (the baseline of every speedup) and the same model's ONNX file in each runtime."""
     model = model.cpu().eval()
     size = _file_mb(files.detector)
-    eager = ({"name": "FP32", "method": "fp32", "bits": 32, "runtime": "PyTorch eager", **bench.evaluate(model),
+    rows = [({"name": "FP32", "method": "fp32", "bits": 32, "runtime": "PyTorch eager", **bench.evaluate(model),
               "size_mb": size, "file": files.detector.name},
-             {"latency_ms": bench.e2e(model), "backbone_ms": bench.backbone(BackboneFPN(model).eval(), model)})
-    ort_model = load_int8(files.detector, bench.threads)
-    ort = ({"name": "FP32 (ONNX Runtime)", "method": "fp32", "bits": 32, "runtime": "ONNX Runtime",
-            **bench.evaluate(ort_model), "size_mb": size, "file": files.detector.name},
-           {"latency_ms": bench.e2e(ort_model),
-            "backbone_ms": bench.backbone(_ort_part_fn(files.backbone_fpn, bench.threads), model)})
-    return [eager, ort]
+             {"latency_ms": bench.e2e(model), "backbone_ms": bench.backbone(BackboneFPN(model).eval(), model)})]
+    for runtime in bench.runtimes:
+        label = RUNTIME_LABELS[runtime]
+        runner = load_int8(files.detector, bench.threads, runtime=runtime)
+        rows.append(({"name": f"FP32 ({label})", "method": "fp32", "bits": 32, "runtime": label,
+                      **bench.evaluate(runner), "size_mb": size, "file": files.detector.name},
+                     {"latency_ms": bench.e2e(runner),
+                      "backbone_ms": bench.backbone(_part_fn(files.backbone_fpn, bench.threads, runtime), model)}))
+    return rows
 
 
-def quantized_row(bench: Bench, name: str, method: str, model: nn.Module, example: Tensor) -> Row:
-    """A fake-quant fqn model (PTQ or QAT): its fake-quant mAP, then the int8 file's mAP, size and latency."""
+def quantized_rows(bench: Bench, name: str, method: str, model: nn.Module, example: Tensor) -> list[Row]:
+    """A fake-quant fqn model (PTQ or QAT): its fake-quant mAP, then, per runtime, the int8 file's mAP and latency.
+
+    The file timed is the deployable one, opened as a deployer opens it; at <= 4 bits the packed-INT4
+    storage file is written beside it and its size given as ``packed_mb``.
+    """
     cfg = model.fqn_config
     stem = name.lower().replace(" ", "_").replace("/", "-")
     fake = bench.evaluate(model)
     path = convert_int8(model, bench.out / f"{stem}.onnx", [example])
     part = export_part(model, "backbone_fpn", bench.out / f"{stem}_backbone_fpn.onnx", example)
-    int8 = load_int8(path, bench.threads)
-    metrics = bench.evaluate(int8)
-    return ({"name": name, "method": method, "bits": cfg.bits_w, "runtime": "ONNX Runtime int8", **metrics,
-             "size_mb": _file_mb(path), "fake_quant_AP": fake["AP"], "int8_gap_AP": metrics["AP"] - fake["AP"],
-             "file": path.name, "config": cfg.to_dict()},
-            {"latency_ms": bench.e2e(int8),
-             "backbone_ms": bench.backbone(_ort_part_fn(part, bench.threads), model)})
+    extra = {}
+    if cfg.bits_w <= 4:
+        packed = convert_int8(model, bench.out / f"{stem}.int4.onnx", [example], pack_int4=True)
+        extra = {"packed_mb": _file_mb(packed), "packed_file": packed.name}
+    rows = []
+    for runtime in bench.runtimes:
+        int8 = load_int8(path, bench.threads, runtime=runtime)
+        metrics = bench.evaluate(int8)
+        rows.append(({"name": name, "method": method, "bits": cfg.bits_w, "runtime": f"{RUNTIME_LABELS[runtime]} int8",
+                      **metrics, "size_mb": _file_mb(path), **extra, "fake_quant_AP": fake["AP"],
+                      "int8_gap_AP": metrics["AP"] - fake["AP"], "file": path.name, "config": cfg.to_dict()},
+                     {"latency_ms": bench.e2e(int8),
+                      "backbone_ms": bench.backbone(_part_fn(part, bench.threads, runtime), model)}))
+    return rows
 
 
 def ort_peer_row(bench: Bench, model: nn.Module, calibration_images: list[Tensor], files: FloatFiles) -> Row:
@@ -159,7 +187,7 @@ def ort_peer_row(bench: Bench, model: nn.Module, calibration_images: list[Tensor
     peer = load_int8(path, bench.threads)
     return ({"name": "ORT quantize_static w8a8", "method": "peer-ort", "bits": 8, "runtime": "ONNX Runtime int8",
              **bench.evaluate(peer), "size_mb": _file_mb(path), "file": path.name},
-            {"latency_ms": bench.e2e(peer), "backbone_ms": bench.backbone(_ort_part_fn(part, bench.threads), model)})
+            {"latency_ms": bench.e2e(peer), "backbone_ms": bench.backbone(_part_fn(part, bench.threads), model)})
 
 
 def torchao_peer_row(bench: Bench, model: nn.Module, calibration_images: list[Tensor]) -> Row:
@@ -222,7 +250,8 @@ class Comparison:
         return (markdown_table(self.rows, TABLE)
                 + f"\n\n{i['cpu']}, {i['threads']} threads, image {i['image_size'][0]}x{i['image_size'][1]}, "
                 f"median of {i['runs']} runs after {i['warmup']} warm-up; torch {i['torch']}, "
-                f"onnxruntime {i['onnxruntime']}. Speedups vs FP32 eager PyTorch.")
+                f"onnxruntime {i['onnxruntime']}" + (f", openvino {i['openvino']}" if "openvino" in i else "")
+                + ". Speedups vs FP32 eager PyTorch.")
 
     def log_tensorboard(self) -> None:
         ok = [r for r in self.rows if not r.get("error")]
@@ -234,14 +263,21 @@ class Comparison:
 def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], out_dir: str | Path, data: Any, *,
                 ptq_bits: Sequence[int] = (8, 4), calibration: str = "percentile", n_cal: int = 20,
                 peers: Sequence[str] = PEERS, runs: int = 20, warmup: int = 3, threads: int = 2,
-                progress: bool = True) -> Comparison:
+                progress: bool = True, runtimes: Sequence[str] | None = None) -> Comparison:
     """The full comparison: FP32 (eager and ORT), fqn PTQ at ``ptq_bits``, each QAT checkpoint, the peers.
 
     ``data`` is a `DetectionDataModule`; its validation split is evaluated and its ``n_cal``
     calibration batches (un-augmented) calibrate every PTQ, fqn's and the peers'. Without
     ``float_ckpt`` the FP32 model is the one the first QAT checkpoint was fine-tuned from (its
-    ``init_from``, or the torchvision weights it started from).
+    ``init_from``, or the torchvision weights it started from). ``runtimes``: where the ONNX files run
+    (default: ONNX Runtime, and OpenVINO when it is installed).
     """
+    from fqn.int8.runtime import available_runtimes
+
+    if runtimes is None:
+        runtimes = available_runtimes()
+        if "openvino" not in runtimes:
+            log.warning("compare: OpenVINO is not installed (pip install 'fqn[openvino]'): ONNX Runtime rows only")
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
@@ -262,7 +298,7 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
     cal_images = [img for b in cal_batches for img in batch_images(b)]
     images = [img for b in val for img in batch_images(b)][:max(4, min(runs, 20))]
     timer = RoundRobinTimer(runs, warmup, progress)
-    bench = Bench(Path(out_dir), val, images, threads, progress)
+    bench = Bench(Path(out_dir), val, images, threads, progress, tuple(runtimes))
     torch.set_num_threads(threads)
     info = {**machine_info(threads), "image_size": list(images[0].shape[-2:]), "runs": runs, "warmup": warmup}
     cmp = Comparison(bench.out, info)
@@ -275,11 +311,13 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
         print(f"[fqn compare] fqn PTQ w{bits}a{bits} ({calibration}, {n_cal} batches)", flush=True)
         model = post_training_quantize(float_model, cal_batches, ptq_config(bits, calibration), num_batches=n_cal,
                                        progress=progress)
-        cmp.add(*quantized_row(bench, f"fqn PTQ w{bits}a{bits}", "ptq", model, example))
+        for row in quantized_rows(bench, f"fqn PTQ w{bits}a{bits}", "ptq", model, example):
+            cmp.add(*row)
     for path, model in qat:
         cfg = model.fqn_config
         print(f"[fqn compare] fqn QAT w{cfg.bits_w}a{cfg.bits_a} ({path})", flush=True)
-        cmp.add(*quantized_row(bench, f"fqn QAT w{cfg.bits_w}a{cfg.bits_a}", "qat", model, example))
+        for row in quantized_rows(bench, f"fqn QAT w{cfg.bits_w}a{cfg.bits_a}", "qat", model, example):
+            cmp.add(*row)
     producers = {"ort": lambda: ort_peer_row(bench, float_model, cal_images, files),
                  "torchao": lambda: torchao_peer_row(bench, float_model, cal_images)}
     for peer, produce in producers.items():

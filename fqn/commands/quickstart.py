@@ -100,7 +100,7 @@ def run_quickstart(cfg: QuickstartConfig | None = None) -> Path:
     print("\n" + cmp.markdown())
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n[fqn quickstart] done in {minutes:.1f} min. Everything is in {Path(cfg.out).resolve()}:\n"
-          f"  int8 models:  {cmp.out}/*.onnx  (run one: fqn.load_int8(path)(images))\n"
+          f"  int8 models:  {cmp.out}/*.onnx  (run one on your images: fqn predict FILE.onnx IMAGES --out OUT)\n"
           f"  results:      {cmp.out / 'compare.json'}\n"
           f"  TensorBoard:  tensorboard --logdir {Path(cfg.out) / 'tensorboard'}  (compare: {cmp.out / 'tensorboard'})")
     return cmp.out

@@ -1,4 +1,4 @@
-"""The int8 backend: ONNX QDQ files run by ONNX Runtime's CPU integer kernels.
+"""The int8 backend: ONNX QDQ files run by ONNX Runtime's or OpenVINO's CPU integer kernels.
 
 Everything backend-specific lives here (`onnx_qdq` writes, `runtime` runs), so
 another backend can be added beside it without touching the quantization method.

@@ -10,10 +10,17 @@ one the simulation used, and stored as integer initializers (int4, packed, at
 Why a custom ``symbolic``: torch's exporter accepts only the (0,255),
 (-128,127) and (0,127) ranges, while fqn's weights use the symmetric [-127,127]
 range and k < 8 bits use narrower ones. Activations of k < 8 bits are stored
-with 8-bit Q/DQ (the integer kernels are 8-bit) followed by an explicit
-DQ -> Clip -> Q -> DQ to the k-bit levels *after* the kernel's own
-requantization, so the conv/add still fuses and the values are exactly the
-k-bit ones.
+as 8-bit Q -> integer Clip to the k-bit codes -> DQ: the integer kernels are
+8-bit, the kernel before the Q still fuses (ONNX Runtime: QLinearConv ->
+Clip(uint8) -> QLinearConv; OpenVINO reads it too), and the values are exactly
+the k-bit ones. A float DQ -> Clip -> Q after every kernel, the earlier form,
+cost as much as the convolutions at KITTI size.
+
+Weights of k <= 4 bits are written as INT8 initializers holding the k-bit codes
+(the deployable file: both runtimes fuse it as they open it) or, with
+``pack_int4``, as packed INT4 (half the bytes, for storage: a plain ONNX Runtime
+session does not fuse INT4 weights and runs it slower than float; fqn's loader
+widens them in memory).
 """
 
 from __future__ import annotations
@@ -61,15 +68,14 @@ class _ExportQDQ(torch.autograd.Function):
             kw["axis_i"] = axis
         s = g.op("Constant", value_t=s_t)
         z = g.op("Constant", value_t=z_t.to(zdt))
-        y = g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z, **kw), s, z, **kw)
+        q = g.op("QuantizeLinear", x, s, z, **kw)
         full = (-128, 127) if qmin < 0 else (0, 255)
         if axis is None and (qmin, qmax) != full and (qmin, qmax) != (-127, 127):
-            # k < 8 bits: clamp to the k-bit levels after the 8-bit kernel, then requantize (exact, still fused)
-            lo = g.op("Constant", value_t=((qmin - z_t.float()) * s_t).reshape(()))
-            hi = g.op("Constant", value_t=((qmax - z_t.float()) * s_t).reshape(()))
-            y = g.op("Clip", y, lo, hi)
-            y = g.op("DequantizeLinear", g.op("QuantizeLinear", y, s, z), s, z)
-        return y
+            # k < 8 bits: clamp the 8-bit codes to the k-bit ones (Q -> Clip -> DQ, integer Clip). Exact: the
+            # 8-bit code round(x/s)+z clamped to [qmin, qmax] is the k-bit code; and the kernel before Q still fuses
+            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=zdt)),
+                     g.op("Constant", value_t=torch.tensor(qmax, dtype=zdt)))
+        return g.op("DequantizeLinear", q, s, z, **kw)
 
 
 def _export_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
@@ -125,11 +131,12 @@ def _report_floored_scales(model: nn.Module) -> None:
 def export_onnx(module: nn.Module, args: tuple, path: str | Path | None, *, input_names: Sequence[str],
                 output_names: Sequence[str], dynamic_axes: dict[str, dict[int, str]] | None = None,
                 quantized: bool = True, metadata: dict[str, str] | None = None,
-                weight_range: tuple[int, int] | None = None) -> Any:
+                weight_range: tuple[int, int] | None = None, pack_int4: bool = False) -> Any:
     """Export ``module(*args)`` to ONNX (QDQ form when ``quantized``); returns the ``onnx.ModelProto``.
 
-    ``weight_range`` is the integer range of the weight codes (e.g. (-7, 7) at 4 bits); ranges within
-    4 bits are stored as packed int4. ``path=None`` only returns the proto.
+    ``weight_range`` is the integer range of the weight codes (e.g. (-7, 7) at 4 bits); with
+    ``pack_int4``, ranges within 4 bits are stored as packed INT4 (storage) instead of INT8
+    (deployment). ``path=None`` only returns the proto.
     """
     import onnx
 
@@ -141,7 +148,7 @@ def export_onnx(module: nn.Module, args: tuple, path: str | Path | None, *, inpu
                           dynamic_axes=dynamic_axes)
     proto = onnx.load_from_string(buf.getvalue())
     if quantized:
-        store_integer_weights(proto, weight_range)
+        store_integer_weights(proto, weight_range, pack_int4)
         requantize_after_resize(proto)
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
@@ -232,12 +239,13 @@ def _pack4(codes: np.ndarray) -> bytes:
     return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
-def store_integer_weights(proto: Any, weight_range: tuple[int, int] | None) -> int:
+def store_integer_weights(proto: Any, weight_range: tuple[int, int] | None, pack_int4: bool = False) -> int:
     """Replace every Q(constant float weight) by the integer codes torch's fake quantizer gives; returns how many.
 
     The codes are ``round(fake_quantize(w) / scale) + zero_point``, i.e. exactly the integers the
     simulation used; a weight quantized at several call sites (the RPN head runs once per pyramid
-    level) is stored once. Codes that fit 4 bits are stored as packed INT4/UINT4 (opset raised to 21).
+    level) is stored once. With ``pack_int4``, codes that fit 4 bits are stored as packed INT4/UINT4
+    (opset raised to 21); otherwise as INT8/UINT8, which every runtime's integer kernels take as they are.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -245,12 +253,21 @@ def store_integer_weights(proto: Any, weight_range: tuple[int, int] | None) -> i
     graph = proto.graph
     consts = GraphConstants(graph)
     keep, new_inits, renamed, cache = [], [], {}, {}
-    pack4 = weight_range is not None and weight_range[0] >= -8 and weight_range[1] <= 15
+    pack4 = pack_int4 and weight_range is not None and weight_range[0] >= -8 and weight_range[1] <= 15
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    clamps = set()  # a per-tensor k-bit weight's integer Clip: its codes are clamped already
     for node in graph.node:
         w = consts.value(node.input[0]) if node.op_type == "QuantizeLinear" else None
         if w is None or w.dtype != np.float32:
-            keep.append(node)
+            if id(node) not in clamps:
+                keep.append(node)
             continue
+        after = readers.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Clip":
+            clamps.add(id(after[0]))
         scale, zp = consts.value(node.input[1]), consts.value(node.input[2])
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         key = (consts.source(node.input[0]), scale.tobytes(), zp.tobytes(), axis)
@@ -267,6 +284,8 @@ def store_integer_weights(proto: Any, weight_range: tuple[int, int] | None) -> i
                 new_inits.append(numpy_helper.from_array(codes, name))
             cache[key] = (name, zp_name)
         renamed[node.output[0]] = cache[key]
+        if len(after) == 1 and after[0].op_type == "Clip":
+            renamed[after[0].output[0]] = cache[key]
     for node in keep:
         if node.op_type == "DequantizeLinear" and node.input[0] in renamed:
             name, zp_name = renamed[node.input[0]]

@@ -67,18 +67,19 @@ def add_activation_outputs(proto: Any, names: list[str]) -> dict[str, list[str]]
 
 
 class Int8Taps:
-    """An ORT session of an int8 detector file that also returns the activations of chosen quantizers.
+    """A session (ONNX Runtime or OpenVINO) of an int8 detector file that also returns chosen quantizers' activations.
 
     ``taps(image)`` -> ``{quantizer name: [tensor per call]}`` for one 3xHxW image. Quantizers the
     file does not hold in its main graph (e.g. inside the box head's loop) are listed in ``missing``.
     """
 
-    def __init__(self, path: str | Path, names: list[str], threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, names: list[str], threads: int | None = None,
+                 runtime: str = "onnxruntime") -> None:
         from fqn.int8.runtime import make_session
 
         self.values: dict[str, list[str]] = {}
         self.session, self.metadata = make_session(
-            path, threads, edit=lambda proto: self.values.update(add_activation_outputs(proto, names)))
+            path, threads, edit=lambda proto: self.values.update(add_activation_outputs(proto, names)), runtime=runtime)
         self.missing = [n for n in names if n not in self.values]
         self.input_name = self.session.get_inputs()[0].name
 

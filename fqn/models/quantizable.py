@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
@@ -289,6 +290,9 @@ def stable_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshol
     return box_ops._batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold)
 
 
+_TOPK_SPAN = 2**21  # anchors per pyramid level the exported top-k orders by index (KITTI level 0: ~73k)
+
+
 class QuantRPN(RegionProposalNetwork):
     """RPN whose top-k and NMS break ties between equal scores by index, as the exported int8 graph does.
 
@@ -298,13 +302,36 @@ class QuantRPN(RegionProposalNetwork):
     """
 
     def _get_top_n_idx(self, objectness: Tensor, num_anchors_per_level: list[int]) -> Tensor:
-        if torchvision._is_tracing():  # exported as ONNX TopK, which is index-stable already
-            return super()._get_top_n_idx(objectness, num_anchors_per_level)
+        if torchvision._is_tracing():
+            return self._traced_top_n_idx(objectness, num_anchors_per_level)
         r, offset = [], 0
         for ob in objectness.split(num_anchors_per_level, 1):
             k = min(self.pre_nms_top_n(), ob.shape[1])
             r.append(torch.sort(ob, dim=1, descending=True, stable=True)[1][:, :k] + offset)
             offset += ob.shape[1]
+        return torch.cat(r, dim=1)
+
+    def _traced_top_n_idx(self, objectness: Tensor, num_anchors_per_level: list[int]) -> Tensor:
+        """The exported top-k: ONNX TopK on unique integer keys (quantization code, then index), not on the logits.
+
+        ONNX does not say how TopK orders equal values: ONNX Runtime keeps index order, OpenVINO does not,
+        and at 4 bits most objectness values tie, so OpenVINO kept other proposals. The key
+        ``(code + 256) * 2^21 + (2^21 - 1 - index)`` orders by objectness, then by index, in any runtime, and
+        stays below 2^31 (a runtime may run int64 as int32) for up to 2^21 anchors per level.
+        """
+        cls_fq = getattr(self.head, "cls_fq", None)
+        if cls_fq is None:  # float objectness: ties are rare
+            return super()._get_top_n_idx(objectness, num_anchors_per_level)
+        r, offset = [], 0
+        for level, ob in enumerate(objectness.split(num_anchors_per_level, 1)):
+            num_anchors = ob.shape[1]
+            k = det_utils._topk_min(ob, self.pre_nms_top_n(), 1)
+            step = float(cls_fq[0][level].scale.reshape(-1)[0])
+            index = torch.ones_like(ob, dtype=torch.int64).cumsum(1) - 1
+            code = torch.round(ob / step).to(torch.int64) + 256
+            _, top = (code * _TOPK_SPAN + (_TOPK_SPAN - 1 - index)).topk(k, dim=1)
+            r.append(top + offset)
+            offset += num_anchors
         return torch.cat(r, dim=1)
 
     def restore_float(self) -> None:

@@ -1,10 +1,10 @@
-"""End to end on a trained model: the int8 file finds the boxes the fake-quant model finds.
+"""End to end on a trained model: the int8 file finds the boxes the fake-quant model finds, in both runtimes.
 
 A tiny R18-FPN is trained briefly by the Lightning trainer on a few synthetic scenes with large objects (so that a
 minute of training finds them), post-training quantized at 8 and at 4 bits, converted with `convert_int8` and run by
-ONNX Runtime (`load_int8`) on 16 scenes (8 it was trained on, 8 it has not seen). On most images the best detections
-of each model must have a counterpart among the other's (IoU >= 0.5, same label); at 4 bits the detections are the
-same to rounding.
+ONNX Runtime and by OpenVINO (`load_int8(path, runtime=...)`) on 16 scenes (8 it was trained on, 8 it has not
+seen). On most images the best detections of each model must have a counterpart among the other's (IoU >= 0.5, same
+label); at 4 bits the detections are the same to rounding.
 """
 
 from __future__ import annotations
@@ -102,25 +102,36 @@ def identical(a: dict, b: dict) -> bool:
 # Seed 1 gave 14 / 16 agreeing at 8 bits. The bars are a notch below. (Seed 2 gives a model where a residual add's
 # input scale is 1.5000001 times its output scale: ORT's QLinearAdd and the fake-quant add round those near-ties
 # differently on 6% of the elements, and at 4 bits only 4 of 16 images agree.)
-MIN_DETECTING, MIN_AGREE, MIN_IDENTICAL = 14, {8: 14, 4: 15}, {8: 7, 4: 15}
+# OpenVINO 2026.4, same file: at 4 bits the best 5 agree on 16 of 16 images, 15 identical (its kernels compute the
+# codes exactly once the input shape is fixed, see `OpenVinoSession`, and the exported top-k orders ties by index);
+# at 8 bits 11 of 16 agree, none identical: its fused 8-bit requantization is not bit-exact (90% of a ResNet
+# block's output codes equal, the rest within 3 steps), which moves scores; on the trained synthetic model (README)
+# its AP is 0.0013 below the fake-quant AP, ONNX Runtime's 0.0005 above.
+MIN_DETECTING = 14
+MIN_AGREE = {"onnxruntime": {8: 14, 4: 15}, "openvino": {8: 9, 4: 15}}
+MIN_IDENTICAL = {"onnxruntime": {8: 7, 4: 15}, "openvino": {8: 0, 4: 13}}
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_int8_detections_match_the_fake_quant_ones(bits, trained, tmp_path):
+    """The same file, in ONNX Runtime and in OpenVINO, opened as a deployer opens it."""
     float_ckpt, scenes = trained
     start = time.perf_counter()
     model = quantized(bits, float_ckpt)
     path = convert_int8(model, tmp_path / f"w{bits}.onnx", scenes[:1])
     with torch.no_grad():
         fake = model(scenes)
-    int8 = load_int8(path, threads=1)(scenes)
-    agreeing = [agrees(f, i) for f, i in zip(fake, int8)]
-    same = [identical(f, i) for f, i in zip(fake, int8)]
-    print(f"w{bits}a{bits}: best {TOP} agree on {sum(agreeing)} of {len(scenes)} images, {sum(same)} identical; "
-          f"fake-quant detections per image {[len(d['boxes']) for d in fake]}; {time.perf_counter() - start:.1f} s")
     assert sum(len(d["boxes"]) > 0 for d in fake) >= MIN_DETECTING  # the model detects: the test is not vacuous
-    assert sum(agreeing) >= MIN_AGREE[bits], agreeing
-    assert sum(same) >= MIN_IDENTICAL[bits], same
+    for runtime in RUNTIMES:
+        int8 = load_int8(path, threads=1, runtime=runtime)(scenes)
+        agreeing = [agrees(f, i) for f, i in zip(fake, int8)]
+        same = [identical(f, i) for f, i in zip(fake, int8)]
+        print(f"w{bits}a{bits} {runtime}: best {TOP} agree on {sum(agreeing)} of {len(scenes)} images, {sum(same)} "
+              f"identical; fake-quant detections per image {[len(d['boxes']) for d in fake]}; "
+              f"{time.perf_counter() - start:.1f} s")
+        assert sum(agreeing) >= MIN_AGREE[runtime][bits], (runtime, agreeing)
+        assert sum(same) >= MIN_IDENTICAL[runtime][bits], (runtime, same)
 
 
 def test_agreement_rule():

@@ -40,22 +40,28 @@ def checkpoints(tmp_path_factory):
 def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
     float_ckpt, qat_ckpt = checkpoints
     cmp = run_compare(float_ckpt, [qat_ckpt], tmp_path, tiny_data(num_val=4), ptq_bits=(8,), n_cal=2,
-                      peers=("ort",), runs=2, warmup=1, threads=1, progress=False)
+                      peers=("ort",), runs=2, warmup=1, threads=1, progress=False,
+                      runtimes=("onnxruntime", "openvino"))
     saved = json.loads((tmp_path / "compare.json").read_text())
     names = [r["name"] for r in saved["rows"]]
-    assert names == ["FP32", "FP32 (ONNX Runtime)", "fqn PTQ w8a8", "fqn QAT w4a4", "ORT quantize_static w8a8"]
+    assert names == ["FP32", "FP32 (ONNX Runtime)", "FP32 (OpenVINO)", "fqn PTQ w8a8", "fqn PTQ w8a8",
+                     "fqn QAT w4a4", "fqn QAT w4a4", "ORT quantize_static w8a8"]
+    assert [r["runtime"] for r in saved["rows"] if r["name"] == "fqn QAT w4a4"] == ["ONNX Runtime int8",
+                                                                                   "OpenVINO int8"]
     for row in saved["rows"]:
         assert set(ROW_FIELDS) <= set(row), row
         for key in ("AP", "AP50", "AP75", "AR100", "size_mb", "latency_ms", "backbone_ms", "speedup",
                     "backbone_speedup"):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (row["name"], key)
-    rows = {r["name"]: r for r in saved["rows"]}
+    rows = {r["name"]: r for r in saved["rows"]}  # the OpenVINO row of each name
     assert rows["FP32"]["speedup"] == pytest.approx(1.0)
     for name in ("fqn PTQ w8a8", "fqn QAT w4a4"):  # the row's fields; that the int8 model finds what the
         # fake-quant one finds is tested on a trained model in test_agreement.py
         assert math.isfinite(rows[name]["int8_gap_AP"]) and math.isfinite(rows[name]["fake_quant_AP"])
     assert rows["fqn PTQ w8a8"]["size_mb"] < 0.3 * rows["FP32"]["size_mb"]
-    assert rows["fqn QAT w4a4"]["size_mb"] < 0.6 * rows["fqn PTQ w8a8"]["size_mb"]
+    # the deployable 4-bit file holds its codes in INT8; the packed storage file beside it is about half
+    assert rows["fqn QAT w4a4"]["packed_mb"] < 0.6 * rows["fqn QAT w4a4"]["size_mb"]
+    assert (tmp_path / rows["fqn QAT w4a4"]["packed_file"]).is_file()
     assert saved["machine"]["threads"] == 1 and saved["machine"]["torch"] == torch.__version__
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     table = cmp.markdown()
@@ -66,6 +72,9 @@ def test_convert_cli_qat_ptq_and_bad_input(checkpoints, tmp_path, capsys):
     float_ckpt, qat_ckpt = checkpoints
     assert main(["convert", str(qat_ckpt), str(tmp_path / "qat.onnx")]) == 0
     assert load_int8(tmp_path / "qat.onnx").metadata["fqn.bits"] == "w4a4"
+    printed = capsys.readouterr().out  # at 4 bits: the deployable file and the packed storage file, each named
+    assert "qat.onnx" in printed and "deploy" in printed and "qat.int4.onnx" in printed and "storage" in printed
+    assert load_int8(tmp_path / "qat.int4.onnx").metadata["fqn.weights"] == "int4-packed"
     with pytest.raises(SystemExit, match="float-only checkpoint"):
         main(["convert", str(float_ckpt), str(tmp_path / "f.onnx")])
     with pytest.raises(SystemExit, match="does not exist"):

@@ -36,8 +36,8 @@ class _Block(nn.Module):
         return self.add(self.b(self.a(x)), self.c(x))
 
 
-def _calibrated_block(bits: int) -> tuple[_Block, torch.Tensor]:
-    cfg = QuantConfig(bits_w=bits, bits_a=bits, percentile=False, act_observer="minmax")
+def _calibrated_block(bits: int, per_channel: bool = True) -> tuple[_Block, torch.Tensor]:
+    cfg = QuantConfig(bits_w=bits, bits_a=bits, percentile=False, act_observer="minmax", per_channel=per_channel)
     block = _Block(cfg).eval()
     x = torch.randn(2, 8, 24, 24)
     bind_input_grids(block, lambda: block(x))  # b reads a's output: its bias goes on a's grid, as prepare_qat does
@@ -70,19 +70,30 @@ def _optimized_ops(proto: onnx.ModelProto, tmp_path) -> dict[str, int]:
     return ops
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_integer_kernels_reproduce_fake_quant_layer_by_layer(bits, tmp_path):
-    """ORT's QLinearConv/QLinearAdd on the exported block give the fake-quant output, in its own steps."""
-    block, x = _calibrated_block(bits)
+@pytest.mark.parametrize("bits,packed,per_channel", [(8, False, True), (4, False, True), (4, True, True),
+                                                    (4, False, False)])
+def test_integer_kernels_reproduce_fake_quant_layer_by_layer(bits, packed, per_channel, tmp_path):
+    """ORT's QLinearConv/QLinearAdd on the exported block give the fake-quant output, in its own steps.
+
+    The deployable file (INT8-held weights) is opened by a plain ONNX Runtime session, as a deployer opens it:
+    every conv and the add must run as integer kernels, with nothing but the integer 4-bit Clip in float's place.
+    The packed-INT4 file is opened after fqn's loader widened its weights. Per-tensor 4-bit weights (C off) are
+    stored as codes already clamped to their range, with no Clip left on the weight path.
+    """
+    from fqn.int8.runtime import _unpack_int4
+
+    block, x = _calibrated_block(bits, per_channel)
     with torch.no_grad():
         ref = block(x).numpy()
     proto = export_onnx(block, (x,), None, input_names=["x"], output_names=["y"], weight_range=(
-        -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1))
-    if bits == 4:
-        from fqn.int8.runtime import _unpack_int4
-        assert _unpack_int4(proto) == 6  # three packed weight tensors and their zero points
+        -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1), pack_int4=packed)
+    assert _unpack_int4(proto) == (6 if packed else 0)  # three packed weight tensors and their zero points
     ops = _optimized_ops(proto, tmp_path)
     assert ops.get("QLinearConv") == 3 and ops.get("QLinearAdd") == 1, ops
+    assert "Conv" not in ops and "Add" not in ops, ops
+    if bits == 4:  # the 4-bit clamp is one integer Clip per activation quantizer, no float round trip: the
+        # only QuantizeLinear left are the two input quantizers on the float input
+        assert ops.get("Clip") == len(quantizers(block, "act")) == 6 and ops.get("QuantizeLinear") == 2, ops
     sess = ort.InferenceSession(proto.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"x": x.numpy()})[0]
     out_q = block.add.act_fq
@@ -95,6 +106,33 @@ def test_integer_kernels_reproduce_fake_quant_layer_by_layer(bits, tmp_path):
     if bits == 4:  # k-bit activations stay on their 2^k levels inside the int8 kernels
         levels = np.unique(np.round(got / float(out_q.scale)) + int(out_q.zero_point))
         assert levels.min() >= 0 and levels.max() <= 15
+
+
+def test_integer_clip_is_the_hand_computed_4bit_quantizer():
+    """Q (8-bit codes) -> integer Clip -> DQ, as written for a 4-bit activation, run by ORT on values chosen to hit
+    both ends of the range and rounding ties, equals round(x / s) + z clamped to [0, 15], computed here by hand
+    (and, away from exact ties, torch's fake quantizer)."""
+    from fqn.quant.fake_quant import FakeQuantize
+    from fqn.quant.observers import MinMaxObserver
+
+    fq = FakeQuantize(MinMaxObserver(), 4)
+    fq.enable_observer(True)
+    fq(torch.tensor([-0.7, 2.3]))
+    fq.update_qparams()
+    fq.enable_observer(False)
+    fq.enable_fake_quant(True)
+    s, z = float(fq.scale), int(fq.zero_point)
+    x = torch.tensor([-5.0, -0.7, -0.01, 0.0, 0.5 * s, 1.5 * s, 2.3, 2.4, 9.0, *torch.linspace(-1, 3, 101).tolist()])
+    proto = export_onnx(nn.Sequential(fq), (x,), None, input_names=["x"], output_names=["y"])
+    assert [n.op_type for n in proto.graph.node if n.op_type != "Constant"] == \
+        ["QuantizeLinear", "Clip", "DequantizeLinear"]
+    got = ort.InferenceSession(proto.SerializeToString(), session_options(1),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    ratio = x.numpy() / np.float32(s)  # ONNX QuantizeLinear: x / scale in float32, rounded half to even
+    codes = np.clip(np.round(ratio) + z, 0, 15)
+    np.testing.assert_array_equal(got, ((codes - z) * np.float32(s)).astype(np.float32))
+    off_tie = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) > 1e-4  # torch multiplies by 1/s: ties may differ
+    np.testing.assert_array_equal(got[off_tie], fq(x).detach().numpy()[off_tie])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -111,9 +149,14 @@ def test_weights_are_stored_as_the_hand_computed_integer_codes(bits):
         scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) / qmax  # symmetric, per output channel
         codes = torch.round(w / scale).long().numpy()
         assert any(s.shape == codes.shape and np.array_equal(s, codes) for s in stored)
-    if bits == 4:
-        assert all(i.data_type == onnx.TensorProto.INT4 for i in proto.graph.initializer
-                   if len(i.dims) == 4)
+    if bits == 4:  # the packed storage file holds the same codes as INT4
+        packed = export_onnx(block, (x,), None, input_names=["x"], output_names=["y"], weight_range=(-qmax, qmax),
+                             pack_int4=True)
+        weights = [i for i in packed.graph.initializer if len(i.dims) == 4]
+        assert len(weights) == 3 and all(i.data_type == onnx.TensorProto.INT4 for i in weights)
+        unpacked = sorted((numpy_helper.to_array(i).astype(np.int64) for i in weights), key=lambda a: a.shape)
+        for a, b in zip(unpacked, sorted(stored, key=lambda a: a.shape)):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +171,17 @@ def tiny_quantized(_float_detectors, scenes):
 @pytest.fixture(scope="module")
 def tiny_files(tiny_quantized, scenes, tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
-    return {bits: convert_int8(m, root / f"w{bits}.onnx", scenes[:1]) for bits, m in tiny_quantized.items()}
+    files = {bits: convert_int8(m, root / f"w{bits}.onnx", scenes[:1]) for bits, m in tiny_quantized.items()}
+    files["4-packed"] = convert_int8(tiny_quantized[4], root / "w4.int4.onnx", scenes[:1], pack_int4=True)
+    return files
 
 
 def test_whole_detector_round_trips_from_disk(tiny_quantized, tiny_files, scenes):
-    for bits, path in tiny_files.items():
+    for key, path in tiny_files.items():
+        bits = 4 if key == "4-packed" else key
         detector = load_int8(path, threads=1)
         assert detector.metadata["fqn.bits"] == f"w{bits}a{bits}"
+        assert detector.metadata["fqn.weights"] == ("int4-packed" if key == "4-packed" else "int8")
         images = [scenes[6], torch.nn.functional.interpolate(scenes[7][None], size=(96, 160))[0]]  # any size
         out = detector(images)
         assert len(out) == 2
@@ -150,9 +197,12 @@ def test_whole_detector_round_trips_from_disk(tiny_quantized, tiny_files, scenes
         assert {"RoiAlign", "NonMaxSuppression", "QuantizeLinear", "DequantizeLinear"} <= ops  # whole detector
 
 
-def test_four_bit_file_is_smaller(tiny_files):
-    s8, s4 = tiny_files[8].stat().st_size, tiny_files[4].stat().st_size
-    assert s4 < 0.6 * s8  # packed int4 weights
+def test_packed_four_bit_file_is_smaller_and_detects_the_same(tiny_files, scenes):
+    s8, s4, packed = (tiny_files[k].stat().st_size for k in (8, 4, "4-packed"))
+    assert packed < 0.6 * s8 and abs(s4 - s8) < 0.05 * s8  # packed int4 weights; the deployable file holds int8
+    a, b = (load_int8(tiny_files[k], threads=1)(scenes[6:8]) for k in (4, "4-packed"))
+    for da, db in zip(a, b):
+        assert all(torch.equal(da[k], db[k]) for k in ("boxes", "scores", "labels"))
 
 
 def test_head_outputs_track_the_fake_quant_model(tiny_quantized, scenes, tmp_path):
@@ -199,6 +249,8 @@ def test_int8_taps_read_the_integer_activations(tiny_quantized, tiny_files, scen
     from fqn.int8.taps import Int8Taps, add_activation_outputs
 
     for bits, model in tiny_quantized.items():
+        if bits == 4:
+            tiny_files = {**tiny_files, 4: tiny_files["4-packed"]}  # taps also read a packed file
         names = comparable_points(model)
         taps = Int8Taps(tiny_files[bits], names, threads=1)
         assert taps.missing == []
