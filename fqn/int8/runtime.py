@@ -128,6 +128,31 @@ def _unpack_int4(proto: Any) -> int:
     return count
 
 
+def unshare_weights(proto: Any) -> int:
+    """Give every DequantizeLinear of a shared weight initializer its own copy (in memory); returns how many copies.
+
+    Files `convert_int8` writes for deployment have one initializer per call site already; a packed
+    storage file (or an older file) shares the RPN head's weight across pyramid levels, which OpenVINO
+    runs in float (see `fqn.int8.onnx_qdq.store_integer_weights`).
+    """
+    import copy
+
+    inits = {init.name: init for init in proto.graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            readers.setdefault(node.input[0], []).append(node)
+    count = 0
+    for name, nodes in readers.items():
+        for k, node in enumerate(nodes[1:], 1):
+            clone = copy.deepcopy(inits[name])
+            clone.name = f"{name}__site{k}"
+            proto.graph.initializer.append(clone)
+            node.input[0] = clone.name
+            count += 1
+    return count
+
+
 def make_session(path: str | Path, threads: int | None = None, integer_kernels: bool = True,
                  edit: Callable[[Any], Any] | None = None, runtime: str = "onnxruntime") -> tuple[Any, dict[str, str]]:
     """A CPU session for ``path`` in ``runtime`` (``"onnxruntime"`` or ``"openvino"``) and the file's metadata.
@@ -154,6 +179,7 @@ def make_session(path: str | Path, threads: int | None = None, integer_kernels: 
         edit(proto)
     _unpack_int4(proto)
     if runtime == "openvino":
+        unshare_weights(proto)
         if not integer_kernels:
             raise ValueError("integer_kernels=False (the QDQ graph run in float) is an ONNX Runtime reference only")
         return OpenVinoSession(proto.SerializeToString(), int(threads or torch.get_num_threads())), meta

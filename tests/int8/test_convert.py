@@ -197,6 +197,32 @@ def test_whole_detector_round_trips_from_disk(tiny_quantized, tiny_files, scenes
         assert {"RoiAlign", "NonMaxSuppression", "QuantizeLinear", "DequantizeLinear"} <= ops  # whole detector
 
 
+def _weight_readers(proto: onnx.ModelProto) -> dict[str, int]:
+    inits = {i.name for i in proto.graph.initializer}
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            counts[node.input[0]] = counts.get(node.input[0], 0) + 1
+    return counts
+
+
+def test_each_call_site_of_a_shared_weight_has_its_own_initializer(tiny_files):
+    """The RPN head's conv runs on 5 levels; OpenVINO runs a conv whose weight DQ is shared in float."""
+    from fqn.int8.runtime import _unpack_int4, unshare_weights
+
+    deploy = onnx.load(str(tiny_files[8]))
+    readers = _weight_readers(deploy)
+    assert max(readers.values()) == 1
+    rpn = [n for n in readers if "rpn/head/conv.0.0" in n]
+    assert len(rpn) == 5  # one per pyramid level, the same codes
+    arrays = [numpy_helper.to_array(i) for i in deploy.graph.initializer if i.name in rpn]
+    assert all(np.array_equal(a, arrays[0]) for a in arrays)
+    packed = onnx.load(str(tiny_files["4-packed"]))  # storage: stored once; the loader gives each site a copy
+    assert max(_weight_readers(packed).values()) == 5
+    _unpack_int4(packed)
+    assert unshare_weights(packed) == 4 + 4 + 4 and max(_weight_readers(packed).values()) == 1
+
+
 def test_packed_four_bit_file_is_smaller_and_detects_the_same(tiny_files, scenes):
     s8, s4, packed = (tiny_files[k].stat().st_size for k in (8, 4, "4-packed"))
     assert packed < 0.6 * s8 and abs(s4 - s8) < 0.05 * s8  # packed int4 weights; the deployable file holds int8
