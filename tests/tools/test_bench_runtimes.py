@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_runtimes.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_runtimes", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from . import load_tool
 
 
 def test_every_path_is_timed_or_says_why_and_memory_is_measured(tmp_path, monkeypatch):
-    tool = load_tool()
+    tool = load_tool("bench_runtimes")
     monkeypatch.setitem(tool.SIZES, "160", (64, 96))  # the probe process reads the real table: time only here
     rows = tool.bench_group("resnet18", "160", tmp_path / "files", runs=1, warmup=0, threads=1,
                             parts=["detector", "backbone_fpn"], memory=False)

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "collect_results.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("collect_results", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from . import load_tool
 
 
 def test_collects_last_values_and_ptq_rows(tmp_path, capsys):
@@ -26,7 +17,7 @@ def test_collects_last_values_and_ptq_rows(tmp_path, capsys):
             for step, value in points:
                 writer.add_scalar(tag, value, step)
         writer.close()
-    tool = load_tool()
+    tool = load_tool("collect_results")
     tool.main([str(tmp_path), "--float", "f", "--qat", "q_w4a4"])
     out = capsys.readouterr().out
     assert "| FP32 | 0.400 |" in out and "| PTQ w4a4 | 0.100 |" in out and "| QAT w4a4 | 0.300 | 0.600 |" in out
