@@ -62,7 +62,8 @@ def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tm
     assert convert.returncode == 0, convert.stderr[-3000:]
     assert onnx_file.stat().st_size > 0
     compare = fqn("compare", "--qat", str(ckpt), "--config", str(config), "--out", str(tmp_path / "cmp"),
-                  "--ptq-bits", "8", "--peers", "--runs", "1", "--n-cal", "2", "--threads", "1", cwd=tmp_path,
+                  "--ptq-bits", "8", "--peers", "--runs", "1", "--n-cal", "2", "--threads", "1",
+                  "--runtimes", "onnxruntime", cwd=tmp_path,
                   env=env)
     assert compare.returncode == 0, compare.stderr[-3000:]
     rows = {r["name"]: r for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]}

@@ -174,7 +174,8 @@ def _data_module(config: str | None, num_val: int | None):
 def convert_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="fqn convert", description="write a QAT checkpoint (or, with --ptq-bits, a PTQ of a float checkpoint) "
-        "as one int8 ONNX file run by ONNX Runtime")
+        "as one int8 ONNX file that ONNX Runtime and OpenVINO run on integer kernels (at <= 4 bits, also a "
+        "packed-INT4 copy for storage)")
     parser.add_argument("checkpoint", help="a QAT checkpoint (runs/.../last.ckpt); a float one needs --ptq-bits")
     parser.add_argument("output", help="the .onnx file to write")
     parser.add_argument("--ptq-bits", type=int, choices=range(2, 9), metavar="{2..8}",
