@@ -6,6 +6,7 @@ pairs into its FakeQuantize and runs int8 (VNNI/AMX) convolutions, about twice a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,18 @@ class _Named:
         self.name = name
 
 
+@functools.lru_cache(maxsize=1)
+def _openvino_core() -> Any:
+    """One OpenVINO ``Core`` for the process, as OpenVINO recommends: every ``Core`` loads the CPU plugin, and
+    creating and dropping many (one per session) is what a test worker was doing when it died, twice."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImportError("runtime='openvino' needs the openvino package: pip install 'fqn[openvino]' "
+                          "(or pip install openvino)") from None
+    return ov.Core()
+
+
 class OpenVinoSession:
     """An OpenVINO CPU model behind the calls fqn makes of an ONNX Runtime session (``run``, ``get_inputs/outputs``).
 
@@ -64,13 +77,10 @@ class OpenVinoSession:
     """
 
     def __init__(self, model: bytes, threads: int, max_shapes: int = 4) -> None:
-        try:
-            import openvino as ov
-        except ImportError:
-            raise ImportError("runtime='openvino' needs the openvino package: pip install 'fqn[openvino]' "
-                              "(or pip install openvino)") from None
+        self.core = _openvino_core()
+        import openvino as ov
+
         self._ov = ov
-        self.core = ov.Core()
         self.model = self.core.read_model(model)
         self.config = {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32",
                        "PERFORMANCE_HINT": "LATENCY"}
