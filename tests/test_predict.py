@@ -51,7 +51,7 @@ def _folder(root):
     Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(d / "d_16bit.png")  # 16-bit greyscale PNG
     Image.fromarray(rgb).convert("P").save(d / "e_palette.gif")
     Image.fromarray(rgb[:4, :4]).save(d / "f_tiny.png")
-    (d / "g_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (d / "g:corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (d / "h_empty.png").write_bytes(b"")
     (d / "notes.txt").write_text("not an image")
     return d
@@ -68,9 +68,9 @@ def test_folder_of_mixed_images_gives_coco_json_drawn_images_and_reasons(models,
     assert [i["file_name"] for i in doc["images"]] == ["a_rgb.png", "b_gray.png", "c_rgba.png", "d_16bit.png",
                                                       "e_palette.gif"]
     reasons = {s["file"].split("/")[-1]: s["reason"] for s in doc["skipped"]}
-    assert set(reasons) == {"f_tiny.png", "g_corrupt.jpg", "h_empty.png"}
+    assert set(reasons) == {"f_tiny.png", "g:corrupt.jpg", "h_empty.png"}
     assert "too small" in reasons["f_tiny.png"] and "empty" in reasons["h_empty.png"]
-    assert "not a readable image" in reasons["g_corrupt.jpg"] or "corrupt" in reasons["g_corrupt.jpg"]
+    assert "not a readable image" in reasons["g:corrupt.jpg"] or "corrupt" in reasons["g:corrupt.jpg"]
     assert {c["name"] for c in doc["categories"]} == {"car", "person", "bike"}
     assert sorted(p.name for p in (tmp_path / "out" / "drawn").iterdir()) == [
         "a_rgb.jpg", "b_gray.jpg", "c_rgba.jpg", "d_16bit.jpg", "e_palette.jpg"]

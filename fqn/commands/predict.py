@@ -33,7 +33,16 @@ SHRINK_SIDE = 4096  # larger images are shrunk before the detector (which resize
 
 
 class InputError(ValueError):
-    """An input the detector cannot be run on; the message says why (the file is skipped, the run goes on)."""
+    """An input the detector cannot be run on; the message says why (the file is skipped, the run goes on).
+
+    ``source`` is the file (or frame) it is about, kept apart from the message so that a report can name
+    it even when the path itself contains ``:``.
+    """
+
+    def __init__(self, source: str | Path, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = str(source)
+        self.reason = reason
 
 
 @dataclass
@@ -77,24 +86,24 @@ def read_image(path: str | Path) -> Frame:
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(path, "no such file")
     if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file")
+        raise InputError(path, "empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
-                    raise InputError(f"{path}: {width}x{height} is larger than {MAX_PIXELS / 1e6:.0f} megapixels")
+                    raise InputError(path, f"{width}x{height} is larger than {MAX_PIXELS / 1e6:.0f} megapixels")
                 img.load()
                 img = ImageOps.exif_transpose(img)
     except InputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise InputError(f"{path}: not a readable image ({err})") from None
+        raise InputError(path, f"not a readable image ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
-        raise InputError(f"{path}: corrupt or truncated image ({err})") from None
+        raise InputError(path, f"corrupt or truncated image ({err})") from None
     return _frame(path.name, img)
 
 
@@ -103,7 +112,7 @@ def _frame(name: str, img: Any, frame_index: int | None = None) -> Frame:
 
     width, height = img.size
     if min(width, height) < MIN_SIDE:
-        raise InputError(f"{name}: {width}x{height} is too small to detect anything (need >= {MIN_SIDE} px a side)")
+        raise InputError(name, f"{width}x{height} is too small to detect anything (need >= {MIN_SIDE} px a side)")
     scale = 1.0
     if max(width, height) > SHRINK_SIDE:
         scale = max(width, height) / SHRINK_SIDE
@@ -121,10 +130,10 @@ def video_frames(path: str | Path) -> tuple[Iterator[Frame], dict[str, Any]]:
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(path, "no such file")
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
-        raise InputError(f"{path}: not a readable video")
+        raise InputError(path, "not a readable video")
     info = {"fps": cap.get(cv2.CAP_PROP_FPS) or 25.0, "frames": int(cap.get(cv2.CAP_PROP_FRAME_COUNT)),
             "width": int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), "height": int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))}
 
@@ -254,7 +263,7 @@ def run_predict(model: str | Path, source: str | Path, out: str | Path, *, runti
     try:
         for item in bar:
             if isinstance(item, InputError):
-                skipped.append({"file": str(item.args[0]).split(":")[0], "reason": str(item)})
+                skipped.append({"file": item.source, "reason": str(item)})
                 bar.write(f"skipped: {item}")
                 continue
             t0 = time.perf_counter()

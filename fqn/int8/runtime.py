@@ -78,9 +78,6 @@ class OpenVinoSession:
 
     def __init__(self, model: bytes, threads: int, max_shapes: int = 4) -> None:
         self.core = _openvino_core()
-        import openvino as ov
-
-        self._ov = ov
         self.model = self.core.read_model(model)
         self.config = {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32",
                        "PERFORMANCE_HINT": "LATENCY"}
@@ -99,8 +96,10 @@ class OpenVinoSession:
         """The compiled model and its infer request for the shapes of ``feeds`` (compiled on first use)."""
         key = tuple((name, tuple(np.shape(v))) for name, v in sorted(feeds.items()))
         if key not in self._compiled:
+            import openvino as ov
+
             model = self.model.clone()
-            model.reshape({name: self._ov.PartialShape(list(shape)) for name, shape in key})
+            model.reshape({name: ov.PartialShape(list(shape)) for name, shape in key})
             compiled = self.core.compile_model(model, "CPU", self.config)
             if len(self._compiled) >= self.max_shapes:
                 self._compiled.pop(next(iter(self._compiled)))
