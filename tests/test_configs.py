@@ -6,6 +6,7 @@ path the QAT config names. Nothing downloads: `weights: null` (the pretrained pa
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,7 @@ def test_every_config_is_in_a_chain_below():
 
 CHAINS = {  # float config first (it writes the checkpoint), then the QAT configs that start from it
     "synthetic": ("synthetic_float.yaml", "synthetic_w8a8.yaml", "synthetic_w4a4.yaml"),
+    "street": ("street_float.yaml", "street_w8a8.yaml", "street_w4a4.yaml"),
     "kitti": ("kitti_r50_float.yaml", "kitti_r50_w8a8.yaml"),
     "custom_coco": ("custom_coco_r50_float.yaml", "custom_coco_r50_w8a8.yaml"),
     "coco": ("coco_r50_w4a4.yaml",),
@@ -83,6 +85,8 @@ def test_every_config_starts_on_tiny_data(chain, tmp_path):
     if chain == "synthetic":
         data = ["--data.num_train", "4", "--data.num_val", "2", "--data.synthetic.image_size", str(SIZE),
                 "--data.synthetic.max_size", "48"]
+    elif chain == "street":  # written to the configs' data/street under tmp_path by the first run, reused after
+        data = ["--data.street.height", "48", "--data.street.num_frames", "6", "--data.street.max_objects", "4"]
     elif chain == "kitti":
         data = kitti_args(tmp_path / "kitti")
     else:
@@ -107,6 +111,9 @@ def test_every_config_starts_on_tiny_data(chain, tmp_path):
                      "--model.quant.n_cal", "1", "--trainer.fast_dev_run", "1", cwd=tmp_path)
         assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
         assert "PTQ after calibration" in result.stderr, name
+    if chain == "street":  # one set, written by the first run at the overridden height, its width derived from it
+        manifest = json.loads((tmp_path / "data" / "street" / "street_manifest.json").read_text())
+        assert (manifest["config"]["height"], manifest["config"]["width"]) == (48, 158)
 
 
 def test_coco_recipe_keeps_category_ids_as_labels(tmp_path):

@@ -18,8 +18,8 @@ import fqn
 #: The public API a user reads first: the config, the method, the models, the data, PTQ, the metrics, the CLI.
 WITH_EXAMPLES = ["fqn", "fqn.config", "fqn.quant.fake_quant", "fqn.quant.fold", "fqn.quant.calibrate",
                  "fqn.models.faster_rcnn", "fqn.viz", "fqn.commands.report", "fqn.ptq", "fqn.evaluation",
-                 "fqn.data.datamodule", "fqn.data.sanitize", "fqn.data.kitti", "fqn.data.coco", "fqn.data.transforms",
-                 "fqn.data.sampler", "fqn.commands.cli"]
+                 "fqn.data.datamodule", "fqn.data.sanitize", "fqn.data.kitti", "fqn.data.coco", "fqn.data.street",
+                 "fqn.data.transforms", "fqn.data.sampler", "fqn.commands.cli"]
 ALL_MODULES = ["fqn"] + sorted(m.name for m in pkgutil.walk_packages(fqn.__path__, "fqn."))
 
 

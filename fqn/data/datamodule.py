@@ -1,7 +1,9 @@
-"""One LightningDataModule for the three data sources: the embedded synthetic set, COCO files and KITTI.
+"""One LightningDataModule for the data sources: the embedded synthetic set, COCO files, KITTI and the street set.
 
 Everything LightningCLI needs to link into the model (``num_classes``) is known right after ``__init__``; the data
-sets themselves are built in ``setup()``, per process. Calibration data come from :meth:`calibration_batches`:
+sets themselves are built in ``setup()``, per process. The street set is written to disk on first use by
+``prepare_data()`` (Lightning runs it on one process per node before any ``setup()``) or, outside a Trainer, lazily
+by whatever first needs the data. Calibration data come from :meth:`calibration_batches`:
 training batches drawn with the data seed, without augmentation or a distributed sampler, so every DDP rank
 calibrates its quantizers on the same images and PTQ and QAT start from the same ranges.
 """
@@ -32,14 +34,16 @@ from fqn.data.coco import (
 )
 from fqn.data.kitti import KittiDetection, kitti_class_names
 from fqn.data.sampler import ResumableLoader, ShardedShuffleSampler
+from fqn.data.street import STREET_CLASS_MAP, StreetConfig, street_set_complete, write_street_kitti
 from fqn.data.synthetic import SyntheticConfig, SyntheticDetection
 from fqn.data.transforms import TrainAugment
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "coco", "kitti")
+SOURCES = ("synthetic", "coco", "kitti", "street")
 COCO_LABELS = ("auto", "category_id", "contiguous")
 DEFAULT_SYNTHETIC = SyntheticConfig()
+DEFAULT_STREET_ROOT = os.path.join("data", "street")  # relative to the working directory, like runs/
 
 
 def collate_detection(batch: list) -> tuple:
@@ -79,10 +83,15 @@ class DetectionDataModule(pl.LightningDataModule):
     """Detection data for training, validation, testing and quantizer calibration.
 
     Args:
-        source: "synthetic" (embedded, no files), "coco" (JSON + image folder) or "kitti" (``image_2``/``label_2``).
+        source: "synthetic" (embedded, no files), "coco" (JSON + image folder), "kitti" (``image_2``/``label_2``) or
+            "street" (the built-in street scenes, written to ``data_root`` as KITTI files on first use).
         synthetic: generator settings of the synthetic source.
+        street: generator settings of the street source (``fqn.data.street.StreetConfig``; default ``None``, the
+            generator's defaults). Not a config instance as default: LightningCLI would take that instance's derived
+            ``width`` as the default, so ``--data.street.height 64`` would keep the 128-pixel images' width.
         num_train, num_val: synthetic split sizes (val size is also the synthetic test size).
-        data_root: KITTI folder holding ``image_2/`` and ``label_2/``.
+        data_root: KITTI folder holding ``image_2/`` and ``label_2/``; for "street", where the set is written
+            (default ``data/street`` under the working directory).
         train_images, train_ann, val_images, val_ann: COCO image folders and JSON files.
         class_names: COCO classes to use (default: every category of ``train_ann``, by category id). For the other
             sources they follow from the config and, if given, must match.
@@ -90,9 +99,10 @@ class DetectionDataModule(pl.LightningDataModule):
             COCO-pretrained 91-way head was trained. ``contiguous``: labels 1..C by name, for a new head on your own
             classes. ``auto`` (default): ``category_id`` when ``head_classes`` is 91, else ``contiguous``.
         head_classes: the detector's ``num_classes`` (the CLI links ``model.num_classes`` here); decides ``auto``.
-        kitti_class_map: KITTI type -> class name or None (ignored); default ``fqn.data.kitti.DEFAULT_CLASS_MAP``.
-        val_fraction, split_seed: KITTI's seeded train/val split (kept apart from ``seed`` so changing the training
-            seed never changes the validation frames).
+        kitti_class_map: KITTI type -> class name or None (ignored); default ``fqn.data.kitti.DEFAULT_CLASS_MAP``,
+            for "street" ``fqn.data.street.STREET_CLASS_MAP`` (its five types).
+        val_fraction, split_seed: KITTI's (and the street set's) seeded train/val split (kept apart from ``seed``
+            so changing the training seed never changes the validation frames).
         batch_size, val_batch_size: images per batch (val defaults to ``batch_size``).
         num_workers: DataLoader worker processes.
         augment: albumentations training augmentation (:class:`TrainAugment`); never applied to val/test/calibration.
@@ -106,6 +116,7 @@ class DetectionDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, source: str = "synthetic", synthetic: SyntheticConfig = DEFAULT_SYNTHETIC,
+                 street: StreetConfig | None = None,
                  num_train: int = 2000, num_val: int = 200, data_root: str | None = None,
                  train_images: str | None = None, train_ann: str | None = None, val_images: str | None = None,
                  val_ann: str | None = None, class_names: list[str] | None = None, coco_labels: str = "auto",
@@ -116,9 +127,13 @@ class DetectionDataModule(pl.LightningDataModule):
         super().__init__()
         if isinstance(synthetic, dict):  # rebuilt from a checkpoint's hyper-parameters
             synthetic = SyntheticConfig(**synthetic)
+        if isinstance(street, dict):
+            street = StreetConfig(**street)
+        street = street if street is not None else StreetConfig()  # None, not an instance: see the docstring
         # plain values only, so checkpoints load with torch.load(weights_only=True)
-        self.save_hyperparameters(ignore=["synthetic"])
+        self.save_hyperparameters(ignore=["synthetic", "street"])
         self.hparams["synthetic"] = dataclasses.asdict(synthetic)
+        self.hparams["street"] = dataclasses.asdict(street)
         if source not in SOURCES:
             raise ValueError(f"data source must be one of {SOURCES}, got {source!r}")
         _check_positive(batch_size=batch_size, val_batch_size=val_batch_size or batch_size, num_train=num_train,
@@ -127,11 +142,12 @@ class DetectionDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.source = source
         self.synthetic = synthetic
+        self.street = street
         self.num_train, self.num_val = num_train, num_val
         self.data_root = data_root
         self.coco_paths = {"train_images": train_images, "train_ann": train_ann, "val_images": val_images,
                            "val_ann": val_ann}
-        self.kitti_class_map = kitti_class_map
+        self.kitti_class_map = STREET_CLASS_MAP if source == "street" and kitti_class_map is None else kitti_class_map
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.augment, self.skip_bad, self.seed = num_workers, augment, skip_bad, seed
@@ -184,6 +200,18 @@ class DetectionDataModule(pl.LightningDataModule):
             for sub in ("image_2", "label_2"):
                 if not os.path.isdir(os.path.join(self.data_root, sub)):
                     raise ValueError(f"data_root={self.data_root!r}: no {sub}/ folder in it (KITTI object layout)")
+        elif self.source == "street":
+            street_set_complete(self.street_root, self.street)  # another config's set there: an error now
+
+    @property
+    def street_root(self) -> str:
+        """Where the street set is (or will be) written: ``data_root``, default ``data/street``."""
+        return self.data_root if self.data_root is not None else DEFAULT_STREET_ROOT
+
+    def prepare_data(self) -> None:
+        """Write the street set if it is not complete; Lightning calls this on one process per node, then syncs."""
+        if self.source == "street":
+            write_street_kitti(self.street_root, self.street)
 
     @property
     def coco_label_mode(self) -> str:
@@ -199,7 +227,8 @@ class DetectionDataModule(pl.LightningDataModule):
             return list(given) if given is not None else coco_class_names(self.coco_paths["train_ann"])
         derived = self.synthetic.class_names if self.source == "synthetic" else kitti_class_names(self.kitti_class_map)
         if given is not None and list(given) != derived:
-            origin = "synthetic.num_classes" if self.source == "synthetic" else "kitti_class_map"
+            origin = {"synthetic": "synthetic.num_classes", "kitti": "kitti_class_map"}.get(
+                self.source, "the street set's types (kitti_class_map)")
             raise ValueError(f"class_names {list(given)} do not match {derived} given by {origin}; "
                              f"leave class_names unset for source {self.source!r}")
         return derived
@@ -231,7 +260,10 @@ class DetectionDataModule(pl.LightningDataModule):
             key = "train" if split == "train" else "val"
             return CocoDetection(self.coco_paths[f"{key}_images"], self.coco_paths[f"{key}_ann"], self.class_names,
                                  skip_bad=self.skip_bad, label_mode=self.coco_label_mode)
-        return KittiDetection(self.data_root, "train" if split == "train" else "val", self.kitti_class_map,
+        root = self.data_root
+        if self.source == "street":  # outside a Trainer nobody called prepare_data(); a no-op when it did
+            root = str(write_street_kitti(self.street_root, self.street))
+        return KittiDetection(root, "train" if split == "train" else "val", self.kitti_class_map,
                               self.val_fraction, self.split_seed, skip_bad=self.skip_bad)
 
     def setup(self, stage: str | None = None) -> None:

@@ -89,7 +89,8 @@ def test_kitti_source(tmp_path):
 
 
 def test_bad_configuration_fails_early(tmp_path):
-    with pytest.raises(ValueError, match=r"data source must be one of \('synthetic', 'coco', 'kitti'\), got 'voc'"):
+    with pytest.raises(ValueError, match=r"data source must be one of \('synthetic', 'coco', 'kitti', 'street'\), "
+                                         r"got 'voc'"):
         DetectionDataModule("voc")
     with pytest.raises(ValueError, match="data source 'coco' needs train_images"):
         DetectionDataModule("coco")
