@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ACT_OBSERVERS = ("percentile", "ema", "minmax", "histogram")
+ACT_OBSERVERS = ("percentile", "ema", "minmax", "histogram", "search")
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,12 @@ class QuantConfig:
             exactly and fastest with symmetric weights; ``False`` gives the
             paper's asymmetric weights (eqs. 2-6 with zero-point alignment).
         act_observer: override the activation observer: one of
-            ``percentile``, ``ema``, ``minmax``, ``histogram``. ``None`` lets
-            the P flag decide (``percentile`` if P else ``ema``). ``minmax``
-            and ``histogram`` (the L2-optimal range search) are PTQ baselines
-            and need ``percentile=False``.
+            ``percentile``, ``ema``, ``minmax``, ``histogram``, ``search``.
+            ``None`` lets the P flag decide (``percentile`` if P else ``ema``).
+            ``minmax``, ``histogram`` (the L2-optimal range search) and
+            ``search`` (per layer, whichever of min/max, percentile and L2
+            quantizes the calibration data with the least measured error: the
+            PTQ default) need ``percentile=False``.
         histogram_bins: number of bins of the percentile/histogram observers.
 
     Example:

@@ -25,7 +25,7 @@ from fqn.evaluation import MAP_COLUMNS, evaluate_map
 from fqn.int8.convert import BackboneFPN, convert_int8, export_float, export_part, load_int8, normalize, resized_batch
 from fqn.int8.runtime import make_session
 from fqn.models.checkpoint import load_detector, load_float_reference
-from fqn.ptq import post_training_quantize, ptq_config
+from fqn.ptq import post_training_quantize, ptq_config, ranges_summary
 from fqn.quant.calibrate import batch_images
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ def _file_mb(path: Path) -> float:
 
 
 # the comparison table: what `markdown` prints of each row
-TABLE = [Column("name", "model"), Column("runtime"), *(Column(k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",
-                                                                          "AR100")),
+TABLE = [Column("name", "model"), Column("runtime"), Column("ranges", "activation ranges"),
+         *(Column(k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")),
          Column("size_mb", "size MB", 1), Column("packed_mb", "int4-packed MB", 1),
          Column("latency_ms", "latency ms", 1),
          Column("speedup", "speedup", 2, suffix="x"), Column("backbone_ms", "backbone+FPN ms", 1),
@@ -170,7 +170,8 @@ def quantized_rows(bench: Bench, name: str, method: str, model: nn.Module, examp
         metrics = bench.evaluate(int8)
         rows.append(({"name": name, "method": method, "bits": cfg.bits_w, "runtime": f"{RUNTIME_LABELS[runtime]} int8",
                       **metrics, "size_mb": _file_mb(path), **extra, "fake_quant_AP": fake["AP"],
-                      "int8_gap_AP": metrics["AP"] - fake["AP"], "file": path.name, "config": cfg.to_dict()},
+                      "int8_gap_AP": metrics["AP"] - fake["AP"], "file": path.name, "config": cfg.to_dict(),
+                      "ranges": ranges_summary(model)},
                      {"latency_ms": bench.e2e(int8),
                       "backbone_ms": bench.backbone(_part_fn(part, bench.threads, runtime), model)}))
     return rows
@@ -261,7 +262,7 @@ class Comparison:
 
 
 def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], out_dir: str | Path, data: Any, *,
-                ptq_bits: Sequence[int] = (8, 4), calibration: str = "percentile", n_cal: int = 20,
+                ptq_bits: Sequence[int] = (8, 4), calibration: str = "search", n_cal: int = 20,
                 peers: Sequence[str] = PEERS, runs: int = 20, warmup: int = 3, threads: int = 2,
                 progress: bool = True, runtimes: Sequence[str] | None = None) -> Comparison:
     """The full comparison: FP32 (eager and ORT), fqn PTQ at ``ptq_bits``, each QAT checkpoint, the peers.

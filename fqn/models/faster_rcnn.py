@@ -51,6 +51,11 @@ def build_detector(backbone: str, num_classes: int, *, weights: Any = None, weig
         frozen_bn: ``FrozenBatchNorm2d`` in the backbone (default: when weights are given). ``True`` without
             weights builds the pretrained detector's architecture without downloading anything, for
             loading its fine-tuned weights from a checkpoint.
+        kwargs: FasterRCNN keyword arguments, plus two plain-valued ones that a config file can hold
+            (torchvision wants objects for them): ``anchor_sizes``, one anchor size in pixels per feature
+            level (torchvision's 32..512 suit 800 px images; at 160 px objects of 10-80 px match none of
+            the three largest, and the RPN learns slowly), and ``representation_size``, the width of the
+            two-layer box head (torchvision: 1024, 12.8M weights in its first layer alone).
 
     Example:
         >>> model = build_detector("resnet18", num_classes=3, min_size=128, max_size=128)
@@ -63,6 +68,7 @@ def build_detector(backbone: str, num_classes: int, *, weights: Any = None, weig
         raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes!r}")
     if min_size < 32 or max_size < min_size:
         raise ValueError(f"need 32 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+    kwargs = _plain_head_options(kwargs, num_classes, weights is not None, backbone)
     if weights is not None:
         if backbone not in _DETECTION_BUILDERS:
             raise ValueError(f"torchvision has no COCO Faster R-CNN weights for {backbone}; use weights_backbone "
@@ -94,7 +100,41 @@ def build_detector(backbone: str, num_classes: int, *, weights: Any = None, weig
         sizes = ((32, 64, 128, 256, 512),) * 3
         ratios = ((0.5, 1.0, 2.0),) * len(sizes)
         kwargs.setdefault("rpn_anchor_generator", AnchorGenerator(sizes, ratios))
+    if "box_predictor" in kwargs:
+        num_classes = None  # torchvision: the predictor already fixes it
     return FasterRCNN(feat, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+
+
+def _plain_head_options(kwargs: dict[str, Any], num_classes: int, pretrained: bool, backbone: str) -> dict[str, Any]:
+    """``kwargs`` with ``anchor_sizes`` / ``representation_size`` (plain values) turned into torchvision objects."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+
+    kwargs = dict(kwargs)
+    sizes = kwargs.pop("anchor_sizes", None)
+    width = kwargs.pop("representation_size", None)
+    if (sizes is not None or width is not None) and pretrained:
+        raise ValueError("anchor_sizes and representation_size change the architecture; they cannot be used "
+                         "with pretrained detection weights")
+    if sizes is not None:
+        if (not isinstance(sizes, (list, tuple)) or len(sizes) != 5
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in sizes)):
+            raise ValueError(f"anchor_sizes must be 5 positive sizes in pixels, one per FPN level "
+                             f"(P2..P6; mobilenet: all 5 on each of its 3 levels), e.g. [16, 32, 64, 128, 256]; "
+                             f"got {sizes!r}")
+        if "rpn_anchor_generator" in kwargs:
+            raise ValueError("give anchor_sizes or rpn_anchor_generator, not both")
+        per_level = (tuple((float(v),) for v in sizes) if backbone in _RESNETS  # one size per FPN level
+                     else (tuple(float(v) for v in sizes),) * 3)  # mobilenet: all sizes on its 3 levels
+        kwargs["rpn_anchor_generator"] = AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * len(per_level))
+    if width is not None:
+        if isinstance(width, bool) or not isinstance(width, int) or not 16 <= width <= 4096:
+            raise ValueError(f"representation_size must be an integer in [16, 4096], e.g. 256; got {width!r}")
+        if "box_head" in kwargs or "box_predictor" in kwargs:
+            raise ValueError("give representation_size or box_head/box_predictor, not both")
+        kwargs["box_head"] = TwoMLPHead(256 * 7 * 7, width)
+        kwargs["box_predictor"] = FastRCNNPredictor(width, num_classes)
+    return kwargs
 
 
 def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
@@ -124,6 +164,7 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     ctx = swap_modules(model, cfg, CONVERTERS, {"num_levels": num_levels})
     _quantize_network_input(model, cfg)
     stable_ties(model)  # quantized scores tie often: break ties by index, as the int8 graph does
+    _keep_top_of_head_outputs(model)
     set_phase(model, Phase.FLOAT)
     bind_input_grids(model, lambda: _probe(model))
     model.fqn_config = cfg
@@ -131,6 +172,22 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     log.info("fqn scope (%s, w%d/a%d): %s; kept float: %s", cfg.flags, cfg.bits_w, cfg.bits_a,
              scope_summary(model), ctx.kept_float or "none")
     return model
+
+
+#: The quantizers of the values top-k and NMS rank: RPN objectness and deltas, class logits, box deltas.
+HEAD_OUTPUTS = ("rpn.head.cls_fq.*", "rpn.head.bbox_fq.*", "roi_heads.box_predictor.*")
+
+
+def _keep_top_of_head_outputs(model: nn.Module) -> None:
+    """PTQ's range search never clips the top of a head output (see `SearchObserver.keep_top`)."""
+    import fnmatch
+
+    from fqn.quant.fake_quant import quantizers
+    from fqn.quant.observers import SearchObserver
+
+    for name, fq in quantizers(model, "act"):
+        if isinstance(fq.observer, SearchObserver) and any(fnmatch.fnmatch(name, p) for p in HEAD_OUTPUTS):
+            fq.observer.keep_top = True
 
 
 def strip_quantizers(model: nn.Module, *, inplace: bool = False) -> nn.Module:

@@ -10,7 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fqn.quant.observers import EMAMinMaxObserver, L2HistogramObserver, MinMaxObserver, PercentileObserver
+from fqn.quant.observers import (
+    EMAMinMaxObserver,
+    L2HistogramObserver,
+    MinMaxObserver,
+    PercentileObserver,
+    SearchObserver,
+)
 
 
 def rank_data(rank: int) -> list[torch.Tensor]:
@@ -23,7 +29,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     observers = {"percentile": PercentileObserver(0.999), "ema": EMAMinMaxObserver(0.9), "minmax": MinMaxObserver(),
-                 "histogram": L2HistogramObserver(4)}
+                 "histogram": L2HistogramObserver(4), "search": SearchObserver(4)}
     for obs in observers.values():
         for x in rank_data(rank):
             obs(x)

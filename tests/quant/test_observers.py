@@ -117,3 +117,83 @@ def test_l2_histogram_range_beats_minmax_on_outliers(bits):
     if bits == 4:  # at 4 bits clipping the two outliers pays: 16 levels over [-35, 40] are too coarse
         assert -35.0 < float(lb) < 0 < float(ub) < 40.0
         assert mse_l2 < 0.5 * mse_mm
+
+
+def _torch_fq_mse(x: torch.Tensor, lb: float, ub: float, bits: int) -> float:
+    """Reference: the MSE of torch's own fake quantizer on the data, for the scale/zero point of [lb, ub]."""
+    scale, zp = calc_qparams(torch.tensor([lb]), torch.tensor([ub]), bits, False)
+    y = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), 0, 2**bits - 1)
+    return float((y.double() - x.double()).pow(2).mean())
+
+
+def _logit_like(seed: int = 5) -> torch.Tensor:
+    """Class-logit-like data: a mass of low scores and a rare tail of confident ones (the top detections)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randn(200000, generator=g) - 5.0, 6.0 + 4.0 * torch.rand(60, generator=g)])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind", ["outliers", "logits", "relu"])
+def test_search_measures_the_error_torch_fake_quantize_makes_and_picks_the_least(bits, kind):
+    from fqn.quant.observers import SearchObserver
+
+    g = torch.Generator().manual_seed(11)
+    x = {"outliers": torch.cat([torch.randn(200000, generator=g), torch.tensor([40.0, -35.0])]),
+         "logits": _logit_like(),
+         "relu": torch.relu(torch.randn(200000, generator=g) * 2)}[kind]
+    obs = SearchObserver(bits)
+    for part in x.split(50000):
+        obs(part)
+    ranges = obs.candidate_ranges()
+    reference = {name: _torch_fq_mse(x, *r, bits) for name, r in ranges.items()}
+    for name, (lb, ub) in ranges.items():  # the histogram's estimate is the real error, within 10%
+        assert obs.quant_error(lb, ub) == pytest.approx(reference[name], rel=0.1), name
+    lb, ub = obs.compute_range()
+    chosen = _torch_fq_mse(x, float(lb), float(ub), bits)
+    assert chosen <= min(reference.values()) * 1.1
+    assert obs.chosen in SearchObserver.CANDIDATES and ranges[obs.chosen] == (float(lb), float(ub))
+
+
+def test_search_keeps_the_confident_logits_that_percentile_clips():
+    """At 8 bits the 0.999 percentile cuts the rare large logits (the top detections). MSE alone still clips
+    a fifth of them (they are 0.03% of the values), so head outputs search with ``keep_top``."""
+    from fqn.quant.observers import SearchObserver
+
+    x = _logit_like()
+    tail = x[x > 5.0]
+    pct, mse_only, head = PercentileObserver(0.999), SearchObserver(8), SearchObserver(8)
+    head.keep_top = True
+    for obs in (pct, mse_only, head):
+        obs(x)
+    assert float(pct.compute_range()[1]) < 0  # every confident score would be clipped below zero
+    assert float((tail > float(mse_only.compute_range()[1])).float().mean()) > 0.05
+    lb, ub = head.compute_range()
+    assert float(ub) == float(x.max()) and float(lb) >= float(x.min())
+    assert _torch_fq_mse(x, float(lb), float(ub), 8) <= _torch_fq_mse(x, float(x.min()), float(x.max()), 8)
+
+
+def test_search_choice_is_saved_and_reset():
+    from fqn.quant.observers import SearchObserver
+
+    obs = SearchObserver(8)
+    assert obs.chosen is None
+    obs(_logit_like())
+    obs.compute_range()
+    again = SearchObserver(8)
+    again.load_state_dict(obs.state_dict())
+    assert again.chosen == obs.chosen is not None
+    again.reset()
+    assert again.chosen is None and not again.has_data
+
+
+def test_prepare_marks_exactly_the_head_outputs_for_keep_top():
+    from fqn import QuantConfig, build_detector, prepare_qat
+    from fqn.quant.fake_quant import quantizers
+
+    model = prepare_qat(build_detector("resnet18", 3, min_size=64, max_size=64),
+                        QuantConfig(percentile=False, act_observer="search"))
+    marked = {n for n, fq in quantizers(model, "act") if fq.observer.keep_top}
+    rpn = model.rpn.head
+    expected = {f"rpn.head.{table}.0.{i}" for table in ("cls_fq", "bbox_fq") for i in range(len(rpn.cls_fq[0]))}
+    expected |= {"roi_heads.box_predictor.cls_score.act_fq", "roi_heads.box_predictor.bbox_pred.act_fq"}
+    assert marked == expected
