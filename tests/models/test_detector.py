@@ -237,3 +237,43 @@ def test_prepared_detector_breaks_score_ties_by_index_like_onnx(float_detector):
     original = box_ops.batched_nms
     model.eval()([torch.rand(3, SIZE, SIZE)])
     assert box_ops.batched_nms is original  # the single-NMS path is only swapped in during a forward
+
+
+def test_plain_anchor_sizes_and_box_head_width_build_what_torchvision_would(tmp_path):
+    """Config-file options (plain values) give the same detector as torchvision's objects, and come back from a
+    checkpoint's hyper-parameters."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    from fqn.int8 import convert_int8, load_int8
+    from fqn.models.checkpoint import load_detector
+
+    det = {"anchor_sizes": [8, 16, 32, 64, 128], "representation_size": 64}
+    model = build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **det).eval()
+    reference = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)
+    images = [torch.rand(3, SIZE, SIZE)]
+    image_list, _ = model.transform(images)
+    feats = list(model.backbone(image_list.tensors).values())
+    for mine, theirs in zip(model.rpn.anchor_generator(image_list, feats), reference(image_list, feats)):
+        assert torch.equal(mine, theirs)
+    assert model.roi_heads.box_head.fc7.out_features == 64 and model.roi_heads.box_predictor.cls_score.out_features == 4
+    hp = {"backbone": "resnet18", "num_classes": 4, "min_size": SIZE, "max_size": SIZE, "detector": det}
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp},
+               tmp_path / "m.ckpt")
+    again, _ = load_detector(tmp_path / "m.ckpt")
+    with torch.no_grad():
+        a, b = model(images)[0], again(images)[0]
+    assert torch.equal(a["boxes"], b["boxes"])
+    q = prepare_qat(again, QuantConfig())  # the narrow box head quantizes and converts like the default one
+    calibrate(q, [images], 1, progress=False)
+    path = convert_int8(q.eval(), tmp_path / "m.onnx", images)
+    assert len(load_int8(path)(images)[0]["boxes"]) >= 0
+
+
+@pytest.mark.parametrize("bad", [{"anchor_sizes": [8, 16]}, {"anchor_sizes": "8,16,32,64,128"},
+                                 {"anchor_sizes": [8, 16, 32, 64, -1]}, {"representation_size": 0},
+                                 {"representation_size": 1.5}])
+def test_bad_plain_detector_options_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **bad)
+    with pytest.raises(ValueError, match="pretrained"):
+        build_detector("resnet50", 4, weights="DEFAULT", anchor_sizes=[8, 16, 32, 64, 128])
