@@ -11,6 +11,7 @@ or from one rule for all layers (``percentile``, ``histogram``, ``minmax``).
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from fqn.config import QuantConfig
 from fqn.models.faster_rcnn import prepare_qat
+from fqn.quant.bias_correction import correct_bias
 from fqn.quant.calibrate import calibrate
 
 CALIBRATIONS = ("search", "percentile", "histogram", "minmax")
@@ -63,23 +65,32 @@ def ranges_summary(model: nn.Module) -> str:
     cfg = getattr(model, "fqn_config", None)
     if cfg is None:
         return "float"
+    corrected = " + bias correction" if getattr(model, "fqn_ptq", {}).get("bias_correction") else ""
     if cfg.activation_observer != "search":
-        return cfg.activation_observer
+        return cfg.activation_observer + corrected
     counts: dict[str, int] = {}
     for rule in choices.values():
         counts[rule] = counts.get(rule, 0) + 1
-    return "search: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return "search: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + corrected
 
 
 def post_training_quantize(float_model: nn.Module, batches: Iterable[Any], cfg: QuantConfig, *,
-                           num_batches: int | None = None, progress: bool = True) -> nn.Module:
+                           num_batches: int | None = None, bias_correction: bool = False,
+                           progress: bool = True) -> nn.Module:
     """A calibrated fake-quant copy of ``float_model`` (the float model is left untouched), in eval mode.
 
     ``batches`` are calibration batches (image lists or ``(images, targets)``); ``num_batches``
-    defaults to ``cfg.n_cal``.
+    defaults to ``cfg.n_cal``. ``bias_correction``: then remove each layer's weight-rounding shift
+    of its output mean (`fqn.quant.bias_correction`), measured on the same batches; the model
+    remembers it in ``model.fqn_ptq``.
     """
     if getattr(float_model, "fqn_config", None) is not None:
         raise ValueError("post_training_quantize needs the float model, got an already quantized one")
+    n = num_batches or cfg.n_cal
+    batches = list(itertools.islice(batches, n))  # used twice with bias correction
     model = prepare_qat(copy.deepcopy(float_model), cfg)
-    calibrate(model, batches, num_batches or cfg.n_cal, progress=progress)
+    calibrate(model, batches, n, progress=progress)
+    if bias_correction:
+        correct_bias(model, batches, n, progress=progress)
+    model.fqn_ptq = {"calibration": cfg.activation_observer, "bias_correction": bool(bias_correction)}
     return model.eval()

@@ -185,6 +185,8 @@ def convert_main(argv: list[str]) -> None:
     parser.add_argument("--calibration", default="search", choices=CALIBRATIONS,
                         help="PTQ activation ranges: search (per layer, the least measured error of min/max, "
                         "percentile and L2; default), or one rule for every layer")
+    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                        help="PTQ: remove each layer's weight-rounding shift of its output mean (default: on)")
     parser.add_argument("--n-cal", type=int, default=20, help="calibration batches (PTQ)")
     parser.add_argument("--config", help="training config whose data: section gives the calibration data")
     args = parser.parse_args(argv)
@@ -204,7 +206,7 @@ def convert_main(argv: list[str]) -> None:
 
         cfg = ptq_config(args.ptq_bits, args.calibration, n_cal=args.n_cal)
         batches = _data_module(args.config, None).calibration_batches(args.n_cal)
-        model = post_training_quantize(model, batches, cfg)
+        model = post_training_quantize(model, batches, cfg, bias_correction=args.bias_correction)
     example = synthetic_scenes(1, hp["min_size"])
     cfg = model.fqn_config
     meta = {"source": str(args.checkpoint)}
@@ -234,6 +236,8 @@ def compare_main(argv: list[str]) -> None:
     parser.add_argument("--calibration", default="search", choices=CALIBRATIONS,
                         help="PTQ activation ranges: search (per layer, the least measured error of min/max, "
                         "percentile and L2; default), or one rule for every layer")
+    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                        help="PTQ: remove each layer's weight-rounding shift of its output mean (default: on)")
     parser.add_argument("--n-cal", type=int, default=20)
     parser.add_argument("--peers", nargs="*", default=["ort", "torchao"], choices=["ort", "torchao"])
     parser.add_argument("--runs", type=int, default=20, help="timed runs per model (median reported)")
@@ -245,7 +249,8 @@ def compare_main(argv: list[str]) -> None:
     from fqn.commands.compare import run_compare
 
     cmp = run_compare(args.float_ckpt, args.qat, args.out, _data_module(args.config, args.num_val),
-                      ptq_bits=args.ptq_bits, calibration=args.calibration, n_cal=args.n_cal, peers=args.peers,
+                      ptq_bits=args.ptq_bits, calibration=args.calibration,
+                      bias_correction=args.bias_correction, n_cal=args.n_cal, peers=args.peers,
                       runs=args.runs, threads=args.threads, runtimes=args.runtimes)
     print(cmp.markdown())
     print(f"\nresults: {cmp.out / 'compare.json'}; TensorBoard: tensorboard --logdir {cmp.out / 'tensorboard'}")

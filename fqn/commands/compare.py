@@ -262,7 +262,8 @@ class Comparison:
 
 
 def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], out_dir: str | Path, data: Any, *,
-                ptq_bits: Sequence[int] = (8, 4), calibration: str = "search", n_cal: int = 20,
+                ptq_bits: Sequence[int] = (8, 4), calibration: str = "search", bias_correction: bool = True,
+                n_cal: int = 20,
                 peers: Sequence[str] = PEERS, runs: int = 20, warmup: int = 3, threads: int = 2,
                 progress: bool = True, runtimes: Sequence[str] | None = None) -> Comparison:
     """The full comparison: FP32 (eager and ORT), fqn PTQ at ``ptq_bits``, each QAT checkpoint, the peers.
@@ -309,8 +310,10 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
     for row in float_rows(bench, float_model, files):
         cmp.add(*row)
     for bits in ptq_bits:
-        print(f"[fqn compare] fqn PTQ w{bits}a{bits} ({calibration}, {n_cal} batches)", flush=True)
+        print(f"[fqn compare] fqn PTQ w{bits}a{bits} ({calibration}{', bias correction' if bias_correction else ''}, "
+              f"{n_cal} batches)", flush=True)
         model = post_training_quantize(float_model, cal_batches, ptq_config(bits, calibration), num_batches=n_cal,
+                                       bias_correction=bias_correction,
                                        progress=progress)
         for row in quantized_rows(bench, f"fqn PTQ w{bits}a{bits}", "ptq", model, example):
             cmp.add(*row)

@@ -59,6 +59,11 @@ def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
         # fake-quant one finds is tested on a trained model in test_agreement.py
         assert math.isfinite(rows[name]["int8_gap_AP"]) and math.isfinite(rows[name]["fake_quant_AP"])
     assert rows["fqn PTQ w8a8"]["size_mb"] < 0.3 * rows["FP32"]["size_mb"]
+    # the rows say how their ranges were set: PTQ by the per-layer search with bias correction, QAT by P
+    counts = rows["fqn PTQ w8a8"]["ranges"].removeprefix("search: ").removesuffix(" + bias correction")
+    assert rows["fqn PTQ w8a8"]["ranges"].endswith("+ bias correction")
+    assert sum(int(part.split()[-1]) for part in counts.split(", ")) == 60  # every activation quantizer of R18-FPN
+    assert rows["fqn QAT w4a4"]["ranges"] == "percentile"
     # the deployable 4-bit file holds its codes in INT8; the packed storage file beside it is about half
     assert rows["fqn QAT w4a4"]["packed_mb"] < 0.6 * rows["fqn QAT w4a4"]["size_mb"]
     assert (tmp_path / rows["fqn QAT w4a4"]["packed_file"]).is_file()
