@@ -8,9 +8,11 @@ import threading
 
 import pytest
 import torch
+from torchvision.ops import MultiScaleRoIAlign
 
 from fqn import QuantConfig, calibrate, prepare_qat
-from fqn.int8.convert import GatherMergeRoIAlign, convert_int8, resized_batch
+from fqn.int8.convert import convert_int8, resized_batch
+from fqn.models.roi_pool import FastMultiScaleRoIAlign
 
 
 def _module_attributes() -> dict[tuple[str, str], int]:
@@ -58,7 +60,7 @@ def test_no_module_attribute_changes_during_a_forward_or_a_conversion(quantized,
         assert _diff(before, snap) == []
     assert _diff(before, after) == []
     assert all(t == (mean, std) for t in transform_during)
-    assert type(quantized.roi_heads.box_roi_pool) is not GatherMergeRoIAlign  # swapped back after the export
+    assert type(quantized.roi_heads.box_roi_pool) is FastMultiScaleRoIAlign  # fqn's detectors pool with fqn's
 
 
 def test_float_and_quantized_detectors_run_side_by_side_in_threads(float_detector, quantized, scenes):
@@ -105,10 +107,10 @@ def test_pooler_swap_computes_what_torchvision_computes(float_detector, scenes):
         feats = model.backbone(images.tensors)
         proposals, _ = model.rpn(images, feats)
         pooler = model.roi_heads.box_roi_pool
-        ref = pooler(feats, proposals, images.image_sizes)
-        swapped = copy.deepcopy(pooler)
-        swapped.__class__ = GatherMergeRoIAlign
-        got = swapped(feats, proposals, images.image_sizes)
+        got = pooler(feats, proposals, images.image_sizes)
+        torchvisions = copy.deepcopy(pooler)
+        torchvisions.__class__ = MultiScaleRoIAlign
+        ref = torchvisions(feats, proposals, images.image_sizes)
     assert proposals[0].shape[0] > 10
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 

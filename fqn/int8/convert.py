@@ -17,61 +17,26 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign, poolers, roi_align
+from torchvision.ops import MultiScaleRoIAlign
 
 import fqn
 from fqn.int8.onnx_qdq import GraphConstants, export_onnx
 from fqn.int8.runtime import OnnxDetector, make_session
+from fqn.models.roi_pool import FastMultiScaleRoIAlign
 from fqn.quant.fake_quant import quant_range, quantizers
 
 _IMAGE_AXES = {"image": {1: "height", 2: "width"}}
 
 
-def _gather_merge_levels(levels: Tensor, unmerged_results: list[Tensor]) -> Tensor:
-    """torchvision's ONNX merge of the per-level RoIAlign results, as one Concat + Gather.
-
-    torchvision scatters every level into a zero tensor element by element (ScatterElements over
-    rois x 256 x 7 x 7: about a third of the int8 detector's time at 160 px); concatenating the levels
-    and gathering rows back into RoI order gives the same tensor.
-    """
-    order = torch.cat([torch.where(levels == level)[0] for level in range(len(unmerged_results))])
-    position = torch.arange(order.shape[0], dtype=order.dtype, device=order.device)
-    inverse = torch.zeros_like(order).scatter(0, order, position)
-    return torch.cat(unmerged_results, 0)[inverse]
-
-
-class GatherMergeRoIAlign(MultiScaleRoIAlign):
-    """MultiScaleRoIAlign whose per-level results are merged by `_gather_merge_levels`, in eager mode and traced.
-
-    Eager, it computes exactly what torchvision's pooler computes; traced, its graph is a Concat + Gather
-    where torchvision's is a ScatterElements per level. The converter swaps it in on the model it exports.
-    """
-
-    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        feats = poolers._filter_input(x, self.featmap_names)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = poolers._setup_scales(feats, image_shapes, self.canonical_scale,
-                                                                 self.canonical_level)
-        if len(feats) == 1:
-            return super().forward(x, boxes, image_shapes)
-        rois = poolers._convert_to_roi_format(boxes)
-        levels = self.map_levels(boxes)
-        per_level = []
-        for level, (feat, scale) in enumerate(zip(feats, self.scales)):
-            idx = torch.where(levels == level)[0]
-            per_level.append(roi_align(feat, rois[idx], output_size=self.output_size, spatial_scale=scale,
-                                       sampling_ratio=self.sampling_ratio).to(feats[0].dtype))
-        return _gather_merge_levels(levels, per_level)
-
-
 @contextlib.contextmanager
 def _export_friendly_roi_merge(model: nn.Module) -> Iterator[None]:
-    """The detector's own RoI pooler as a `GatherMergeRoIAlign` while it is exported (this model only)."""
+    """A torchvision RoI pooler as fqn's `FastMultiScaleRoIAlign` while the model is exported (this model only):
+    torchvision's merges its levels by a ScatterElements per level, fqn's by one Concat + Gather."""
     pooler = getattr(getattr(model, "roi_heads", None), "box_roi_pool", None)
     if type(pooler) is not MultiScaleRoIAlign:
         yield
         return
-    pooler.__class__ = GatherMergeRoIAlign
+    pooler.__class__ = FastMultiScaleRoIAlign
     try:
         yield
     finally:
