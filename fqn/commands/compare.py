@@ -262,7 +262,7 @@ class Comparison:
 
 
 def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], out_dir: str | Path, data: Any, *,
-                ptq_bits: Sequence[int] = (8, 4), calibration: str = "search", bias_correction: bool = True,
+                ptq_bits: Sequence[int] = (8, 4), calibration: str = "search", bias_correction: bool = False,
                 n_cal: int = 20,
                 peers: Sequence[str] = PEERS, runs: int = 20, warmup: int = 3, threads: int = 2,
                 progress: bool = True, runtimes: Sequence[str] | None = None) -> Comparison:

@@ -41,7 +41,7 @@ def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
     float_ckpt, qat_ckpt = checkpoints
     cmp = run_compare(float_ckpt, [qat_ckpt], tmp_path, tiny_data(num_val=4), ptq_bits=(8,), n_cal=2,
                       peers=("ort",), runs=2, warmup=1, threads=1, progress=False,
-                      runtimes=("onnxruntime", "openvino"))
+                      runtimes=("onnxruntime", "openvino"), bias_correction=True)
     saved = json.loads((tmp_path / "compare.json").read_text())
     names = [r["name"] for r in saved["rows"]]
     assert names == ["FP32", "FP32 (ONNX Runtime)", "FP32 (OpenVINO)", "fqn PTQ w8a8", "fqn PTQ w8a8",
@@ -91,6 +91,9 @@ def test_convert_cli_qat_ptq_and_bad_input(checkpoints, tmp_path, capsys):
         main(["convert", str(qat_ckpt), str(tmp_path / "q.onnx"), "--ptq-bits", "8"])
     assert main(["convert", str(float_ckpt), str(tmp_path / "ptq.onnx"), "--ptq-bits", "8", "--n-cal", "2"]) == 0
     assert load_int8(tmp_path / "ptq.onnx").metadata["fqn.bits"] == "w8a8"
+    assert main(["convert", str(float_ckpt), str(tmp_path / "ptq4.onnx"), "--ptq-bits", "4", "--n-cal", "2",
+                 "--calibration", "percentile", "--bias-correction"]) == 0
+    assert load_int8(tmp_path / "ptq4.onnx").metadata["fqn.bits"] == "w4a4"
     assert "wrote" in capsys.readouterr().out
 
 
