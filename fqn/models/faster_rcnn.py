@@ -182,15 +182,23 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 HEAD_OUTPUTS = ("rpn.head.cls_fq.*", "rpn.head.bbox_fq.*", "roi_heads.box_predictor.*")
 
 
+#: From this activation bit-width on, the range search keeps the top of the head outputs. Measured on the
+#: synthetic benchmark (R18, PTQ): at 8 bits keeping it gave +0.8 AP, at 4 bits -1.7 AP (16 levels are too few
+#: to spend on the rare top; the clipped range resolves the bulk of the scores better).
+KEEP_TOP_FROM_BITS = 6
+
+
 def _keep_top_of_head_outputs(model: nn.Module) -> None:
-    """PTQ's range search never clips the top of a head output (see `SearchObserver.keep_top`)."""
+    """PTQ's range search does not clip the top of a head output at >= `KEEP_TOP_FROM_BITS` bits
+    (see `SearchObserver.keep_top`)."""
     import fnmatch
 
     from fqn.quant.fake_quant import quantizers
     from fqn.quant.observers import SearchObserver
 
     for name, fq in quantizers(model, "act"):
-        if isinstance(fq.observer, SearchObserver) and any(fnmatch.fnmatch(name, p) for p in HEAD_OUTPUTS):
+        if (isinstance(fq.observer, SearchObserver) and fq.bits >= KEEP_TOP_FROM_BITS
+                and any(fnmatch.fnmatch(name, p) for p in HEAD_OUTPUTS)):
             fq.observer.keep_top = True
 
 

@@ -330,10 +330,11 @@ class SearchObserver(HistogramObserver):
     bin would charge every range for an error it does not make. ``choice`` (a buffer, so it is in
     checkpoints) records which candidate won, for reports.
 
-    ``keep_top`` (set by `fqn.models.faster_rcnn.prepare_qat` on the detector's head outputs: RPN
-    objectness and deltas, class logits, box deltas) keeps every candidate's upper bound at the
-    maximum seen: those values are ranked by top-k and NMS, and the rare large ones are the best
-    detections; a clipped top score ties with the next ones, an error MSE barely sees.
+    ``keep_top`` (set by `fqn.models.faster_rcnn.prepare_qat` on the detector's head outputs, RPN
+    objectness and deltas, class logits, box deltas, at 8 bits; not at 4, where it measured worse)
+    keeps every candidate's upper bound at the maximum seen: those values are ranked by top-k and
+    NMS, and the rare large ones are the best detections; a clipped top score ties with the next
+    ones, an error MSE barely sees.
     """
 
     CANDIDATES = ("minmax", "percentile", "percentile_x10", "l2")

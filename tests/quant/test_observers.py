@@ -197,3 +197,6 @@ def test_prepare_marks_exactly_the_head_outputs_for_keep_top():
     expected = {f"rpn.head.{table}.0.{i}" for table in ("cls_fq", "bbox_fq") for i in range(len(rpn.cls_fq[0]))}
     expected |= {"roi_heads.box_predictor.cls_score.act_fq", "roi_heads.box_predictor.bbox_pred.act_fq"}
     assert marked == expected
+    four_bit = prepare_qat(build_detector("resnet18", 3, min_size=64, max_size=64),
+                           QuantConfig(bits_w=4, bits_a=4, percentile=False, act_observer="search"))
+    assert not any(fq.observer.keep_top for _, fq in quantizers(four_bit, "act"))  # 16 levels: keep the bulk
