@@ -1,0 +1,92 @@
+"""PTQ accuracy per range rule and bit-width, with and without bias correction, against FP32.
+
+    python tools/ptq_calibrations.py runs/synthetic_float/checkpoints/last.ckpt --out bench/ptq_synthetic
+    python tools/ptq_calibrations.py runs/street_float/checkpoints/last.ckpt \\
+        --config configs/street_float.yaml --out bench/ptq_street
+
+Every row post-training quantizes the same float model on the same calibration batches (the
+data's first ``--n-cal`` un-augmented training batches) and evaluates the fake-quant model on the
+validation split: the table that says which PTQ is the strongest on a data set. The JSON and
+Markdown files are rewritten after every row, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from fqn.commands.cli import _data_module
+from fqn.commands.report import columns, markdown_table, write_json
+from fqn.evaluation import evaluate_map
+from fqn.models.checkpoint import load_detector
+from fqn.ptq import CALIBRATIONS, post_training_quantize, ptq_config, ranges_summary
+
+TABLE = columns("model", "ranges", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "gap_AP", "minutes")
+
+
+def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int], rules: list[str],
+        bias_correction: list[bool], n_cal: int = 20, num_val: int | None = None, threads: int = 2,
+        progress: bool = True) -> list[dict]:
+    """Measure every (bits, rule, bias correction) row after the FP32 row; returns the rows."""
+    unknown = set(rules) - set(CALIBRATIONS)
+    if unknown:
+        raise ValueError(f"unknown range rules {sorted(unknown)}; choose from {CALIBRATIONS}")
+    torch.set_num_threads(threads)
+    model, hp = load_detector(float_ckpt)
+    if getattr(model, "fqn_config", None) is not None:
+        raise ValueError(f"{float_ckpt} is a quantized checkpoint; PTQ starts from the FP32 one")
+    data = _data_module(config, num_val)
+    data.setup("validate")
+    val = list(data.val_dataloader())
+    cal = data.calibration_batches(n_cal)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def add(row: dict, started: float) -> None:
+        row["minutes"] = (time.perf_counter() - started) / 60
+        if rows:
+            row["gap_AP"] = row["AP"] - rows[0]["AP"]
+        rows.append(row)
+        write_json(out / "ptq_calibrations.json", {"float": str(float_ckpt), "config": config, "n_cal": n_cal,
+                                                   "rows": rows})
+        (out / "ptq_calibrations.md").write_text(markdown_table(rows, TABLE) + "\n")
+        print(markdown_table(rows[-1:], TABLE).splitlines()[-1], flush=True)
+
+    started = time.perf_counter()
+    add({"model": "FP32", "ranges": "-", **evaluate_map(model, val, progress=progress)}, started)
+    for b in bits:
+        for rule in rules:
+            for corrected in bias_correction:
+                started = time.perf_counter()
+                q = post_training_quantize(model, cal, ptq_config(b, rule), num_batches=n_cal,
+                                           bias_correction=corrected, progress=progress)
+                add({"model": f"PTQ w{b}a{b}", "bits": b, "rule": rule, "bias_correction": corrected,
+                     "ranges": ranges_summary(q), **evaluate_map(q, val, progress=progress)}, started)
+    print("\n" + markdown_table(rows, TABLE))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("float_ckpt", help="the FP32 checkpoint")
+    parser.add_argument("--config", help="training config whose data: section gives val and calibration data "
+                        "(default: the synthetic set)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--rules", nargs="+", default=["search", "percentile", "histogram", "minmax"],
+                        choices=CALIBRATIONS)
+    parser.add_argument("--bias-correction", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--n-cal", type=int, default=20)
+    parser.add_argument("--num-val", type=int, help="synthetic validation images (default: the config's)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    corrected = {"off": [False], "on": [True], "both": [False, True]}[args.bias_correction]
+    run(args.float_ckpt, args.config, args.out, bits=args.bits, rules=args.rules, bias_correction=corrected,
+        n_cal=args.n_cal, num_val=args.num_val, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()
