@@ -171,9 +171,19 @@ def _data_module(config: str | None, num_val: int | None):
     return DetectionDataModule.from_config(load_config(config), **overrides)
 
 
-def convert_main(argv: list[str]) -> None:
+def _add_ptq_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a PTQ row quantizes: the activation-range rule and bias correction (convert and compare alike)."""
     from fqn.ptq import CALIBRATIONS
 
+    parser.add_argument("--calibration", default="search", choices=CALIBRATIONS,
+                        help="PTQ activation ranges: search (per layer, the least measured error of min/max, "
+                        "percentile and L2; default), or one rule for every layer")
+    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
+                        help="PTQ: remove each layer's weight-rounding shift of its output mean (default: off; it "
+                        "did not pay on the synthetic benchmark, see the README)")
+
+
+def convert_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="fqn convert", description="write a QAT checkpoint (or, with --ptq-bits, a PTQ of a float checkpoint) "
         "as one int8 ONNX file that ONNX Runtime and OpenVINO run on integer kernels (at <= 4 bits, also a "
@@ -182,12 +192,7 @@ def convert_main(argv: list[str]) -> None:
     parser.add_argument("output", help="the .onnx file to write")
     parser.add_argument("--ptq-bits", type=int, choices=range(2, 9), metavar="{2..8}",
                         help="post-training quantize a float checkpoint at this bit-width first")
-    parser.add_argument("--calibration", default="search", choices=CALIBRATIONS,
-                        help="PTQ activation ranges: search (per layer, the least measured error of min/max, "
-                        "percentile and L2; default), or one rule for every layer")
-    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
-                        help="PTQ: remove each layer's weight-rounding shift of its output mean (default: off; it "
-                        "did not pay on the synthetic benchmark, see the README)")
+    _add_ptq_arguments(parser)
     parser.add_argument("--n-cal", type=int, default=20, help="calibration batches (PTQ)")
     parser.add_argument("--config", help="training config whose data: section gives the calibration data")
     args = parser.parse_args(argv)
@@ -224,8 +229,6 @@ def convert_main(argv: list[str]) -> None:
 
 
 def compare_main(argv: list[str]) -> None:
-    from fqn.ptq import CALIBRATIONS
-
     parser = argparse.ArgumentParser(
         prog="fqn compare", description="FP32 vs fqn PTQ vs fqn QAT vs ORT / torchao PTQ: accuracy, size, latency")
     parser.add_argument("--float", dest="float_ckpt", help="the FP32 checkpoint (default: the float model the first "
@@ -234,12 +237,7 @@ def compare_main(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="output folder (compare.json, .onnx files, tensorboard/)")
     parser.add_argument("--config", help="training config whose data: section gives the val/calibration data")
     parser.add_argument("--ptq-bits", type=int, nargs="*", default=[8, 4])
-    parser.add_argument("--calibration", default="search", choices=CALIBRATIONS,
-                        help="PTQ activation ranges: search (per layer, the least measured error of min/max, "
-                        "percentile and L2; default), or one rule for every layer")
-    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
-                        help="PTQ: remove each layer's weight-rounding shift of its output mean (default: off; it "
-                        "did not pay on the synthetic benchmark, see the README)")
+    _add_ptq_arguments(parser)
     parser.add_argument("--n-cal", type=int, default=20)
     parser.add_argument("--peers", nargs="*", default=["ort", "torchao"], choices=["ort", "torchao"])
     parser.add_argument("--runs", type=int, default=20, help="timed runs per model (median reported)")
