@@ -61,7 +61,6 @@ def ranges_summary(model: nn.Module) -> str:
         >>> ranges_summary(build_detector("resnet18", 3, min_size=64, max_size=64))
         'float'
     """
-    choices = range_choices(model)
     cfg = getattr(model, "fqn_config", None)
     if cfg is None:
         return "float"
@@ -69,7 +68,7 @@ def ranges_summary(model: nn.Module) -> str:
     if cfg.activation_observer != "search":
         return cfg.activation_observer + corrected
     counts: dict[str, int] = {}
-    for rule in choices.values():
+    for rule in range_choices(model).values():
         counts[rule] = counts.get(rule, 0) + 1
     return "search: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + corrected
 

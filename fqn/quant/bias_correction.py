@@ -3,8 +3,9 @@
 Rounding the weights of a channel does not average out over its input: with ``E[x]`` the mean of the
 layer's input per channel, the output mean moves by ``(W_q - W) E[x]``, a bias that the next layers
 inherit and that grows as the bit-width drops (Nagel et al., "Data-Free Quantization", ICCV 2019,
-section 4.2, in its empirical form: ``E[x]`` measured on the calibration batches). Subtracting it
-from the layer's bias costs one more pass over the calibration data and nothing at inference: the
+section 4.2, in its empirical form: the shift measured on the calibration batches, here with the
+layer's own op applied to ``W_q - W``, so borders and padding count exactly). Subtracting it from
+the layer's bias costs one more pass over the calibration data and nothing at inference: the
 corrected bias is an ordinary bias, exported like any other. Plain PyTorch, no training.
 """
 
