@@ -7,6 +7,7 @@ build (and prepare) the detector, calibrate once, log the PTQ mAP, optimise, eva
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import Tensor
 from fqn.config import QuantConfig
 from fqn.evaluation import detections_for_metric, evaluate_map, make_map_metric, map_columns
 from fqn.models.checkpoint import pretrained
+from fqn.models.distill import DistillConfig, Distiller
 from fqn.models.faster_rcnn import build_detector, prepare_qat
 from fqn.quant.calibrate import calibrate
 from fqn.quant.fake_quant import quantizers
@@ -69,6 +71,8 @@ class DetectionModule(pl.LightningModule):
             caller measures PTQ itself (`fqn quickstart` does, in its comparison).
         frozen_bn: torchvision's ``FrozenBatchNorm2d`` in the backbone; default: as the model it starts from
             (torchvision weights, or the ``init_from`` checkpoint's architecture).
+        distill: QAT only: distillation from the float model it starts from, the weights of its terms
+            (`fqn.models.distill.DistillConfig`: ``fpn``, ``rpn``, ``cls``, ``temperature``); None: off.
     """
 
     def __init__(self, backbone: str = "resnet18", num_classes: int = 5, quant: QuantConfig | None = None,
@@ -76,7 +80,8 @@ class DetectionModule(pl.LightningModule):
                  min_size: int = 160, max_size: int = 160, detector: dict[str, Any] | None = None,
                  lr: float = 0.02, base_batch_size: int = 16, momentum: float = 0.9, weight_decay: float = 1e-4,
                  warmup_steps: int = 100, warmup_factor: float = 0.001, lr_steps: list[int] | None = None,
-                 lr_gamma: float = 0.1, seed: int = 0, ptq_eval: bool = True, frozen_bn: bool | None = None) -> None:
+                 lr_gamma: float = 0.1, seed: int = 0, ptq_eval: bool = True, frozen_bn: bool | None = None,
+                 distill: dict[str, float] | None = None) -> None:
         super().__init__()
         if isinstance(quant, dict):  # rebuilt from a checkpoint's hyper-parameters
             quant = QuantConfig.from_dict(quant)
@@ -95,9 +100,14 @@ class DetectionModule(pl.LightningModule):
             self._load_float(state, init_from, backbone, num_classes)
         elif quant is not None and weights is None:
             log.warning("QAT without init_from or weights starts from random weights")
+        if distill is not None and quant is None:
+            raise ValueError("distill needs a quantized student: set model.quant (distillation is a QAT option)")
+        teacher = copy.deepcopy(self.model) if distill is not None else None  # the float model QAT starts from
         if quant is not None:
             prepare_qat(self.model, quant)
             log.info("quantized scope: %s", scope_summary(self.model))
+        self.distiller = (Distiller(teacher, self.model, DistillConfig(**distill))
+                          if teacher is not None else None)
         self.val_map = make_map_metric()
         self.test_map = make_map_metric()
         self.ptq_metrics: dict[str, float] | None = None
@@ -154,6 +164,9 @@ class DetectionModule(pl.LightningModule):
     def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
         images, targets = batch
         losses = self.model(list(images), list(targets))
+        if self.distiller is not None:
+            self.distiller.follow(self.device)
+            losses.update(self.distiller.losses())
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: "
