@@ -60,7 +60,7 @@ def test_no_module_attribute_changes_during_a_forward_or_a_conversion(quantized,
         assert _diff(before, snap) == []
     assert _diff(before, after) == []
     assert all(t == (mean, std) for t in transform_during)
-    assert type(quantized.roi_heads.box_roi_pool) is FastMultiScaleRoIAlign  # fqn's detectors pool with fqn's
+    assert type(quantized.roi_heads.box_roi_pool) is MultiScaleRoIAlign  # swapped back after the export
 
 
 def test_float_and_quantized_detectors_run_side_by_side_in_threads(float_detector, quantized, scenes):
@@ -107,10 +107,10 @@ def test_pooler_swap_computes_what_torchvision_computes(float_detector, scenes):
         feats = model.backbone(images.tensors)
         proposals, _ = model.rpn(images, feats)
         pooler = model.roi_heads.box_roi_pool
-        got = pooler(feats, proposals, images.image_sizes)
-        torchvisions = copy.deepcopy(pooler)
-        torchvisions.__class__ = MultiScaleRoIAlign
-        ref = torchvisions(feats, proposals, images.image_sizes)
+        ref = pooler(feats, proposals, images.image_sizes)
+        swapped = copy.deepcopy(pooler)
+        swapped.__class__ = FastMultiScaleRoIAlign
+        got = swapped(feats, proposals, images.image_sizes)
     assert proposals[0].shape[0] > 10
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 

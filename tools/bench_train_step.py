@@ -21,6 +21,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from fqn import QuantConfig, build_detector, calibrate, prepare_qat
 from fqn.commands.report import Column, columns, markdown_table, write_json
 from fqn.data.synthetic import SyntheticConfig, render
+from fqn.models.faster_rcnn import fast_roi_pool
 
 TABLE = columns("backbone", Column("size", digits=0), Column("batch", digits=0), "quant", "pooler", "s_per_step",
                 "mean_s")
@@ -40,7 +41,7 @@ def time_steps(backbone: str, size: int, batch: int, quant: int | None, pooler: 
                warmup: int, device: str = "cpu") -> dict:
     """One row: seconds per training step of this configuration."""
     torch.manual_seed(0)
-    kw = {} if pooler == "fqn" else {"box_roi_pool": MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)}
+    kw = {"box_roi_pool": fast_roi_pool() if pooler == "fqn" else MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)}
     model = build_detector(backbone, 5, min_size=size, max_size=size, **kw).to(device)
     if quant is not None:
         prepare_qat(model, QuantConfig(bits_w=quant, bits_a=quant, n_cal=1))

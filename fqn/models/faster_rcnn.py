@@ -14,7 +14,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection import faster_rcnn as tv_frcnn
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from fqn.config import QuantConfig
 from fqn.models.quantizable import CONVERTERS, stable_ties
@@ -70,9 +70,6 @@ def build_detector(backbone: str, num_classes: int, *, weights: Any = None, weig
     if min_size < 32 or max_size < min_size:
         raise ValueError(f"need 32 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     kwargs = _plain_head_options(kwargs, num_classes, weights is not None, backbone)
-    # torchvision's pooler computes the same outputs; fqn's has a sparse CPU backward (42% of a CPU training
-    # step was torchvision's) and merges its levels as one Concat + Gather when exported
-    kwargs.setdefault("box_roi_pool", FastMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2))
     if weights is not None:
         if backbone not in _DETECTION_BUILDERS:
             raise ValueError(f"torchvision has no COCO Faster R-CNN weights for {backbone}; use weights_backbone "
@@ -107,6 +104,13 @@ def build_detector(backbone: str, num_classes: int, *, weights: Any = None, weig
     if "box_predictor" in kwargs:
         num_classes = None  # torchvision: the predictor already fixes it
     return FasterRCNN(feat, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+
+
+def fast_roi_pool() -> FastMultiScaleRoIAlign:
+    """torchvision's default box RoI pooler as fqn's `FastMultiScaleRoIAlign`: the same outputs, a sparse CPU
+    backward (torchvision's was 42% of a CPU training step), for ``build_detector(..., box_roi_pool=...)``;
+    fqn's trainer builds its detectors with it."""
+    return FastMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
 
 
 def _plain_head_options(kwargs: dict[str, Any], num_classes: int, pretrained: bool, backbone: str) -> dict[str, Any]:
@@ -222,6 +226,9 @@ def strip_quantizers(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     restore_float(model)
+    pooler = getattr(getattr(model, "roi_heads", None), "box_roi_pool", None)
+    if isinstance(pooler, FastMultiScaleRoIAlign):  # torchvision's own pooler: the same outputs, no fqn class left
+        pooler.__class__ = MultiScaleRoIAlign
     for attr in ("fqn_config", "fqn_scope"):
         model.__dict__.pop(attr, None)
     if is_prepared(model):

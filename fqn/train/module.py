@@ -21,7 +21,7 @@ from fqn.config import QuantConfig
 from fqn.evaluation import detections_for_metric, evaluate_map, make_map_metric, map_columns
 from fqn.models.checkpoint import pretrained
 from fqn.models.distill import DistillConfig, Distiller
-from fqn.models.faster_rcnn import build_detector, prepare_qat
+from fqn.models.faster_rcnn import build_detector, fast_roi_pool, prepare_qat
 from fqn.quant.calibrate import calibrate
 from fqn.quant.fake_quant import quantizers
 from fqn.quant.prepare import scope_summary
@@ -95,7 +95,8 @@ class DetectionModule(pl.LightningModule):
             frozen_bn = frozen if frozen is not None else bool(weights or weights_backbone)
         self.hparams["frozen_bn"] = frozen_bn  # so a checkpoint rebuilds the same architecture
         self.model = build_detector(backbone, num_classes, weights=weights, weights_backbone=weights_backbone,
-                                    min_size=min_size, max_size=max_size, frozen_bn=frozen_bn, **(detector or {}))
+                                    min_size=min_size, max_size=max_size, frozen_bn=frozen_bn,
+                                    box_roi_pool=fast_roi_pool(), **(detector or {}))
         if state is not None:
             self._load_float(state, init_from, backbone, num_classes)
         elif quant is not None and weights is None:
