@@ -49,6 +49,15 @@ class QuantConfig:
             quantizes the calibration data with the least measured error: the
             PTQ default) need ``percentile=False``.
         histogram_bins: number of bins of the percentile/histogram observers.
+        learn_ranges: **L** (beyond FQN). Learned activation ranges, LSQ+ (Esser et al. 2020;
+            Bhalgat et al. 2020): each activation quantizer's scale and zero point become
+            parameters, initialised from the calibrated ranges (P) and trained by the loss with
+            LSQ's scaled step-size gradient. Fixed-range observers only (not ``ema``). Weights
+            keep their per-channel min/max ranges, which follow the weights exactly.
+        layer_bits: mixed precision: ``{pattern: bits}``, layers whose name matches an
+            ``fnmatch`` pattern quantized at that bit-width (weights and the activations the
+            layer produces) instead of ``bits_w``/``bits_a``; the first matching pattern wins.
+            ``tools/mixed_precision.py`` picks them from a measured layer sensitivity.
 
     Example:
         >>> cfg = QuantConfig(bits_w=4, bits_a=4)
@@ -69,6 +78,8 @@ class QuantConfig:
     symmetric_weights: bool = True
     act_observer: str | None = None
     histogram_bins: int = 2048
+    learn_ranges: bool = False
+    layer_bits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.keep_float, str):
@@ -100,6 +111,33 @@ class QuantConfig:
                 raise ValueError(f"act_observer={self.act_observer!r} contradicts percentile=true (P); "
                                  "set percentile=false to use it")
         _check_int(self, "histogram_bins", 64, 65536, "e.g. 2048")
+        if not isinstance(self.learn_ranges, bool):
+            raise ValueError(f"learn_ranges must be true or false, got {self.learn_ranges!r}")
+        if self.learn_ranges and self.activation_observer == "ema":
+            raise ValueError("learn_ranges needs calibrated, fixed ranges to start from (P, or act_observer "
+                             "percentile/histogram/minmax/search), not the moving average that keeps updating")
+        if not isinstance(self.layer_bits, dict):
+            raise ValueError("layer_bits must map module-name patterns to bit-widths, e.g. "
+                             f"{{'backbone.body.conv1': 8}}, got {self.layer_bits!r}")
+        for pattern, bits in self.layer_bits.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"layer_bits keys must be non-empty module-name patterns, got {pattern!r}")
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise ValueError(f"layer_bits[{pattern!r}] must be an integer bit-width in [2, 8], got {bits!r}")
+        object.__setattr__(self, "layer_bits", dict(self.layer_bits))
+
+    def __hash__(self) -> int:
+        return hash(tuple((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                          for k, v in dataclasses.asdict(self).items()))
+
+    def for_layer(self, name: str) -> QuantConfig:
+        """The config of the layer called ``name``: its `layer_bits` bit-width if a pattern matches, else this one."""
+        import fnmatch
+
+        bits = next((b for p, b in self.layer_bits.items() if fnmatch.fnmatchcase(name, p)), None)
+        if bits is None or (bits == self.bits_w and bits == self.bits_a):
+            return self
+        return dataclasses.replace(self, bits_w=bits, bits_a=bits, layer_bits={})
 
     @property
     def activation_observer(self) -> str:
@@ -110,14 +148,17 @@ class QuantConfig:
 
     @property
     def flags(self) -> str:
-        """The ablation flags as in the paper's Table 2, e.g. ``"FPC"`` or ``"-"``."""
+        """The ablation flags as in the paper's Table 2, e.g. ``"FPC"`` or ``"-"``; ``+L`` learned ranges,
+        ``+mixed`` per-layer bit-widths."""
         s = "".join(c for c, on in zip("FPC", (self.freeze_bn, self.percentile, self.per_channel)) if on)
-        return s or "-"
+        s = (s or "-") + ("+L" if self.learn_ranges else "") + ("+mixed" if self.layer_bits else "")
+        return s
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML/JSON/checkpoint-friendly dict."""
         d = dataclasses.asdict(self)
         d["keep_float"] = list(self.keep_float)
+        d["layer_bits"] = dict(self.layer_bits)
         return d
 
     @classmethod

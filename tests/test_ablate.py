@@ -46,6 +46,11 @@ def test_tables_have_the_papers_rows():
     assert [r.quant["gamma"] for r in table_rows("gamma", 400)] == [0.999, 0.9973, 0.9545]
     cal = table_rows("calibration", 400)
     assert [r.qat for r in cal] == [False] * 3 + [True] * 3 and cal[2].quant["act_observer"] == "histogram"
+    beyond = table_rows("beyond", 400)
+    assert [r.name for r in beyond] == ["FQN (F+P+C)", "+ learned ranges (LSQ+)", "+ distillation",
+                                        "+ mixed precision", "+ all three"]
+    assert beyond[1].quant == {"learn_ranges": True} and beyond[2].module["distill"]["cls"] > 0
+    assert beyond[3].mixed_budget and beyond[4].quant and beyond[4].module and beyond[4].mixed_budget
     with pytest.raises(ValueError, match="unknown table"):
         table_rows("nope", 1)
 
@@ -81,3 +86,33 @@ def test_two_row_grid_runs_resumes_and_writes_its_tables(float_ckpt, tmp_path, c
 def test_ablate_cli_rejects_unknown_rows(float_ckpt, tmp_path):
     with pytest.raises(SystemExit, match="unknown rows"):
         main(["ablate", "--table", "fpc", "--float", str(float_ckpt), "--out", str(tmp_path), "--rows", "Q"])
+
+
+def test_beyond_fqn_row_learns_ranges_distills_and_mixes_bit_widths(float_ckpt, tmp_path):
+    from fqn.models.checkpoint import load_detector
+    from fqn.quant.fake_quant import quantizers
+
+    spec = grid_spec(str(float_ckpt), str(tmp_path / "grid"), _config(), bits=4)
+    row = table_rows("beyond", spec.steps)[-1]
+    (result,) = run_grid(spec, [row], threads=1)[1:]
+    cfg = result["config"]
+    assert cfg["learn_ranges"] is True and result["module"]["distill"]
+    high = cfg["layer_bits"]
+    assert high and set(high.values()) == {8}
+    model, _ = load_detector(result["checkpoint"])
+    bits = {n: q.bits for n, q in quantizers(model, "weight")}
+    assert {n.removesuffix(".weight_fq") for n, b in bits.items() if b == 8} == set(high)
+    assert all(q.learnable for _, q in quantizers(model, "act"))
+    weights = {n: m.weight.numel() for n, m in model.named_modules() if getattr(m, "weight_fq", None) is not None}
+    expect = sum(v * (8 if n in high else 4) for n, v in weights.items()) / 8e6
+    assert result["weight_MB"] == pytest.approx(expect)
+    # the added 8-bit weights stay within the budget
+    assert sum(weights[n] for n in high) * 4 <= row.mixed_budget * 4 * sum(weights.values())
+    deploy = tmp_path / "grid" / "int8" / f"{row.slug}.onnx"
+    assert result["file_MB"] * 1e6 < 0.8 * deploy.stat().st_size  # the 4-bit layers packed
+    events = list((tmp_path / "grid" / "runs" / "tensorboard" / row.slug).rglob("events.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set().union(*(EventAccumulator(str(e)).Reload().Tags()["scalars"] for e in events))
+    assert any(t.startswith("train/distill") for t in tags)

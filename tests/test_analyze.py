@@ -44,7 +44,9 @@ def test_relative_error_is_against_the_float_value_and_guards_zeros():
 
 def test_layer_names():
     assert layer_of("backbone.body.layer1.0.conv1.act_fq") == "backbone.body.layer1.0.conv1"
-    assert layer_of("rpn.head.cls_fq.0.3") == "rpn.head"
+    assert layer_of("rpn.head.cls_fq.0.3") == "rpn.head.cls_logits"
+    assert layer_of("rpn.head.conv_fq.1.4") == "rpn.head.conv.1.0"
+    assert layer_of("rpn.head.conv.0.0.act_fq") == "rpn.head.conv.0.0"
     assert keep_float_patterns([{"layer": "a", "cost_db": 2.0}, {"layer": "b", "cost_db": -1.0}]) == ["a"]
 
 

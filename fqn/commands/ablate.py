@@ -11,7 +11,10 @@ Tables (``--table``):
 * ``fpc``: Table 2, the [17] baseline (none of F/P/C), each flag alone, each pair, all three;
 * ``bn``: Table 3, BN frozen for the whole fine-tuning vs only its last N steps;
 * ``gamma``: Table 4, the percentile γ in {0.999, 0.9973, 0.9545};
-* ``calibration``: Table 5's spirit, moving-average vs percentile vs histogram ranges, PTQ and QAT.
+* ``calibration``: Table 5's spirit, moving-average vs percentile vs histogram ranges, PTQ and QAT;
+* ``beyond``: beyond FQN at the same step budget: FQN (F+P+C), + learned ranges (LSQ+), + distillation
+  from the float model, + sensitivity-driven mixed precision (the most sensitive layers at 8 bits
+  within a weight-storage budget), and all three together. Every row reports its weight storage.
 """
 
 from __future__ import annotations
@@ -27,17 +30,25 @@ from fqn.commands.report import Column, markdown_table, write_json, write_report
 from fqn.config import QuantConfig
 
 METRICS = ("AP", "AP50", "AP75")
-TABLES = ("fpc", "bn", "gamma", "calibration")
+TABLES = ("fpc", "bn", "gamma", "calibration", "beyond")
+DISTILL = {"fpn": 1.0, "rpn": 1.0, "cls": 1.0, "temperature": 2.0}
+MIXED_BUDGET = 0.25  # added weight bits of the 8-bit layers, as a fraction of the all-low-bit weights
 TRAINER_KEYS = ("accelerator", "gradient_clip_val", "log_every_n_steps", "precision")
 
 
 @dataclass(frozen=True)
 class Row:
-    """One run of a grid: QuantConfig overrides on top of the bit-width, QAT or PTQ only."""
+    """One run of a grid: QuantConfig overrides on top of the bit-width, QAT or PTQ only.
+
+    ``module``: training-module overrides (e.g. ``distill``); ``mixed_budget``: pick ``layer_bits`` by
+    layer sensitivity within this weight-storage budget (`fqn.commands.analyze.choose_layer_bits`).
+    """
 
     name: str
     quant: dict[str, Any] = field(default_factory=dict)
     qat: bool = True
+    module: dict[str, Any] = field(default_factory=dict)
+    mixed_budget: float | None = None
 
     @property
     def slug(self) -> str:
@@ -65,6 +76,11 @@ def table_rows(table: str, steps: int) -> list[Row]:
         ranges = [("moving average", {"percentile": False}), ("percentile", {}),
                   ("histogram", {"percentile": False, "act_observer": "histogram"})]
         return [Row(f"{kind} {name}", q, qat=kind == "QAT") for kind in ("PTQ", "QAT") for name, q in ranges]
+    if table == "beyond":
+        lsq, distill = {"learn_ranges": True}, {"distill": DISTILL}
+        return [Row("FQN (F+P+C)"), Row("+ learned ranges (LSQ+)", lsq), Row("+ distillation", module=distill),
+                Row("+ mixed precision", mixed_budget=MIXED_BUDGET),
+                Row("+ all three", lsq, module=distill, mixed_budget=MIXED_BUDGET)]
     raise ValueError(f"unknown table {table!r}; choose one of {TABLES}")
 
 
@@ -116,14 +132,17 @@ def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
     from fqn.int8 import convert_int8, load_int8
     from fqn.models.checkpoint import load_detector
     from fqn.ptq import post_training_quantize
+    from fqn.quant.prepare import weight_bits
     from fqn.train.runs import train_run
 
     out = Path(spec.out)
     cfg = _row_config(spec, row)
     data = _data(spec)
+    if row.mixed_budget is not None:
+        cfg = mixed_precision_config(spec.float_ckpt, cfg, data, row.mixed_budget)
     if row.qat:
         module_kw = {k: v for k, v in spec.model.items() if k not in ("quant", "init_from")}
-        module_kw.update(init_from=spec.float_ckpt, quant=cfg, ptq_eval=False)
+        module_kw.update(init_from=spec.float_ckpt, quant=cfg, ptq_eval=False, **row.module)
         trainer_kw = {**spec.trainer, "limit_val_batches": 0}  # the row is evaluated below, once, fake-quant and int8
         ckpt = train_run(row.slug, out / "runs", spec.steps, data, module_kw, trainer_kw=trainer_kw,
                          tag="fqn ablate")
@@ -137,11 +156,36 @@ def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
     fake = evaluate_map(model, val, progress=False)
     path = convert_int8(model, out / "int8" / f"{row.slug}.onnx", synthetic_scenes(1, spec.example_size))
     int8 = evaluate_map(load_int8(path, threads=torch.get_num_threads()), val, progress=False)
-    result = {"row": row.name, "qat": row.qat, "bits": spec.bits, "config": cfg.to_dict(),
+    stored = convert_int8(model, out / "int8" / f"{row.slug}.int4.onnx", synthetic_scenes(1, spec.example_size),
+                          pack_int4=True) if min([cfg.bits_w, *cfg.layer_bits.values()]) <= 4 else path
+    result = {"row": row.name, "qat": row.qat, "bits": spec.bits, "config": cfg.to_dict(), "module": row.module,
+              "weight_MB": weight_bits(model) / 8e6, "file_MB": stored.stat().st_size / 1e6,
               "checkpoint": str(ckpt) if ckpt else None, "int8_file": str(path),
               **{k: fake[k] for k in METRICS}, **{f"int8_{k}": int8[k] for k in METRICS}}
     write_json(out / "rows" / f"{row.slug}.json", result)
     return result
+
+
+def mixed_precision_config(float_ckpt: str, cfg: QuantConfig, data: Any, budget: float,
+                           images: int = 8) -> QuantConfig:
+    """``cfg`` with the `layer_bits` that layer sensitivity picks: the float model calibrated at ``cfg``'s
+    bit-width, each layer quantized alone on ``images`` calibration images (`layer_sensitivity`,
+    ``mode="only"``), the noisiest per weight bit raised to 8 bits within ``budget``."""
+    from fqn.commands.analyze import choose_layer_bits, layer_sensitivity
+    from fqn.models.checkpoint import load_detector
+    from fqn.ptq import post_training_quantize
+    from fqn.quant.calibrate import batch_images
+
+    model, _ = load_detector(float_ckpt)
+    model = post_training_quantize(model, data.calibration_batches(cfg.n_cal), cfg, progress=False)
+    pictures: list[Any] = []
+    for batch in data.calibration_batches(images):
+        pictures += batch_images(batch)
+        if len(pictures) >= images:
+            break
+    ranking = layer_sensitivity(model, pictures[:images], mode="only")
+    layer_bits = choose_layer_bits(ranking, low=min(cfg.bits_w, cfg.bits_a), high=8, budget=budget)
+    return QuantConfig(**{**cfg.to_dict(), "layer_bits": layer_bits})
 
 
 def _fp32_row(spec: GridSpec) -> dict[str, Any]:
@@ -199,7 +243,8 @@ def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2
 
 
 TABLE = [Column("#"), Column("row"), Column("F"), Column("P"), Column("C"), *(Column(k) for k in METRICS),
-         *(Column(f"int8_{k}", f"int8 {k}") for k in METRICS)]
+         *(Column(f"int8_{k}", f"int8 {k}") for k in METRICS), Column("weight_MB", "weights MB", 2),
+         Column("file_MB", "file MB", 2)]
 _FLAGS = (("F", "freeze_bn"), ("P", "percentile"), ("C", "per_channel"))
 
 
@@ -217,7 +262,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def write_outputs(out: Path, results: list[dict[str, Any]], command: str | None = None) -> None:
     """``table.md``, ``table.csv``, ``table.json`` and a TensorBoard hparams entry per row (``out/tensorboard``)."""
     footer = f"\nCommand: `{command}`; settings of every row: `grid.json`.\n" if command else ""
-    fields = ["row", "qat", "bits", *METRICS, *(f"int8_{k}" for k in METRICS)]
+    fields = ["row", "qat", "bits", *METRICS, *(f"int8_{k}" for k in METRICS), "weight_MB", "file_MB"]
     write_report(out, "table", _display(results), TABLE, meta={"command": command}, footer=footer, csv_keys=fields)
     from torch.utils.tensorboard import SummaryWriter
 

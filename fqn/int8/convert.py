@@ -119,6 +119,8 @@ def resized_batch(model: nn.Module, image: Tensor) -> Tensor:
 
 def _metadata(model: nn.Module, cfg: Any, extra: dict[str, Any] | None, pack_int4: bool = False) -> dict[str, str]:
     weights = "float" if cfg is None else "int4-packed" if pack_int4 and cfg.bits_w <= 4 else "int8"
+    if cfg is not None and pack_int4 and getattr(cfg, "layer_bits", None):
+        weights = "int4-packed where 4-bit, int8 elsewhere"
     meta = {"fqn.version": fqn.__version__, "fqn.bits": "float" if cfg is None else f"w{cfg.bits_w}a{cfg.bits_a}",
             "fqn.weights": weights,
             "fqn.quant_config": json.dumps(cfg.to_dict() if cfg is not None else None),
@@ -128,7 +130,11 @@ def _metadata(model: nn.Module, cfg: Any, extra: dict[str, Any] | None, pack_int
 
 
 def _weight_range(cfg: Any) -> tuple[int, int] | None:
-    return quant_range(cfg.bits_w, cfg.symmetric_weights) if cfg is not None else None
+    """The integer range weight codes are clamped to: the widest layer's (mixed precision: `layer_bits`)."""
+    if cfg is None:
+        return None
+    bits = max([cfg.bits_w, *getattr(cfg, "layer_bits", {}).values()])
+    return quant_range(bits, cfg.symmetric_weights)
 
 
 def _export_detector(model: nn.Module, path: str | Path, example_images: Sequence[Tensor], cfg: Any,

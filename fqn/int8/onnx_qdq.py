@@ -239,6 +239,13 @@ def _pack4(codes: np.ndarray) -> bytes:
     return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
+def _fits4(codes: np.ndarray, zp: np.ndarray) -> bool:
+    """Whether the codes and zero points of one weight fit INT4 (signed) or UINT4."""
+    lo, hi = (-8, 7) if zp.dtype == np.int8 else (0, 15)
+    return bool(codes.size) and int(codes.min()) >= lo and int(codes.max()) <= hi and \
+        int(zp.min()) >= lo and int(zp.max()) <= hi
+
+
 def store_integer_weights(proto: Any, weight_range: tuple[int, int] | None, pack_int4: bool = False) -> int:
     """Replace every Q(constant float weight) by the integer codes torch's fake quantizer gives; returns how many
     weight tensors were quantized.
@@ -258,12 +265,12 @@ def store_integer_weights(proto: Any, weight_range: tuple[int, int] | None, pack
     graph = proto.graph
     consts = GraphConstants(graph)
     keep, new_inits, renamed, cache = [], [], {}, {}
-    pack4 = pack_int4 and weight_range is not None and weight_range[0] >= -8 and weight_range[1] <= 15
     readers: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     clamps = set()  # a per-tensor k-bit weight's integer Clip: its codes are clamped already
+    packed_any = False
     for node in graph.node:
         w = consts.value(node.input[0]) if node.op_type == "QuantizeLinear" else None
         if w is None or w.dtype != np.float32:
@@ -280,17 +287,21 @@ def store_integer_weights(proto: Any, weight_range: tuple[int, int] | None, pack
             lo, hi = weight_range if weight_range is not None else ((-128, 127) if zp.dtype == np.int8 else (0, 255))
             codes = _weight_codes(w, scale, zp, axis, lo, hi)
             name, zp_name = node.output[0], None
+            # packed per weight: a mixed-precision model's 4-bit layers pack, its 8-bit ones stay INT8
+            pack4 = pack_int4 and _fits4(codes, zp)
             if pack4:
                 dt = onnx.TensorProto.INT4 if zp.dtype == np.int8 else onnx.TensorProto.UINT4
                 new_inits.append(helper.make_tensor(name, dt, codes.shape, _pack4(codes), raw=True))
                 zp_name = f"{name}__zp4"
                 new_inits.append(helper.make_tensor(zp_name, dt, zp.shape, _pack4(zp), raw=True))
+                packed_any = True
             else:
                 new_inits.append(numpy_helper.from_array(codes, name))
-            cache[key] = (name, zp_name, codes)
-        elif not pack4:  # another call site of the same weight: its own initializer (see above)
+            cache[key] = (name, zp_name, codes, pack4)
+        elif not (pack_int4 and cache[key][3]):  # another call site of the same weight: its own initializer
             new_inits.append(numpy_helper.from_array(cache[key][2], node.output[0]))
-        target = cache[key][:2] if pack4 or cache[key][0] == node.output[0] else (node.output[0], None)
+        packed = pack_int4 and cache[key][3]
+        target = cache[key][:2] if packed or cache[key][0] == node.output[0] else (node.output[0], None)
         renamed[node.output[0]] = target
         if len(after) == 1 and after[0].op_type == "Clip":
             renamed[after[0].output[0]] = target
@@ -304,7 +315,7 @@ def store_integer_weights(proto: Any, weight_range: tuple[int, int] | None, pack
     graph.node.extend(keep)
     graph.initializer.extend(new_inits)
     _drop_dead(graph)
-    if pack4 and cache:
+    if packed_any:
         for op in proto.opset_import:
             if op.domain in ("", "ai.onnx"):
                 op.version = max(op.version, INT4_OPSET)

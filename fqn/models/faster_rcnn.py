@@ -237,8 +237,10 @@ def strip_quantizers(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 @torch.no_grad()
-def head_outputs(model: nn.Module, images: list[Tensor]) -> dict[str, Tensor]:
-    """FPN features and RPN head outputs for a batch, in eval mode."""
+def head_outputs(model: nn.Module, images: list[Tensor], proposals: list[Tensor] | None = None) -> dict[str, Tensor]:
+    """FPN features and RPN head outputs for a batch, in eval mode; with ``proposals`` (one Nx4 box tensor per
+    image, e.g. `float_proposals`), also the box head's class logits and box deltas on those RoIs, so that runs
+    which would propose different boxes compare element by element."""
     model.eval()
     batch, _ = model.transform(images)
     feats = model.backbone(batch.tensors)
@@ -246,7 +248,19 @@ def head_outputs(model: nn.Module, images: list[Tensor]) -> dict[str, Tensor]:
     out = {f"fpn.{k}": v for k, v in feats.items()}
     out["rpn.objectness"] = torch.cat([t.flatten() for t in logits])
     out["rpn.box_deltas"] = torch.cat([t.flatten() for t in deltas])
+    if proposals is not None:
+        heads = model.roi_heads
+        cls, reg = heads.box_predictor(heads.box_head(heads.box_roi_pool(feats, proposals, batch.image_sizes)))
+        out["roi.class_logits"], out["roi.box_deltas"] = cls, reg
     return out
+
+
+def float_proposals(model: nn.Module, images: list[Tensor]) -> list[Tensor]:
+    """The RPN's proposals for ``images`` in ``model``'s current phase (the float phase for a reference), eval mode."""
+    model.eval()
+    batch, _ = model.transform(images)
+    proposals, _ = model.rpn(batch, model.backbone(batch.tensors))
+    return proposals
 
 
 def _probe(model: nn.Module, size: int = 128) -> None:
@@ -269,10 +283,11 @@ def _probe(model: nn.Module, size: int = 128) -> None:
 
 def _quantize_network_input(model: nn.Module, cfg: QuantConfig) -> None:
     """The normalised input (after torchvision's transform) is quantized at the first conv of the backbone."""
+    prefix = "backbone." if hasattr(model, "backbone") else ""
     backbone = getattr(model, "backbone", model)
-    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    name, first = next(((n, m) for n, m in backbone.named_modules() if isinstance(m, nn.Conv2d)), ("", None))
     if isinstance(first, QuantConv2d) and first.is_quantized and first.input_fq is None:
-        first.input_fq = act_quantizer(cfg)
+        first.input_fq = act_quantizer(cfg.for_layer(prefix + name))  # at the first layer's bit-width
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ class QuantBasicBlock(BasicBlock):
         block.conv2 = ctx.conv_bn(f"{name}.conv2", block.conv2, block.bn2)
         block.bn1 = block.bn2 = block.relu = nn.Identity()
         _downsample(block, name, ctx)
-        block.add_relu = QuantAdd(None if ctx.is_float(f"{name}.add_relu") else ctx.cfg, relu=True)
+        block.add_relu = QuantAdd(ctx.layer_cfg(f"{name}.add_relu"), relu=True)
         return block
 
     def restore_float(self) -> None:
@@ -87,7 +87,7 @@ class QuantBottleneck(Bottleneck):
         block.conv3 = ctx.conv_bn(f"{name}.conv3", block.conv3, block.bn3)
         block.bn1 = block.bn2 = block.bn3 = block.relu = nn.Identity()
         _downsample(block, name, ctx)
-        block.add_relu = QuantAdd(None if ctx.is_float(f"{name}.add_relu") else ctx.cfg, relu=True)
+        block.add_relu = QuantAdd(ctx.layer_cfg(f"{name}.add_relu"), relu=True)
         return block
 
     def restore_float(self) -> None:
@@ -106,7 +106,7 @@ class QuantInvertedResidual(InvertedResidual):
         block.__class__ = cls
         ctx.walk(block, f"{name}.")
         if block.use_res_connect:
-            block.add = QuantAdd(None if ctx.is_float(f"{name}.add") else ctx.cfg)
+            block.add = QuantAdd(ctx.layer_cfg(f"{name}.add"))
         return block
 
     def restore_float(self) -> None:
@@ -127,7 +127,7 @@ class QuantSqueezeExcitation(SqueezeExcitation):
         se.fc1 = ctx.conv_bn(f"{name}.fc1", se.fc1, None, activation=type(se.activation)(), input_quant=True)
         se.fc2 = ctx.conv_bn(f"{name}.fc2", se.fc2, None, activation=type(se.scale_activation)())
         se.activation = se.scale_activation = nn.Identity()
-        se.mul = QuantMul(None if ctx.is_float(f"{name}.mul") else ctx.cfg)
+        se.mul = QuantMul(ctx.layer_cfg(f"{name}.mul"))
         return se
 
     def restore_float(self) -> None:
@@ -159,7 +159,7 @@ class QuantFPN(FeaturePyramidNetwork):
         fpn.__class__ = cls
         ctx.walk(fpn, f"{name}.")
         n = len(fpn.inner_blocks)
-        fpn.adds = nn.ModuleList(QuantAdd(None if ctx.is_float(f"{name}.adds.{i}") else ctx.cfg) for i in range(n - 1))
+        fpn.adds = nn.ModuleList(QuantAdd(ctx.layer_cfg(f"{name}.adds.{i}")) for i in range(n - 1))
         return fpn
 
     def restore_float(self) -> None:
@@ -224,14 +224,16 @@ class QuantRPNHead(RPNHead):
         head.cls_logits = ctx.conv_bn(f"{name}.cls_logits", head.cls_logits, None, output_quant=False)
         head.bbox_pred = ctx.conv_bn(f"{name}.bbox_pred", head.bbox_pred, None, output_quant=False)
 
-        def table(rows: int, quantized: bool) -> nn.ModuleList | None:
-            if not quantized:
+        def table(layers: list[str], quantized: bool) -> nn.ModuleList | None:
+            if not quantized:  # one quantizer per pyramid level, at the bit-width of the layer it follows
                 return None
-            return nn.ModuleList(nn.ModuleList(act_quantizer(ctx.cfg) for _ in range(levels)) for _ in range(rows))
+            return nn.ModuleList(nn.ModuleList(act_quantizer(ctx.cfg.for_layer(f"{name}.{layer}"))
+                                               for _ in range(levels)) for layer in layers)
 
-        head.conv_fq = table(len(head.conv), all(q.is_quantized for q in (b[0] for b in head.conv)))
-        head.cls_fq = table(1, head.cls_logits.is_quantized)
-        head.bbox_fq = table(1, head.bbox_pred.is_quantized)
+        head.conv_fq = table([f"conv.{d}.0" for d in range(len(head.conv))],
+                             all(q.is_quantized for q in (b[0] for b in head.conv)))
+        head.cls_fq = table(["cls_logits"], head.cls_logits.is_quantized)
+        head.bbox_fq = table(["bbox_pred"], head.bbox_pred.is_quantized)
         return head
 
 

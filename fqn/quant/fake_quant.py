@@ -112,10 +112,15 @@ class FakeQuantize(nn.Module):
         ch_axis: per-channel quantization along this axis, or None.
         role: ``"weight"`` (range recomputed from the current weight at every
             call) or ``"act"`` (range from the observer's accumulated statistics).
+        learnable: LSQ+ (``QuantConfig.learn_ranges``): once calibrated, the scale and the zero point
+            are the parameters ``lsq_scale``/``lsq_zero_point``, set from the calibrated range and
+            trained with LSQ's gradients (torch's learnable fake-quantize kernels, gradient scale
+            ``1/sqrt(numel * qmax)``); the ``scale``/``zero_point`` buffers mirror them (clamped,
+            rounded) for conversion and monitoring. Observing (calibration) resets them from data.
     """
 
     def __init__(self, observer: Observer, bits: int, *, symmetric: bool = False, ch_axis: int | None = None,
-                 num_channels: int = 1, role: str = "act") -> None:
+                 num_channels: int = 1, role: str = "act", learnable: bool = False) -> None:
         super().__init__()
         self.observer = observer
         self.bits = bits
@@ -129,6 +134,12 @@ class FakeQuantize(nn.Module):
         self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.tensor(0, dtype=torch.uint8))
         self.register_buffer("calibrated", torch.tensor(0, dtype=torch.uint8))
+        self.learnable = learnable
+        if learnable:
+            if symmetric:
+                raise ValueError("learned ranges are for asymmetric (activation) quantizers")
+            self.lsq_scale = nn.Parameter(torch.ones(n))
+            self.lsq_zero_point = nn.Parameter(torch.zeros(n))
         self._observe, self._quantize, self._calibrated = True, False, False
         self._export_fn: ExportFn | None = None
         self.register_load_state_dict_post_hook(refresh_after_load)
@@ -139,6 +150,8 @@ class FakeQuantize(nn.Module):
         An exporter gives the quantizer its graph form here instead of rebinding `fake_quantize` for the
         whole process: another model running meanwhile, in another thread, keeps quantizing as before.
         """
+        if self.learnable and self._calibrated:
+            self._mirror_learned()  # the graph is traced from the buffers: as the parameters stand now
         self._export_fn = fn
 
     @property
@@ -149,6 +162,14 @@ class FakeQuantize(nn.Module):
         self._observe = bool(self.observer_enabled)
         self._quantize = bool(self.fake_quant_enabled)
         self._calibrated = bool(self.calibrated)
+        if self.learnable and self._calibrated:
+            self._mirror_learned()
+
+    @torch.no_grad()
+    def _mirror_learned(self) -> None:
+        """The buffers as the learned parameters quantize: what conversion and the bias grid read."""
+        self.scale.copy_(self.lsq_scale.detach().clamp_min(_EPS))
+        self.zero_point.copy_(torch.round(self.lsq_zero_point.detach()).clamp(self.qmin, self.qmax).to(torch.int32))
 
     def enable_observer(self, on: bool = True) -> None:
         self.observer_enabled.fill_(int(on))
@@ -183,6 +204,10 @@ class FakeQuantize(nn.Module):
         scale, zp = calc_qparams(lb, ub, self.bits, self.symmetric, min_scale)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
+        if self.learnable:
+            with torch.no_grad():
+                self.lsq_scale.copy_(scale)
+                self.lsq_zero_point.copy_(zp.float())
         self.calibrated.fill_(1)
         self._calibrated = True
 
@@ -222,8 +247,34 @@ class FakeQuantize(nn.Module):
             raise RuntimeError(
                 f"this {self.role} quantizer has no range yet: run fqn.calibrate(model, batches, n) "
                 "before enabling fake quantization")
+        if self.learnable and not observed and self._export_fn is None:  # export: mirrored on entering it
+            self._mirror_learned()
+            return learned_fake_quantize(x, self.lsq_scale, self.lsq_zero_point, self.qmin, self.qmax,
+                                             self.ch_axis)
         fn = self._export_fn or fake_quantize
         return fn(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
+
+
+def learned_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                          axis: int | None = None) -> Tensor:
+    """Fake quantization with gradients for ``scale`` and the (float) ``zero_point`` too: LSQ+.
+
+    torch's learnable kernels: the forward rounds and clamps the zero point as the int8 model will;
+    ``x`` gets eq. 8's straight-through gradient (zero outside the range), the scale LSQ's
+    ``round(x/s) - x/s`` inside and the clamp level outside, both scaled by ``1/sqrt(numel * qmax)``
+    (LSQ's step-size gradient scale) so that a range moves at the pace of the weights.
+    """
+    xf = x.float()
+    grad_factor = 1.0 / (max(xf.numel(), 1) * qmax) ** 0.5
+    scale = scale.float().clamp_min(_EPS)
+    zero_point = zero_point.float()
+    if axis is None:
+        out = torch._fake_quantize_learnable_per_tensor_affine(xf, scale.reshape(1), zero_point.reshape(1), qmin,
+                                                               qmax, grad_factor)
+    else:
+        out = torch._fake_quantize_learnable_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax,
+                                                                grad_factor)
+    return out.to(x.dtype)
 
 
 BIAS_BOUND = 2**30

@@ -25,7 +25,7 @@ def act_quantizer(cfg: QuantConfig) -> FakeQuantize:
     """An activation quantizer (asymmetric, per tensor) with the observer the config asks for."""
     obs = make_activation_observer(cfg.activation_observer, gamma=cfg.gamma, momentum=cfg.ema_momentum,
                                    bits=cfg.bits_a, bins=cfg.histogram_bins)
-    return FakeQuantize(obs, cfg.bits_a, symmetric=False, role="act")
+    return FakeQuantize(obs, cfg.bits_a, symmetric=False, role="act", learnable=cfg.learn_ranges)
 
 
 def _maybe(fq_on: bool, cfg: QuantConfig) -> FakeQuantize | None:

@@ -41,6 +41,10 @@ class SwapContext:
     def is_float(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.cfg.keep_float)
 
+    def layer_cfg(self, name: str) -> QuantConfig | None:
+        """The config of module ``name``: None if kept float, else with its `QuantConfig.layer_bits` bit-width."""
+        return None if self.is_float(name) else self.cfg.for_layer(name)
+
     def conv_bn(self, name: str, conv: nn.Conv2d, bn: nn.Module | None, *, activation: nn.Module | None = None,
                 input_quant: bool = False, output_quant: bool = True) -> nn.Conv2d:
         """Swap conv(+BN)(+act): a `QuantConvBn2d` that trains ``W`` and folds BN at every step, frozen under F.
@@ -48,7 +52,7 @@ class SwapContext:
         A name kept float returns the conv itself if there is nothing to fuse, else a float `QuantConv2d`
         (folded BN, fused activation, no quantizers), since the quantized block no longer calls its BN.
         """
-        cfg = None if self.is_float(name) else self.cfg
+        cfg = self.layer_cfg(name)
         (self.kept_float if cfg is None else self.swapped).append(name)
         if cfg is None and bn is None and activation is None:
             return conv  # nothing to fuse: the float layer itself stays
@@ -63,7 +67,7 @@ class SwapContext:
 
     def linear(self, name: str, linear: nn.Linear, *, activation: nn.Module | None = None,
                input_quant: bool = False, output_quant: bool = True) -> QuantLinear:
-        cfg = None if self.is_float(name) else self.cfg
+        cfg = self.layer_cfg(name)
         (self.kept_float if cfg is None else self.swapped).append(name)
         if cfg is None and activation is None:
             return linear
@@ -254,3 +258,13 @@ def scope_summary(model: nn.Module) -> dict[str, int]:
 
 def is_prepared(model: nn.Module) -> bool:
     return any(isinstance(m, FakeQuantize) for m in model.modules())
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The quantized conv/linear layers of a prepared model, with their names, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear)) and m.is_quantized]
+
+
+def weight_bits(model: nn.Module) -> int:
+    """Bits of quantized weight storage of a prepared model, each layer at its own bit-width (mixed precision)."""
+    return sum(m.weight.numel() * m.weight_fq.bits for _, m in quantized_layers(model))

@@ -183,8 +183,12 @@ class DetectionModule(pl.LightningModule):
         batch = getattr(dm, "batch_size", hp.base_batch_size) * self.trainer.world_size
         total = batch * self.trainer.accumulate_grad_batches
         lr = hp.lr * total / hp.base_batch_size  # linear scaling rule (the paper: 0.004 at 16x2 images)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        ranges = [p for n, p in named if ".lsq_" in f".{n}"]  # learned ranges (LSQ+): no decay towards 0
+        groups = [{"params": [p for n, p in named if ".lsq_" not in f".{n}"]}]
+        if ranges:
+            groups.append({"params": ranges, "weight_decay": 0.0})
+        opt = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         steps = sorted(hp.lr_steps or [])
 
         def factor(step: int) -> float:

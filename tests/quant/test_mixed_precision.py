@@ -1,0 +1,126 @@
+"""Mixed precision: per-layer bit-widths (``QuantConfig.layer_bits``), the sensitivity that picks them, the file."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from fqn import QuantConfig, calibrate, prepare_qat
+from fqn.commands.analyze import choose_layer_bits, layer_sensitivity
+from fqn.int8 import convert_int8, load_int8
+from fqn.int8.convert import export_part, head_parity
+from fqn.models.faster_rcnn import float_proposals, head_outputs
+from fqn.quant.fake_quant import Phase, phase_of, quantizers
+from fqn.quant.prepare import quantized_layers, weight_bits
+
+HIGH = {"backbone.body.conv1": 8, "rpn.head.cls_logits": 8, "roi_heads.box_predictor.*": 8}
+
+
+@pytest.fixture(scope="module")
+def mixed(_float_detectors, scenes):
+    cfg = QuantConfig(bits_w=4, bits_a=4, layer_bits=HIGH)
+    model = prepare_qat(copy.deepcopy(_float_detectors["resnet18"]), cfg)
+    return calibrate(model, [[s] for s in scenes[:4]], 4, progress=False).eval()
+
+
+def test_matching_layers_and_their_outputs_take_the_high_bit_width(mixed):
+    bits = {n: q.bits for n, q in quantizers(mixed)}
+    high = {n for n, b in bits.items() if b == 8}
+    assert {"backbone.body.conv1.weight_fq", "backbone.body.conv1.act_fq", "backbone.body.conv1.input_fq",
+            "rpn.head.cls_logits.weight_fq", "roi_heads.box_predictor.cls_score.weight_fq",
+            "roi_heads.box_predictor.bbox_pred.act_fq"} <= high
+    assert {f"rpn.head.cls_fq.0.{i}" for i in range(5)} <= high  # the shared head's per-level outputs
+    assert not any(n.startswith(("backbone.body.layer", "rpn.head.bbox", "backbone.fpn")) for n in high)
+    assert bits["rpn.head.bbox_pred.weight_fq"] == 4 and bits["backbone.body.layer1.0.conv1.weight_fq"] == 4
+    qmin, qmax = mixed.backbone.body.conv1.weight_fq.qmin, mixed.backbone.body.conv1.weight_fq.qmax
+    assert (qmin, qmax) == (-127, 127)
+    assert weight_bits(mixed) == sum(m.weight.numel() * (8 if n in ("backbone.body.conv1", "rpn.head.cls_logits")
+                                                         or n.startswith("roi_heads.box_predictor") else 4)
+                                     for n, m in quantized_layers(mixed))
+    assert QuantConfig.from_dict(mixed.fqn_config.to_dict()) == mixed.fqn_config
+
+
+def test_int8_file_keeps_each_layer_at_its_own_width(mixed, scenes, tmp_path):
+    deploy = convert_int8(mixed, tmp_path / "mixed.onnx", scenes[:1])
+    packed = convert_int8(mixed, tmp_path / "mixed.int4.onnx", scenes[:1], pack_int4=True)
+    proto = onnx.load(str(deploy))
+    codes = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer
+             if i.data_type == onnx.TensorProto.INT8 and len(i.dims) in (2, 4)}
+    conv1 = next(a for n, a in codes.items() if "body/conv1" in n)
+    w = mixed.backbone.body.conv1
+    with torch.no_grad():  # the hand-computed 8-bit codes of the folded weight
+        wf = w.folded_weight() if hasattr(w, "folded_weight") else w.weight
+        scale = wf.detach().abs().amax(dim=(1, 2, 3)) / 127
+        expect = torch.round(wf / scale[:, None, None, None]).clamp(-127, 127).numpy().astype(np.int8)
+    assert np.abs(conv1.astype(int) - expect.astype(int)).max() <= 1
+    assert np.abs(conv1).max() > 7  # not clamped to 4 bits
+    layer1 = [a for n, a in codes.items() if "layer1" in n]
+    assert layer1 and all(np.abs(a).max() <= 7 for a in layer1)
+    stored = onnx.load(str(packed))
+    types = {i.name: i.data_type for i in stored.graph.initializer if len(i.dims) == 4}
+    assert any(t == onnx.TensorProto.INT4 for t in types.values())
+    assert any(t == onnx.TensorProto.INT8 and "body/conv1" in n for n, t in types.items())
+    assert packed.stat().st_size < 0.65 * deploy.stat().st_size
+    a, b = (load_int8(p, threads=1)(scenes[6:8]) for p in (deploy, packed))
+    for da, db in zip(a, b):
+        assert all(torch.equal(da[k], db[k]) for k in ("boxes", "scores", "labels"))
+    path = export_part(mixed, "heads", tmp_path / "heads.onnx", scenes[0])
+    parity = head_parity(mixed, path, scenes[6:8], threads=1)
+    assert parity["within_1_step"] > 0.85, parity
+
+
+def test_sensitivity_measures_each_layer_alone_and_the_choice_fits_the_budget(float_detector, scenes):
+    model = calibrate(prepare_qat(float_detector(), QuantConfig(bits_w=4, bits_a=4)), [[s] for s in scenes[:2]], 2,
+                      progress=False)
+    images = list(scenes[2:3])
+    ranking = layer_sensitivity(model, images, mode="only")
+    rows = {r["layer"]: r for r in ranking}
+    assert {n for n, _ in quantized_layers(model)} <= set(rows)
+    assert all(r["noise"] > 0 for r in ranking) and ranking == sorted(ranking, key=lambda r: -r["cost_db"])
+    # the last layer by hand: only the class logits change (float proposals, float box features); the weight
+    # per-channel symmetric 4-bit, the bias float (its input grid is float here), the output on its own range
+    pred = model.roi_heads.box_predictor.cls_score
+    with torch.no_grad(), phase_of(model, Phase.FLOAT):
+        props = float_proposals(model, images)
+        n_outputs = len(head_outputs(model, images, props))
+        batch, _ = model.transform(images)
+        feats = model.backbone(batch.tensors)
+        heads = model.roi_heads
+        x = heads.box_head(heads.box_roi_pool(feats, props, batch.image_sizes))
+        y = x @ pred.weight.T + pred.bias
+        s_w = (pred.weight.abs().amax(1) / 7).clamp_min(torch.finfo(torch.float32).eps)
+        wq = torch.fake_quantize_per_channel_affine(pred.weight, s_w, torch.zeros(len(s_w), dtype=torch.int32), 0,
+                                                    -7, 7)
+        out = pred.act_fq
+        yq = torch.fake_quantize_per_tensor_affine(x @ wq.T + pred.bias, out.scale.item(),
+                                                   int(out.zero_point.item()), out.qmin, out.qmax)
+    hand = float((yq - y).pow(2).sum() / y.pow(2).sum()) / n_outputs  # the other outputs are exact
+    assert rows["roi_heads.box_predictor.cls_score"]["noise"] == pytest.approx(hand, rel=1e-3)
+    assert rows["roi_heads.box_predictor.cls_score"]["weights"] == pred.weight.numel()
+    bits = choose_layer_bits(ranking, budget=0.1)
+    total = sum(r["weights"] for r in ranking) * 4
+    assert bits and sum(rows[n]["weights"] * 4 for n in bits) <= 0.1 * total
+    assert choose_layer_bits(ranking, budget=0.0) == {}
+    toy = [{"layer": "a", "weights": 100, "noise": 1.0, "mode": "only"},
+           {"layer": "b", "weights": 10, "noise": 0.5, "mode": "only"},
+           {"layer": "c", "weights": 10, "noise": 0.01, "mode": "only"},
+           {"layer": "add", "weights": 0, "noise": 0.2, "mode": "only"}]
+    assert choose_layer_bits(toy, budget=40 / 480) == {"b": 8}  # most noise per added bit first: b
+    assert choose_layer_bits(toy, budget=1.0) == {"a": 8, "b": 8, "c": 8}
+    with pytest.raises(ValueError, match="only"):
+        choose_layer_bits(layer_sensitivity(model, images[:1])[:2])  # a keep_float ranking
+
+
+def test_layer_bits_are_validated():
+    with pytest.raises(ValueError, match="layer_bits"):
+        QuantConfig(layer_bits={"backbone.*": 16})
+    with pytest.raises(ValueError, match="layer_bits"):
+        QuantConfig(layer_bits=["backbone.*"])
+    cfg = QuantConfig(bits_w=4, bits_a=4, layer_bits={"a.*": 8, "a.b": 6})
+    assert cfg.for_layer("a.b").bits_w == 8 and cfg.for_layer("c").bits_w == 4  # the first pattern wins
+    assert cfg.flags == "FPC+mixed"
