@@ -8,6 +8,7 @@ rebuilt from there, so conversion and evaluation never depend on CLI flags.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,8 @@ class QuantConfig:
         layer_bits: mixed precision: ``{pattern: bits}``, layers whose name matches an
             ``fnmatch`` pattern quantized at that bit-width (weights and the activations the
             layer produces) instead of ``bits_w``/``bits_a``; the first matching pattern wins.
-            ``tools/mixed_precision.py`` picks them from a measured layer sensitivity.
+            ``fqn ablate --table beyond`` picks them from a measured layer sensitivity
+            (`fqn.commands.analyze.choose_layer_bits`).
 
     Example:
         >>> cfg = QuantConfig(bits_w=4, bits_a=4)
@@ -132,8 +134,6 @@ class QuantConfig:
 
     def for_layer(self, name: str) -> QuantConfig:
         """The config of the layer called ``name``: its `layer_bits` bit-width if a pattern matches, else this one."""
-        import fnmatch
-
         bits = next((b for p, b in self.layer_bits.items() if fnmatch.fnmatchcase(name, p)), None)
         if bits is None or (bits == self.bits_w and bits == self.bits_a):
             return self
