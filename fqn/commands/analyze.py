@@ -263,6 +263,8 @@ def choose_layer_bits(ranking: Sequence[dict[str, Any]], *, low: int = 4, high: 
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0:
         raise ValueError(f"budget must be >= 0 (a fraction of the low-bit weight storage), got {budget!r}")
+    if low >= high:
+        raise ValueError(f"mixed precision raises layers from low to high bits; got low={low}, high={high}")
     if any(r.get("mode") != "only" for r in ranking):
         raise ValueError("choose_layer_bits needs the one-layer-at-a-time ranking: layer_sensitivity(mode='only')")
     weighted = [r for r in ranking if r["weights"] > 0]

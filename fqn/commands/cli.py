@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from fqn.commands.config_files import ConfigError, expand_config_bases, load_config, read_config_chain
 
@@ -120,6 +121,10 @@ def analyze_main(argv: list[str]) -> None:
     parser.add_argument("--images", type=int, default=4, help="validation images to analyse")
     parser.add_argument("--plot-layers", nargs="*", help="layers to draw (default: the 4 worst)")
     parser.add_argument("--sensitivity", action="store_true", help="also rank layers by keeping each one float")
+    parser.add_argument("--layer-bits", type=float, metavar="BUDGET",
+                        help="mixed precision: quantize each layer alone, rank them, and write the quant.layer_bits "
+                        "(8-bit layers) whose added weight bits fit BUDGET, a fraction of the low-bit weight storage "
+                        "(e.g. 0.25), to OUT/layer_bits.yaml for a fit config")
     parser.add_argument("--int8", nargs="?", const="", metavar="ONNX",
                         help="compare the int8 model's activations (ONNX Runtime integer kernels) instead of the "
                         "fake-quant ones; ONNX: a file `fqn convert` wrote from this checkpoint (default: convert "
@@ -156,11 +161,33 @@ def analyze_main(argv: list[str]) -> None:
         prediction = load_int8(int8)([images[0]])[0]
     else:
         prediction = model.eval()([images[0]])[0]
+    if a.layer_bits is not None:
+        _write_layer_bits(model, images, a.layer_bits, pathlib.Path(a.out))
     source = f"int8 model {int8}" if int8 else "fake-quant model"
     out = analyze.write_report(a.out, stats, pictures, images[0], pairs[0][1], prediction, ranking,
                                data.class_names, source=source)
     print(analyze.report_markdown(stats, ranking, source=source))
     print(f"pictures and tables: {out}; TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+
+
+def _write_layer_bits(model: Any, images: list, budget: float, out: Path) -> None:
+    """`choose_layer_bits` on a one-layer-at-a-time ranking, as a ``layer_bits:`` block to paste into a config."""
+    import yaml
+
+    from fqn.commands import analyze
+
+    cfg = model.fqn_config
+    if min(cfg.bits_w, cfg.bits_a) >= 8:
+        raise SystemExit("fqn analyze --layer-bits: this checkpoint is already 8-bit; mixed precision raises the "
+                         "layers of a lower-bit (e.g. w4a4) model to 8 bits")
+    ranking = analyze.layer_sensitivity(model, images, mode="only", progress=True)
+    bits = analyze.choose_layer_bits(ranking, low=min(cfg.bits_w, cfg.bits_a), high=8, budget=budget)
+    out.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump({"layer_bits": bits}, sort_keys=False)
+    (out / "layer_bits.yaml").write_text(f"# fqn analyze --layer-bits {budget}: the layers that quantized alone at "
+                                         f"{cfg.bits_w} bits add the most output noise per weight bit\n{text}")
+    print(f"mixed precision, {len(bits)} layers at 8 bits within {budget:g} of the {cfg.bits_w}-bit weight storage "
+          f"(model.quant.layer_bits, also in {out / 'layer_bits.yaml'}):\n{text}")
 
 
 def _data_module(config: str | None, num_val: int | None):

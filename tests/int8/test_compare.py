@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from fqn import QuantConfig, calibrate, prepare_qat
 from fqn.commands.cli import main
 from fqn.commands.compare import ROW_FIELDS, run_compare
 from fqn.int8 import load_int8
 from fqn.models import build_detector
+from fqn.models.checkpoint import load_detector
 
 from ..train.tiny import DETECTOR, SIZE, tiny_data
 
@@ -99,9 +101,16 @@ def test_convert_cli_qat_ptq_and_bad_input(checkpoints, tmp_path, capsys):
 
 def test_analyze_cli_writes_its_report(checkpoints, tmp_path, capsys):
     float_ckpt, qat_ckpt = checkpoints
-    assert main(["analyze", str(qat_ckpt), "--out", str(tmp_path / "an"), "--images", "1"]) == 0
+    assert main(["analyze", str(qat_ckpt), "--out", str(tmp_path / "an"), "--images", "1",
+                 "--layer-bits", "0.2"]) == 0
     assert (tmp_path / "an" / "report.md").is_file() and (tmp_path / "an" / "maps_average.png").is_file()
-    assert "| layer | SQNR dB |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| layer | SQNR dB |" in printed and "layers at 8 bits within 0.2" in printed
+    layer_bits = yaml.safe_load((tmp_path / "an" / "layer_bits.yaml").read_text())["layer_bits"]
+    model, _ = load_detector(qat_ckpt)  # the file is a valid config value naming real layers
+    modules = dict(model.named_modules())
+    assert layer_bits and all(modules[n].weight_fq is not None and b == 8 for n, b in layer_bits.items())
+    QuantConfig(**{**model.fqn_config.to_dict(), "layer_bits": layer_bits})
     # against the int8 model: converted on the fly, every image-aligned layer found in the file
     assert main(["analyze", str(qat_ckpt), "--out", str(tmp_path / "i8"), "--images", "1", "--int8"]) == 0
     assert (tmp_path / "i8" / "model_int8.onnx").is_file()

@@ -106,6 +106,8 @@ def test_sensitivity_measures_each_layer_alone_and_the_choice_fits_the_budget(fl
     total = sum(r["weights"] for r in ranking) * 4
     assert bits and sum(rows[n]["weights"] * 4 for n in bits) <= 0.1 * total
     assert choose_layer_bits(ranking, budget=0.0) == {}
+    with pytest.raises(ValueError, match="low"):
+        choose_layer_bits(ranking, low=8)
     toy = [{"layer": "a", "weights": 100, "noise": 1.0, "mode": "only"},
            {"layer": "b", "weights": 10, "noise": 0.5, "mode": "only"},
            {"layer": "c", "weights": 10, "noise": 0.01, "mode": "only"},
