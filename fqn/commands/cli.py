@@ -115,8 +115,13 @@ def analyze_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="fqn analyze", description="per-layer activation error of a quantized checkpoint against its float "
         "phase: ranked table, channel-max / error maps, hexbin plots, layer sensitivity")
-    parser.add_argument("checkpoint", help="a QAT checkpoint")
+    parser.add_argument("checkpoint", help="a QAT checkpoint (a float one needs --ptq-bits)")
     parser.add_argument("--out", required=True, help="folder for the PNGs, report.md, layers.json, TensorBoard")
+    parser.add_argument("--ptq-bits", type=int, choices=range(2, 9), metavar="{2..8}",
+                        help="post-training quantize a float checkpoint at this bit-width first (e.g. 4 with "
+                        "--layer-bits: pick the 8-bit layers before any QAT)")
+    _add_ptq_arguments(parser)
+    parser.add_argument("--n-cal", type=int, default=20, help="calibration batches (PTQ)")
     parser.add_argument("--config", help="training config whose data: section gives the images")
     parser.add_argument("--images", type=int, default=4, help="validation images to analyse")
     parser.add_argument("--plot-layers", nargs="*", help="layers to draw (default: the 4 worst)")
@@ -134,11 +139,8 @@ def analyze_main(argv: list[str]) -> None:
     import pathlib
 
     from fqn.commands import analyze
-    from fqn.models.checkpoint import load_detector
 
-    model, _ = load_detector(a.checkpoint)
-    if getattr(model, "fqn_config", None) is None:
-        raise ValueError(f"{a.checkpoint} is a float checkpoint; analyze a quantized (QAT) one")
+    model, _ = _quantized_model(a, "fqn analyze", "analyze", 4)
     data = _data_module(a.config, None)
     data.setup("validate")
     pairs = list(itertools.islice(((img, t) for b in data.val_dataloader() for img, t in zip(*b)),
@@ -190,6 +192,27 @@ def _write_layer_bits(model: Any, images: list, budget: float, out: Path) -> Non
           f"(model.quant.layer_bits, also in {out / 'layer_bits.yaml'}):\n{text}")
 
 
+def _quantized_model(args: argparse.Namespace, prog: str, verb: str, example_bits: int) -> tuple[Any, dict]:
+    """The quantized model of ``args.checkpoint``: a QAT checkpoint as it is, a float one post-training quantized
+    with the PTQ options (``--ptq-bits``, ``--calibration``, ``--bias-correction``, ``--n-cal``, ``--config``)."""
+    from fqn.models.checkpoint import load_detector
+
+    model, hp = load_detector(args.checkpoint)
+    quantized = getattr(model, "fqn_config", None) is not None
+    if quantized and args.ptq_bits:
+        raise SystemExit(f"{prog}: --ptq-bits needs a float checkpoint; this one is already quantized")
+    if not quantized and not args.ptq_bits:
+        raise SystemExit(f"{prog}: {args.checkpoint} is a float-only checkpoint: {verb} a QAT checkpoint, "
+                         f"or add --ptq-bits {example_bits} to post-training quantize it first")
+    if args.ptq_bits:
+        from fqn.ptq import post_training_quantize, ptq_config
+
+        cfg = ptq_config(args.ptq_bits, args.calibration, n_cal=args.n_cal)
+        batches = _data_module(args.config, None).calibration_batches(args.n_cal)
+        model = post_training_quantize(model, batches, cfg, bias_correction=args.bias_correction)
+    return model, hp
+
+
 def _data_module(config: str | None, num_val: int | None):
     """The data of a training config (default: the synthetic set), un-augmented, told the model's head size."""
     from fqn.data.datamodule import DetectionDataModule
@@ -225,21 +248,8 @@ def convert_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     from fqn.data.synthetic import synthetic_scenes
     from fqn.int8 import convert_int8
-    from fqn.models.checkpoint import load_detector
 
-    model, hp = load_detector(args.checkpoint)
-    quantized = getattr(model, "fqn_config", None) is not None
-    if quantized and args.ptq_bits:
-        raise SystemExit("fqn convert: --ptq-bits needs a float checkpoint; this one is already quantized")
-    if not quantized and not args.ptq_bits:
-        raise SystemExit(f"fqn convert: {args.checkpoint} is a float-only checkpoint: convert a QAT checkpoint, "
-                         "or add --ptq-bits 8 to post-training quantize it first")
-    if args.ptq_bits:
-        from fqn.ptq import post_training_quantize, ptq_config
-
-        cfg = ptq_config(args.ptq_bits, args.calibration, n_cal=args.n_cal)
-        batches = _data_module(args.config, None).calibration_batches(args.n_cal)
-        model = post_training_quantize(model, batches, cfg, bias_correction=args.bias_correction)
+    model, hp = _quantized_model(args, "fqn convert", "convert", 8)
     example = synthetic_scenes(1, hp["min_size"])
     cfg = model.fqn_config
     meta = {"source": str(args.checkpoint)}

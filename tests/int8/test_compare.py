@@ -116,5 +116,10 @@ def test_analyze_cli_writes_its_report(checkpoints, tmp_path, capsys):
     assert (tmp_path / "i8" / "model_int8.onnx").is_file()
     saved = json.loads((tmp_path / "i8" / "layers.json").read_text())
     assert saved["source"].startswith("int8 model") and len(saved["layers"]) >= 20
-    with pytest.raises(SystemExit, match="float checkpoint"):
+    with pytest.raises(SystemExit, match="float-only checkpoint"):
         main(["analyze", str(float_ckpt), "--out", str(tmp_path / "f")])
+    with pytest.raises(SystemExit, match="already quantized"):
+        main(["analyze", str(qat_ckpt), "--out", str(tmp_path / "f"), "--ptq-bits", "4"])
+    assert main(["analyze", str(float_ckpt), "--out", str(tmp_path / "p"), "--images", "1", "--ptq-bits", "4",
+                 "--n-cal", "1", "--calibration", "percentile"]) == 0
+    assert json.loads((tmp_path / "p" / "layers.json").read_text())["layers"]
