@@ -47,10 +47,12 @@ def test_tables_have_the_papers_rows():
     cal = table_rows("calibration", 400)
     assert [r.qat for r in cal] == [False] * 3 + [True] * 3 and cal[2].quant["act_observer"] == "histogram"
     beyond = table_rows("beyond", 400)
-    assert [r.name for r in beyond] == ["FQN (F+P+C)", "+ learned ranges (LSQ+)", "+ distillation",
-                                        "+ mixed precision", "+ all three"]
-    assert beyond[1].quant == {"learn_ranges": True} and beyond[2].module["distill"]["cls"] > 0
-    assert beyond[3].mixed_budget and beyond[4].quant and beyond[4].module and beyond[4].mixed_budget
+    assert [r.name for r in beyond] == ["FQN (F+P+C)", "+ learned ranges (LSQ+)",
+                                        "+ learned ranges (LSQ+), range LR x100", "+ distillation",
+                                        "+ mixed precision", "+ all three", "+ all three, range LR x100"]
+    assert beyond[1].quant == {"learn_ranges": True} and beyond[2].module == {"range_lr_scale": 100.0}
+    assert beyond[3].module["distill"]["cls"] > 0 and beyond[4].mixed_budget and not beyond[4].quant
+    assert all(r.quant and r.module and r.mixed_budget for r in beyond[5:])
     with pytest.raises(ValueError, match="unknown table"):
         table_rows("nope", 1)
 

@@ -55,6 +55,24 @@ def test_qat_4bit_calibrates_logs_ptq_and_trains(float_ckpt, tmp_path):
     assert "val/AP50" in trainer.callback_metrics
 
 
+def test_learned_ranges_train_at_their_own_learning_rate_without_decay(float_ckpt, tmp_path):
+    cfg = QuantConfig(bits_w=4, bits_a=4, n_cal=2, learn_ranges=True)
+    model = tiny_module(quant=cfg, init_from=str(float_ckpt), ptq_eval=False, range_lr_scale=50.0)
+    trainer = tiny_trainer(str(tmp_path), max_steps=2, limit_val_batches=0)
+    trainer.fit(model, tiny_data())
+    weights, ranges = trainer.optimizers[0].param_groups
+    assert ranges["lr"] == pytest.approx(50.0 * weights["lr"]) and ranges["weight_decay"] == 0.0
+    assert weights["weight_decay"] > 0
+    lsq = {id(p) for n, p in model.named_parameters() if ".lsq_" in n}
+    assert {id(p) for p in ranges["params"]} == lsq and not lsq & {id(p) for p in weights["params"]}
+    # the buffers mirror the ranges of the last forward: the last optimizer step moved most ranges after it
+    mirrored = [fq.scale.clone() for _, fq in quantizers(model.model, "act")]
+    learned = [fq.lsq_scale.detach() for _, fq in quantizers(model.model, "act")]
+    assert sum(not torch.equal(a, b) for a, b in zip(mirrored, learned)) > len(learned) // 2
+    with pytest.raises(ValueError, match="range_lr_scale"):
+        tiny_module(range_lr_scale=0)
+
+
 def test_qat_without_p_updates_ema_in_training_and_not_in_validation(float_ckpt, tmp_path):
     cfg = QuantConfig(bits_w=8, bits_a=8, n_cal=1, percentile=False, freeze_bn=False)
     model = tiny_module(quant=cfg, init_from=str(float_ckpt))
