@@ -255,12 +255,16 @@ def head_outputs(model: nn.Module, images: list[Tensor], proposals: list[Tensor]
     return out
 
 
-def float_proposals(model: nn.Module, images: list[Tensor]) -> list[Tensor]:
-    """The RPN's proposals for ``images`` in ``model``'s current phase (the float phase for a reference), eval mode."""
+def float_proposals(model: nn.Module, images: list[Tensor], max_per_image: int | None = 100) -> list[Tensor]:
+    """The RPN's proposals for ``images`` in ``model``'s current phase (the float phase for a reference), eval mode.
+
+    The best ``max_per_image`` (the RPN returns them by decreasing objectness): the box head's cost per run
+    grows with the RoIs, and the top ones are those that become detections.
+    """
     model.eval()
     batch, _ = model.transform(images)
     proposals, _ = model.rpn(batch, model.backbone(batch.tensors))
-    return proposals
+    return [p[:max_per_image] for p in proposals] if max_per_image is not None else proposals
 
 
 def _probe(model: nn.Module, size: int = 128) -> None:
