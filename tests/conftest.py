@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -11,6 +12,24 @@ from fqn.data.synthetic import synthetic_scenes
 from fqn.models import build_detector, recalibrate_bn
 
 SIZE = 128
+
+
+def _one_core_per_worker() -> None:
+    """Under pytest-xdist, each worker (and every process it starts) uses its share of the cores.
+
+    Two workers on two cores, each running torch's default of one thread per core, oversubscribe
+    the machine: OpenMP threads spin waiting for a core the other worker holds. The share goes to
+    the environment too, so the `fqn` subprocesses and ONNX Runtime sessions the tests start keep it.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(share)
+        torch.set_num_threads(share)
+
+
+_one_core_per_worker()
 
 
 @pytest.fixture(scope="session")
