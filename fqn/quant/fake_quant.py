@@ -89,6 +89,13 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     """Quantize-dequantize ``x`` (per tensor if ``axis`` is None, else per channel along ``axis``)."""
     if axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # evaluation, calibration, export: the same kernel, without the backward's mask (measured: about a
+        # third of a fake-quant detector's evaluation time went to computing masks nothing reads)
+        xf = x.float()
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(xf, scale, zero_point, qmin, qmax).to(x.dtype)
+        return torch.fake_quantize_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax).to(x.dtype)
     return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax, axis)
 
 

@@ -17,6 +17,28 @@ def finished(ckpt: Path, steps: int) -> bool:
     return int(state.get("global_step", 0)) >= steps
 
 
+def _plain(value: Any) -> str:
+    """A comparable form of a setting (QuantConfig, tuple/list, dict, path) as a checkpoint stores it."""
+    import json
+
+    from fqn.config import QuantConfig
+
+    if isinstance(value, QuantConfig):
+        value = value.to_dict()
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def changed_settings(ckpt: Path, module_kw: dict[str, Any]) -> list[str]:
+    """The settings in ``module_kw`` that ``ckpt`` was trained with differently: reusing or resuming such
+    a run would silently mix two experiments (or fail later, when a changed architecture meets it)."""
+    from fqn.config import QuantConfig
+
+    hparams = dict(torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {}))
+    if isinstance(hparams.get("quant"), dict):  # an older checkpoint lacks newer fields: compare with defaults
+        hparams["quant"] = QuantConfig.from_dict(hparams["quant"])
+    return [k for k, v in module_kw.items() if k in hparams and _plain(hparams[k]) != _plain(v)]
+
+
 def train_run(name: str, out: str | Path, steps: int, data: Any, module_kw: dict[str, Any], *,
               trainer_kw: dict[str, Any] | None = None, tag: str = "fqn") -> Path:
     """Train ``DetectionModule(**module_kw)`` for ``steps`` steps into ``out/name/last.ckpt``; returns it.
@@ -34,6 +56,10 @@ def train_run(name: str, out: str | Path, steps: int, data: Any, module_kw: dict
     out = Path(out)
     ckpt_dir = out / name
     last = ckpt_dir / "last.ckpt"
+    changed = changed_settings(last, module_kw) if last.is_file() else []
+    if changed:
+        raise ValueError(f"{last} was trained with other settings ({', '.join(changed)}) than this run asks for; "
+                         f"use another output folder, or delete {ckpt_dir} to train it again")
     if finished(last, steps):
         print(f"[{tag}] {name}: reusing {last}", flush=True)
         return last

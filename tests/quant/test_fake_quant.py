@@ -196,3 +196,20 @@ def test_bias_goes_onto_the_int32_accumulator_grid_with_a_straight_through_gradi
     assert not torch.allclose(hand_bias, conv.bias.detach().double())  # the rounding is visible
     y.sum().backward()
     assert torch.allclose(conv.bias.grad, torch.full((5,), 2 * 6 * 6.0))  # d(sum)/d(bias) = N*H*W, unmasked
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_the_no_grad_path_quantizes_exactly_as_the_training_path(axis):
+    """Evaluation skips the backward's mask; its output must be the training forward's, bit for bit."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5) * 3
+    scale = torch.tensor([0.05, 0.2, 0.5]) if axis is not None else torch.tensor(0.1)
+    zp = torch.tensor([3, 7, 12], dtype=torch.int32) if axis is not None else torch.tensor(5, dtype=torch.int32)
+    trained = fake_quantize(x.clone().requires_grad_(), scale, zp, 0, 15, axis=axis)
+    assert trained.grad_fn is not None  # the STE
+    with torch.no_grad():
+        evaluated = fake_quantize(x.clone().requires_grad_(), scale, zp, 0, 15, axis=axis)
+    plain = fake_quantize(x, scale, zp, 0, 15, axis=axis)
+    assert evaluated.grad_fn is None and torch.equal(evaluated, trained.detach()) and torch.equal(plain, evaluated)
+    half = fake_quantize(x.half(), scale, zp, 0, 15, axis=axis)
+    assert half.dtype == torch.float16 and torch.equal(half, trained.detach().half())
