@@ -11,8 +11,8 @@ from fqn.commands.quickstart import QuickstartConfig, _train, run_quickstart
 
 
 def test_tiny_quickstart_runs_and_reuses_its_checkpoints(tmp_path, capsys):
-    cfg = QuickstartConfig(out=str(tmp_path / "qs"), size=96, float_steps=2, qat_steps=1, qat_bits=(4,), batch_size=2,
-                           num_val=2, n_cal=1, peers=("ort",), runs=1)
+    cfg = QuickstartConfig(out=str(tmp_path / "qs"), size=96, float_steps=2, qat_steps=1, qat_bits=(4,), ptq_bits=(4,),
+                           batch_size=2, num_val=2, n_cal=1, peers=("ort",), runs=1)
     out = run_quickstart(cfg)
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [(r["name"], r["runtime"]) for r in rows] == [
