@@ -1,6 +1,6 @@
 """``fqn quickstart``: the whole story on the embedded synthetic data, on a CPU, in about 15 minutes.
 
-float training (reused when already done) -> fqn QAT at 8 and 4 bits -> fqn PTQ at 8 and 4 bits
+float training (reused when already done) -> fqn QAT at 4 bits -> fqn PTQ at 8 and 4 bits
 -> int8 ONNX files -> the comparison table with the ORT and torchao peers. Everything lands in
 one folder: checkpoints, TensorBoard runs, the int8 files and ``compare/compare.json``. An
 interrupted quickstart resumes each training run from its ``last.ckpt``.

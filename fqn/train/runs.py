@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 
-def finished(ckpt: Path, steps: int) -> bool:
-    """True when ``ckpt`` exists and was written at or after ``steps`` training steps."""
+def _stored(ckpt: Path) -> dict[str, Any]:
+    """What a run's checkpoint records about the run (its step and hyper-parameters); empty without one."""
     if not ckpt.is_file():
-        return False
+        return {}
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    return int(state.get("global_step", 0)) >= steps
+    return {"global_step": int(state.get("global_step", 0)), "hyper_parameters": state.get("hyper_parameters", {})}
 
 
 def _plain(value: Any) -> str:
@@ -28,12 +28,13 @@ def _plain(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def changed_settings(ckpt: Path, module_kw: dict[str, Any]) -> list[str]:
+def changed_settings(ckpt: Path, module_kw: dict[str, Any], stored: dict[str, Any] | None = None) -> list[str]:
     """The settings in ``module_kw`` that ``ckpt`` was trained with differently: reusing or resuming such
-    a run would silently mix two experiments (or fail later, when a changed architecture meets it)."""
+    a run would silently mix two experiments (or fail later, when a changed architecture meets it).
+    ``stored``: the checkpoint's record when the caller has read it already (`_stored`)."""
     from fqn.config import QuantConfig
 
-    hparams = dict(torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {}))
+    hparams = dict((stored if stored is not None else _stored(ckpt)).get("hyper_parameters", {}))
     if isinstance(hparams.get("quant"), dict):  # an older checkpoint lacks newer fields: compare with defaults
         hparams["quant"] = QuantConfig.from_dict(hparams["quant"])
     return [k for k, v in module_kw.items() if k in hparams and _plain(hparams[k]) != _plain(v)]
@@ -56,11 +57,12 @@ def train_run(name: str, out: str | Path, steps: int, data: Any, module_kw: dict
     out = Path(out)
     ckpt_dir = out / name
     last = ckpt_dir / "last.ckpt"
-    changed = changed_settings(last, module_kw) if last.is_file() else []
+    stored = _stored(last)  # read once: a float checkpoint with its optimizer state is hundreds of MB
+    changed = changed_settings(last, module_kw, stored)
     if changed:
         raise ValueError(f"{last} was trained with other settings ({', '.join(changed)}) than this run asks for; "
                          f"use another output folder, or delete {ckpt_dir} to train it again")
-    if finished(last, steps):
+    if stored.get("global_step", 0) >= steps:
         print(f"[{tag}] {name}: reusing {last}", flush=True)
         return last
     resume = str(last) if last.is_file() else None
