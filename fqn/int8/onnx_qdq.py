@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fqn.quant.fake_quant import quantizers
+from fqn.quant.fake_quant import quantize_dequantize, quantizers
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ class _ExportQDQ(torch.autograd.Function):
         s = torch.tensor(scale, dtype=torch.float32, device=x.device)
         z = torch.tensor(zero_point, dtype=torch.int32, device=x.device)
         if axis is None:
-            return torch.fake_quantize_per_tensor_affine(x.float(), s.reshape(()), z.reshape(()), qmin, qmax)
-        return torch.fake_quantize_per_channel_affine(x.float(), s, z, axis, qmin, qmax)
+            s, z = s.reshape(()), z.reshape(())
+        return quantize_dequantize(x.float(), s, z, qmin, qmax, axis)
 
     @staticmethod
     def symbolic(g: Any, x: Any, scale: tuple, zero_point: tuple, qmin: int, qmax: int, axis: int | None) -> Any:

@@ -55,6 +55,15 @@ def calc_qparams(lb: Tensor, ub: Tensor, bits: int, symmetric: bool,
     return scale, zero_point
 
 
+def quantize_dequantize(xf: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                        axis: int | None) -> Tensor:
+    """torch's fake-quantize kernel on float32 ``xf``, per tensor (0-d qparams) or per channel along ``axis``:
+    the one forward the training STE, the gradient-free path and the ONNX export share."""
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(xf, scale, zero_point, qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax)
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Fused fake quantization forward, eq. 8 mask backward.
 
@@ -67,11 +76,10 @@ class _FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
         xf = x.float()
         inv_scale = 1.0 / scale
+        out = quantize_dequantize(xf, scale, zero_point, qmin, qmax, axis)
         if axis is None:
-            out = torch.fake_quantize_per_tensor_affine(xf, scale, zero_point, qmin, qmax)
             code = torch.round(xf * inv_scale) + zero_point
         else:
-            out = torch.fake_quantize_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax)
             shape = [1] * x.dim()
             shape[axis] = -1
             code = torch.round(xf * inv_scale.reshape(shape)) + zero_point.reshape(shape)
@@ -92,10 +100,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     if not (torch.is_grad_enabled() and x.requires_grad):
         # evaluation, calibration, export: the same kernel, without the backward's mask (measured: about a
         # third of a fake-quant detector's evaluation time went to computing masks nothing reads)
-        xf = x.float()
-        if axis is None:
-            return torch.fake_quantize_per_tensor_affine(xf, scale, zero_point, qmin, qmax).to(x.dtype)
-        return torch.fake_quantize_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax).to(x.dtype)
+        return quantize_dequantize(x.float(), scale, zero_point, qmin, qmax, axis).to(x.dtype)
     return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax, axis)
 
 
