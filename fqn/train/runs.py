@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 
-def _stored(ckpt: Path) -> dict[str, Any]:
+def stored_run(ckpt: Path) -> dict[str, Any]:
     """What a run's checkpoint records about the run (its step and hyper-parameters); empty without one."""
     if not ckpt.is_file():
         return {}
@@ -28,13 +28,13 @@ def _plain(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def changed_settings(ckpt: Path, module_kw: dict[str, Any], stored: dict[str, Any] | None = None) -> list[str]:
-    """The settings in ``module_kw`` that ``ckpt`` was trained with differently: reusing or resuming such
-    a run would silently mix two experiments (or fail later, when a changed architecture meets it).
-    ``stored``: the checkpoint's record when the caller has read it already (`_stored`)."""
+def changed_settings(stored: dict[str, Any], module_kw: dict[str, Any]) -> list[str]:
+    """The settings in ``module_kw`` that a run (its `stored_run` record) was trained with differently: reusing
+    or resuming such a run would silently mix two experiments (or fail later, when a changed architecture
+    meets it)."""
     from fqn.config import QuantConfig
 
-    hparams = dict((stored if stored is not None else _stored(ckpt)).get("hyper_parameters", {}))
+    hparams = dict(stored.get("hyper_parameters", {}))
     if isinstance(hparams.get("quant"), dict):  # an older checkpoint lacks newer fields: compare with defaults
         hparams["quant"] = QuantConfig.from_dict(hparams["quant"])
     return [k for k, v in module_kw.items() if k in hparams and _plain(hparams[k]) != _plain(v)]
@@ -57,8 +57,8 @@ def train_run(name: str, out: str | Path, steps: int, data: Any, module_kw: dict
     out = Path(out)
     ckpt_dir = out / name
     last = ckpt_dir / "last.ckpt"
-    stored = _stored(last)  # read once: a float checkpoint with its optimizer state is hundreds of MB
-    changed = changed_settings(last, module_kw, stored)
+    stored = stored_run(last)  # read once: a float checkpoint with its optimizer state is hundreds of MB
+    changed = changed_settings(stored, module_kw)
     if changed:
         raise ValueError(f"{last} was trained with other settings ({', '.join(changed)}) than this run asks for; "
                          f"use another output folder, or delete {ckpt_dir} to train it again")

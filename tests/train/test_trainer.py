@@ -227,7 +227,7 @@ def test_float_reference_is_the_model_a_qat_run_started_from(float_ckpt, tmp_pat
 def test_a_run_folder_trained_with_other_settings_is_not_reused(tmp_path):
     """`fqn quickstart` / `fqn ablate` reuse or resume `OUT/name/last.ckpt`; one from other settings (an older
     quickstart's box head, another learning rate) must not be mixed in: a clear error before any training."""
-    from fqn.train.runs import changed_settings, train_run
+    from fqn.train.runs import changed_settings, stored_run, train_run
 
     last = tmp_path / "float" / "last.ckpt"
     last.parent.mkdir()
@@ -235,13 +235,14 @@ def test_a_run_folder_trained_with_other_settings_is_not_reused(tmp_path):
     torch.save({"global_step": 5, "hyper_parameters": {"lr": 0.02, "detector": {"representation_size": 1024},
                                                        "quant": cfg.to_dict(), "lr_steps": [4, 5]}}, last)
     same = {"lr": 0.02, "quant": cfg, "lr_steps": (4, 5), "detector": {"representation_size": 1024}}
-    assert changed_settings(last, same) == []
+    assert changed_settings(stored_run(last), same) == []
     older = {k: v for k, v in cfg.to_dict().items() if k not in ("learn_ranges", "layer_bits")}
     torch.save({"global_step": 5, "hyper_parameters": {"quant": older}}, tmp_path / "older.ckpt")
-    assert changed_settings(tmp_path / "older.ckpt", {"quant": cfg}) == []  # written before those fields existed
+    # written before those fields existed: compared with their defaults
+    assert changed_settings(stored_run(tmp_path / "older.ckpt"), {"quant": cfg}) == []
     assert train_run("float", tmp_path, 5, None, same) == last  # finished with the same settings: reused
     other = {**same, "detector": {"representation_size": 256}, "quant": QuantConfig(bits_w=8, bits_a=8)}
-    assert changed_settings(last, other) == ["quant", "detector"]
+    assert changed_settings(stored_run(last), other) == ["quant", "detector"]
     with pytest.raises(ValueError, match=r"other settings \(quant, detector\).*delete"):
         train_run("float", tmp_path, 5, None, other)
 
