@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torchvision.ops import box_iou
 
@@ -243,12 +244,23 @@ def test_plain_anchor_sizes_and_box_head_width_build_what_torchvision_would(tmp_
     """Config-file options (plain values) give the same detector as torchvision's objects, and come back from a
     checkpoint's hyper-parameters."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
     from fqn.int8 import convert_int8, load_int8
     from fqn.models.checkpoint import load_detector
 
-    det = {"anchor_sizes": [8, 16, 32, 64, 128], "representation_size": 64}
+    det = {"anchor_sizes": [8, 16, 32, 64, 128], "representation_size": 64, "fpn_channels": 32}
     model = build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **det).eval()
+    body = torchvision.models.resnet18(norm_layer=torch.nn.BatchNorm2d)
+    fpn = BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)}, [64, 128, 256, 512], 32,
+                          extra_blocks=LastLevelMaxPool()).eval()
+    fpn.load_state_dict(model.backbone.state_dict())  # same names and shapes as torchvision's 32-wide FPN
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        for mine, theirs in zip(model.backbone(x).values(), fpn(x).values()):
+            assert mine.shape[1] == 32 and torch.equal(mine, theirs)
+    assert model.rpn.head.conv[0][0].in_channels == 32 and model.roi_heads.box_head.fc6.in_features == 32 * 7 * 7
     reference = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)
     images = [torch.rand(3, SIZE, SIZE)]
     image_list, _ = model.transform(images)
@@ -272,9 +284,11 @@ def test_plain_anchor_sizes_and_box_head_width_build_what_torchvision_would(tmp_
 
 @pytest.mark.parametrize("bad", [{"anchor_sizes": [8, 16]}, {"anchor_sizes": "8,16,32,64,128"},
                                  {"anchor_sizes": [8, 16, 32, 64, -1]}, {"representation_size": 0},
-                                 {"representation_size": 1.5}])
+                                 {"representation_size": 1.5}, {"fpn_channels": 0}, {"fpn_channels": 1.5}])
 def test_bad_plain_detector_options_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **bad)
     with pytest.raises(ValueError, match="pretrained"):
         build_detector("resnet50", 4, weights="DEFAULT", anchor_sizes=[8, 16, 32, 64, 128])
+    with pytest.raises(ValueError, match="pretrained"):
+        build_detector("resnet50", 4, weights="DEFAULT", fpn_channels=128)
