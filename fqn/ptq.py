@@ -65,6 +65,8 @@ def ranges_summary(model: nn.Module) -> str:
     if cfg is None:
         return "float"
     corrected = " + bias correction" if getattr(model, "fqn_ptq", {}).get("bias_correction") else ""
+    if cfg.learn_ranges:  # QAT: the rule only set where the learning started
+        corrected += ", then learned (L)"
     if cfg.activation_observer != "search":
         return cfg.activation_observer + corrected
     counts: dict[str, int] = {}

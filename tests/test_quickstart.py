@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fqn.commands.cli import main
 from fqn.commands.quickstart import QuickstartConfig, _train, run_quickstart
@@ -20,6 +21,10 @@ def test_tiny_quickstart_runs_and_reuses_its_checkpoints(tmp_path, capsys):
         ("fqn PTQ w4a4", "ONNX Runtime int8"), ("fqn PTQ w4a4", "OpenVINO int8"),
         ("fqn QAT w4a4", "ONNX Runtime int8"), ("fqn QAT w4a4", "OpenVINO int8"),
         ("ORT quantize_static w8a8", "ONNX Runtime int8")]
+    qat = next(r for r in rows if r["name"] == "fqn QAT w4a4")
+    assert qat["ranges"] == "percentile, then learned (L)" and qat["config"]["learn_ranges"]
+    state = torch.load(tmp_path / "qs" / "float" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert state["model.backbone.fpn.layer_blocks.0.0.weight"].shape[0] == 128  # the quickstart's narrow FPN
     assert (out / "fqn_qat_w4a4.onnx").is_file() and (out / "fqn_ptq_w4a4.onnx").is_file()
     assert (out / "fqn_qat_w4a4.int4.onnx").is_file()  # the packed storage file beside the deployable one
     assert list((tmp_path / "qs" / "tensorboard" / "float" / "version_0").glob("events.*"))
