@@ -131,9 +131,12 @@ class DetectionDataModule(pl.LightningDataModule):
             street = StreetConfig(**street)
         street = street if street is not None else StreetConfig()  # None, not an instance: see the docstring
         # plain values only, so checkpoints load with torch.load(weights_only=True)
-        self.save_hyperparameters(ignore=["synthetic", "street"])
-        self.hparams["synthetic"] = dataclasses.asdict(synthetic)
-        self.hparams["street"] = dataclasses.asdict(street)
+        self.save_hyperparameters(ignore=["synthetic", "street", "seed"])
+        # saved, not assigned into self.hparams: what the logger records is the copy save_hyperparameters takes.
+        # "data_seed", not "seed": Lightning merges the data's and the model's hyper-parameters for the logger
+        # and refuses a key both hold with different values; the model's `seed` (its RoI sampling) is another one
+        self.save_hyperparameters({"synthetic": dataclasses.asdict(synthetic), "street": dataclasses.asdict(street),
+                                   "data_seed": seed})
         if source not in SOURCES:
             raise ValueError(f"data source must be one of {SOURCES}, got {source!r}")
         _check_positive(batch_size=batch_size, val_batch_size=val_batch_size or batch_size, num_train=num_train,

@@ -103,12 +103,13 @@ class DetectionModule(pl.LightningModule):
         if lr <= 0 or base_batch_size < 1 or warmup_steps < 0 or not 0 < warmup_factor <= 1:
             raise ValueError("need lr > 0, base_batch_size >= 1, warmup_steps >= 0 and 0 < warmup_factor <= 1")
         self.save_hyperparameters(ignore=["quant"])
-        self.hparams["quant"] = quant.to_dict() if quant is not None else None
+        # saved, not assigned into self.hparams: what the logger records is the copy save_hyperparameters takes
+        self.save_hyperparameters({"quant": quant.to_dict() if quant is not None else None})
         self.qcfg = quant
         state, frozen = load_float_state(init_from) if init_from else (None, None)
         if frozen_bn is None:  # the architecture of what it starts from: torchvision weights freeze BN
             frozen_bn = frozen if frozen is not None else bool(weights or weights_backbone)
-        self.hparams["frozen_bn"] = frozen_bn  # so a checkpoint rebuilds the same architecture
+        self.save_hyperparameters({"frozen_bn": frozen_bn})  # so a checkpoint rebuilds the same architecture
         self.model = build_detector(backbone, num_classes, weights=weights, weights_backbone=weights_backbone,
                                     min_size=min_size, max_size=max_size, frozen_bn=frozen_bn,
                                     box_roi_pool=fast_roi_pool(), **(detector or {}))

@@ -41,6 +41,24 @@ def test_float_fast_dev_run(tmp_path):
     assert "val/mAP" in trainer.callback_metrics
 
 
+def test_a_second_data_seed_trains_and_is_logged(tmp_path):
+    """A second seed of a run varies the data's shuffle, augmentation and calibration batches (`data.seed`):
+    with a logger, Lightning merges the data's and the model's hyper-parameters and refuses a key both hold
+    with different values, which the model's own RoI-sampling `seed` once was."""
+    import yaml
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    trainer = tiny_trainer(str(tmp_path), max_steps=1, limit_val_batches=0,
+                           logger=TensorBoardLogger(str(tmp_path), name="run", version=0))
+    trainer.fit(tiny_module(seed=0, quant=QuantConfig(bits_w=4, bits_a=8, n_cal=1)), tiny_data(seed=1))
+    assert trainer.global_step == 1
+    logged = yaml.safe_load((tmp_path / "run" / "version_0" / "hparams.yaml").read_text())
+    assert logged["data_seed"] == 1 and logged["seed"] == 0
+    # the settings a reader of the logs compares runs by, also those the constructors complete
+    assert logged["quant"]["bits_w"] == 4 and logged["quant"]["bits_a"] == 8 and logged["frozen_bn"] is False
+    assert logged["synthetic"]["num_classes"] == 3
+
+
 def test_qat_4bit_calibrates_logs_ptq_and_trains(float_ckpt, tmp_path):
     cfg = QuantConfig(bits_w=4, bits_a=4, n_cal=2)
     model = tiny_module(quant=cfg, init_from=str(float_ckpt))
