@@ -1,0 +1,119 @@
+"""QAT's hot path never reads the device from the host: checked on the CPU, where CI runs.
+
+On a GPU, reading a tensor on the host (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``,
+data-dependent shapes such as ``nonzero``) makes the CPU wait until every queued kernel has run, so the
+next kernels are not queued ahead: per quantizer, that would stall a step ~170 times for R50. On the CPU
+nothing waits, but the same calls are visible to torch's dispatch and function modes, so a test here
+catches any that the quantization code makes.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fqn import QuantConfig
+from fqn.quant import calibrate, set_phase
+from fqn.train.callbacks import training_phase
+
+from .tiny import tiny_data, tiny_module
+
+FQN = str(Path(__file__).resolve().parents[2] / "fqn")
+_aten = torch.ops.aten
+SYNCING_OPS = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
+               _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default}
+HOST_METHODS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+
+
+def _caller() -> str:
+    """The innermost frame in fqn's own code (or in torch/torchvision if none): where the read comes from."""
+    frames = traceback.extract_stack()[:-3]
+    mine = [f for f in frames if f.filename.startswith(FQN)]
+    frame = (mine or [f for f in frames if "site-packages" in f.filename] or frames)[-1]
+    return f"{Path(frame.filename).relative_to(Path(FQN).parent) if frame.filename.startswith(FQN) else 'lib'}" \
+           f":{frame.lineno}"
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that wait on the device, by the line of fqn (or 'lib') they come from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SYNCING_OPS:
+            self.sites[_caller()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class HostMethods(TorchFunctionMode):
+    """Counts host reads by tensor method (``.cpu()`` and ``.tolist()`` are free on a CPU tensor, not on a GPU one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: collections.Counter[str] = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_METHODS:
+            self.sites[_caller()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_counters_see_host_reads():
+    x = torch.randn(4)
+    with HostMethods() as methods, HostReads() as reads:
+        x[0].item(), bool(x[1] > 0), float(x[2]), x.tolist(), x.cpu(), torch.where(x > 0)
+    assert sum(reads.sites.values()) == 4  # item, bool, float (each a _local_scalar_dense) and where (nonzero)
+    assert sum(methods.sites.values()) >= 5  # item, bool, float, tolist, cpu
+
+
+def _step_sites(cfg: QuantConfig | None, batch) -> tuple[collections.Counter, collections.Counter]:
+    images, targets = batch
+    module = tiny_module(quant=cfg) if cfg is not None else tiny_module()
+    data = tiny_data()
+    if cfg is not None:
+        calibrate(module.model, data.calibration_batches(cfg.n_cal), cfg.n_cal, progress=False)
+        set_phase(module.model, training_phase(cfg))
+    model = module.model.train()
+    torch.manual_seed(0)
+    sum(model(list(images), list(targets)).values()).backward()  # first call: torchvision sets up its poolers
+    torch.manual_seed(0)
+    with HostMethods() as methods, HostReads() as reads:
+        sum(model(list(images), list(targets)).values()).backward()
+    return reads.sites, methods.sites
+
+
+@pytest.fixture(scope="module")
+def batch():
+    data = tiny_data()
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+@pytest.fixture(scope="module")
+def float_sites(batch):
+    return _step_sites(None, batch)
+
+
+@pytest.mark.parametrize("name, cfg", [
+    ("FQN: P, fixed ranges", QuantConfig(bits_w=4, bits_a=4, n_cal=1)),
+    ("EMA ranges updated every step", QuantConfig(bits_w=4, bits_a=4, n_cal=1, percentile=False)),
+    ("learned ranges", QuantConfig(bits_w=4, bits_a=4, n_cal=1, learn_ranges=True)),
+    ("mixed 4/8 bits", QuantConfig(bits_w=4, bits_a=4, n_cal=1, layer_bits={"backbone.fpn.*": 8})),
+])
+def test_a_qat_step_reads_the_device_no_more_than_a_float_step(name, cfg, batch, float_sites):
+    """Forward and backward of a QAT step: no host read from the quantization code, and no more in all than the
+    float model's own (torchvision's proposal sampling and NMS read data-dependent sizes in both)."""
+    float_reads, float_methods = float_sites
+    reads, methods = _step_sites(cfg, batch)
+    from_quant = {site: n for site, n in {**reads, **methods}.items() if site.startswith("fqn/quant/")}
+    assert from_quant == {}, name
+    assert sum(reads.values()) <= sum(float_reads.values()), (name, reads, float_reads)
+    assert sum(methods.values()) <= sum(float_methods.values()), (name, methods, float_methods)
