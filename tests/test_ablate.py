@@ -118,3 +118,10 @@ def test_beyond_fqn_row_learns_ranges_distills_and_mixes_bit_widths(float_ckpt, 
 
     tags = set().union(*(EventAccumulator(str(e)).Reload().Tags()["scalars"] for e in events))
     assert any(t.startswith("train/distill") for t in tags)
+    # tools/int8_gap.py on this row: the float32 simulation reproduces the table's AP, the float64 one runs
+    from .tools import load_tool
+
+    (gap,) = load_tool("int8_gap").main([str(tmp_path / "grid"), row.slug, "--threads", "1",
+                                         "--out", str(tmp_path / "gap.json")])
+    assert gap["fake32_AP"] == pytest.approx(result["AP"]) and gap["int8_AP"] == result["int8_AP"]
+    assert 0 <= gap["fake64_AP"] <= 1 and json.loads((tmp_path / "gap.json").read_text())[0]["row"] == row.name

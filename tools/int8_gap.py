@@ -1,0 +1,68 @@
+"""Where a row's int8 − fake-quant AP gap comes from: the int8 file, or the float32 simulation's sums.
+
+    python tools/int8_gap.py runs/beyond_w4_400 all_three all_three_range_lr_x100 --out runs/int8_gap.json
+
+For rows of an `fqn ablate` grid, evaluates each row's checkpoint on the grid's validation set twice,
+fake-quant in float32 (the table's AP) and in float64 (`fqn.quant.exact.float64_simulation`, the
+arithmetic the int8 file's integer kernels agree with), and sets them beside the row's int8 AP. When
+int8 matches the float64 simulation, the gap is the float32 simulation's rounding, not a conversion
+fault. Prints and saves the numbers. A float64 evaluation takes about twice as long as a float32 one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fqn.commands.ablate import GridSpec, _data
+from fqn.commands.report import write_json
+from fqn.evaluation import evaluate_map
+from fqn.models.checkpoint import load_detector
+from fqn.quant.exact import float64_simulation
+
+
+def row_gap(grid: Path, slug: str, val: list) -> dict:
+    """One row: AP of the float32 and float64 simulations and of the int8 file, in AP points (x100) apart."""
+    row = json.loads((grid / "rows" / f"{slug}.json").read_text())
+    if not row.get("checkpoint"):
+        raise SystemExit(f"row {slug} has no checkpoint (a PTQ row): nothing to simulate")
+    model, _ = load_detector(row["checkpoint"])
+    start = time.perf_counter()
+    fake32 = evaluate_map(model, val, progress=False)["AP"]
+    fake64 = evaluate_map(float64_simulation(model), val, progress=False)["AP"]
+    int8 = row["int8_AP"]
+    return {"row": row["row"], "fake32_AP": fake32, "fake64_AP": fake64, "int8_AP": int8,
+            "int8_minus_fake32": 100 * (int8 - fake32), "int8_minus_fake64": 100 * (int8 - fake64),
+            "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("grid", type=Path, help="an `fqn ablate --out` folder")
+    parser.add_argument("rows", nargs="+", help="row file names under GRID/rows, without .json")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = GridSpec(**json.loads((args.grid / "grid.json").read_text())["spec"])
+    data = _data(spec)
+    data.setup("validate")
+    val = list(data.val_dataloader())
+    results = []
+    for slug in args.rows:
+        r = row_gap(args.grid, slug, val)
+        results.append(r)
+        print(f"{r['row']}: fake-quant float32 {r['fake32_AP']:.4f}, float64 {r['fake64_AP']:.4f}, int8 "
+              f"{r['int8_AP']:.4f}; int8 - fake: {r['int8_minus_fake32']:+.2f} (float32), "
+              f"{r['int8_minus_fake64']:+.2f} (float64) AP points", flush=True)
+        if args.out:
+            write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
