@@ -9,6 +9,8 @@ import torch
 from fqn.quant.fake_quant import FakeQuantize, calc_qparams, fake_quantize, quant_range, set_phase
 from fqn.quant.observers import MinMaxObserver
 
+from ..devices import needs_cuda
+
 
 def reference_qparams(lb: float, ub: float, k: int, symmetric: bool) -> tuple[float, int, int, int]:
     """Eqs. 3-4 plus zero-point alignment (FQN 3.6), in float64: (delta, z, qmin, qmax)."""
@@ -213,3 +215,34 @@ def test_the_no_grad_path_quantizes_exactly_as_the_training_path(axis):
     assert evaluated.grad_fn is None and torch.equal(evaluated, trained.detach()) and torch.equal(plain, evaluated)
     half = fake_quantize(x.half(), scale, zp, 0, 15, axis=axis)
     assert half.dtype == torch.float16 and torch.equal(half, trained.detach().half())
+
+
+@needs_cuda
+@pytest.mark.parametrize("axis", [None, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_on_a_gpu_fake_quantization_and_its_gradient_equal_the_cpus(axis, dtype):
+    """The same codes and the same straight-through mask on CUDA as on the CPU, for the activation dtypes
+    autocast gives (16-mixed, bf16-mixed), and LSQ+'s learned-range gradients too."""
+    from fqn.quant.fake_quant import learned_fake_quantize
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 9, 9) * 3).to(dtype)
+    scale = torch.tensor([0.05, 0.2, 0.5]) if axis is not None else torch.tensor(0.1)
+    zp = torch.tensor([3, 7, 12], dtype=torch.int32) if axis is not None else torch.tensor(5, dtype=torch.int32)
+    out, grads = {}, {}
+    for dev in ("cpu", "cuda"):
+        xd = x.to(dev).requires_grad_()
+        y = fake_quantize(xd, scale.to(dev), zp.to(dev), 0, 15, axis=axis)
+        y.float().pow(2).sum().backward()
+        out[dev], grads[dev] = y.detach().cpu(), xd.grad.cpu()
+    assert out["cuda"].dtype == dtype and torch.equal(out["cuda"], out["cpu"])
+    assert torch.equal(grads["cuda"], grads["cpu"])
+    learned = {}
+    for dev in ("cpu", "cuda"):
+        s = scale.clone().float().to(dev).requires_grad_()
+        z = zp.float().to(dev).requires_grad_()
+        xd = x.float().to(dev).requires_grad_()
+        learned_fake_quantize(xd, s, z, 0, 15, axis).pow(2).sum().backward()
+        learned[dev] = [t.grad.cpu() for t in (xd, s, z)]
+    for a, b in zip(learned["cuda"], learned["cpu"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)

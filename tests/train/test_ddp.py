@@ -1,4 +1,4 @@
-"""DDP with 2 CPU processes (gloo): identical activation ranges after calibration and identical weights after steps."""
+"""DDP with 2 processes (CPU: gloo; two GPUs: NCCL): identical ranges after calibration and weights after steps."""
 
 from __future__ import annotations
 
@@ -7,19 +7,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from ..devices import needs_two_gpus
 from .tiny import tiny_module
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
-def test_ddp_ranks_agree(tmp_path):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("cuda", marks=needs_two_gpus)])
+def test_ddp_ranks_agree(accelerator, tmp_path):
     init_from = tmp_path / "float.pt"
     torch.save(tiny_module().model.state_dict(), init_from)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), str(init_from)], capture_output=True,
-                            text=True, timeout=600, env=env)
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), str(init_from), accelerator],
+                            capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     cal = [torch.load(tmp_path / f"calibrated_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert cal[0].keys() == cal[1].keys() and len(cal[0]) > 50

@@ -22,6 +22,7 @@ from fqn import QuantConfig
 from fqn.quant import calibrate, set_phase
 from fqn.train.callbacks import training_phase
 
+from ..devices import needs_cuda
 from .tiny import tiny_data, tiny_module
 
 FQN = str(Path(__file__).resolve().parents[2] / "fqn")
@@ -117,3 +118,40 @@ def test_a_qat_step_reads_the_device_no_more_than_a_float_step(name, cfg, batch,
     assert from_quant == {}, name
     assert sum(reads.values()) <= sum(float_reads.values()), (name, reads, float_reads)
     assert sum(methods.values()) <= sum(float_methods.values()), (name, methods, float_methods)
+
+
+@needs_cuda
+def test_on_a_gpu_no_quantizer_synchronizes(batch):
+    """The real thing, where a GPU is: torch's sync debug mode raises on any synchronizing call made while a
+    quantized layer or quantizer runs, forward (each of the configurations above) and backward."""
+    images, targets = batch
+    images, targets = [i.cuda() for i in images], [{k: v.cuda() for k, v in t.items()} for t in targets]
+    depth = [0]
+
+    def enter(mod, args):
+        depth[0] += 1
+        torch.cuda.set_sync_debug_mode("error")
+
+    def leave(mod, args, out):
+        depth[0] -= 1
+        if depth[0] == 0:
+            torch.cuda.set_sync_debug_mode("default")
+
+    for cfg in (QuantConfig(bits_w=4, bits_a=4, n_cal=1), QuantConfig(bits_w=4, bits_a=4, n_cal=1, percentile=False),
+                QuantConfig(bits_w=4, bits_a=4, n_cal=1, learn_ranges=True)):
+        module = tiny_module(quant=cfg)
+        model = module.model.cuda()
+        calibrate(model, [images], 1, progress=False)
+        set_phase(model, training_phase(cfg))
+        model.train()
+        for m in model.modules():
+            if type(m).__module__.startswith("fqn.quant."):
+                m.register_forward_pre_hook(enter)
+                m.register_forward_hook(leave)
+        try:
+            loss = sum(model(images, targets).values())
+            torch.cuda.set_sync_debug_mode("error")
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()

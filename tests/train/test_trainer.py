@@ -18,6 +18,7 @@ from fqn.quant.fake_quant import current_phase, quantizers
 from fqn.quant.modules import QuantConvBn2d
 from fqn.train.module import DetectionModule
 
+from ..devices import needs_cuda
 from .tiny import tiny_data, tiny_module, tiny_trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -263,6 +264,45 @@ def test_a_run_folder_trained_with_other_settings_is_not_reused(tmp_path):
     assert changed_settings(stored_run(last), other) == ["quant", "detector"]
     with pytest.raises(ValueError, match=r"other settings \(quant, detector\).*delete"):
         train_run("float", tmp_path, 5, None, other)
+
+
+def _qat_precisions():
+    """CPU: bf16-mixed (32-true is every other test here). CUDA: the three precisions Lightning offers, 8 and 4 bits."""
+    cases = [pytest.param("cpu", "bf16-mixed", 4, id="cpu-bf16-mixed-w4")]
+    for precision in ("32-true", "16-mixed", "bf16-mixed"):
+        cases += [pytest.param("cuda", precision, bits, marks=needs_cuda, id=f"cuda-{precision}-w{bits}")
+                  for bits in (8, 4)]
+    return cases
+
+
+@pytest.mark.parametrize("device, precision, bits", _qat_precisions())
+def test_qat_trains_at_each_precision_and_its_checkpoint_converts_on_a_cpu(device, precision, bits, float_ckpt,
+                                                                            tmp_path):
+    """QAT under autocast (fake quantization runs in float32 whatever the activations' dtype): finite losses,
+    activation ranges those of a float32 CPU calibration of the same batches, and a checkpoint that loads on
+    a CPU and converts to an int8 file that runs."""
+    from fqn.int8.convert import convert_int8, load_int8
+    from fqn.quant import calibrate
+
+    cfg = QuantConfig(bits_w=bits, bits_a=bits, n_cal=2)
+    model, data = tiny_module(init_from=str(float_ckpt), quant=cfg, ptq_eval=False), tiny_data()
+    trainer = tiny_trainer(str(tmp_path), max_steps=2, limit_val_batches=0, accelerator=device,
+                           precision=precision)
+    trainer.fit(model, data)
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    ckpt = tmp_path / "qat.ckpt"
+    trainer.save_checkpoint(ckpt)
+    ref = tiny_module(init_from=str(float_ckpt), quant=cfg).model  # the same calibration, float32, on the CPU
+    calibrate(ref, tiny_data().calibration_batches(2), 2, progress=False)
+    loaded, _ = load_detector(ckpt)  # on the CPU, wherever it was trained
+    got = dict(quantizers(loaded, "act"))
+    for name, fq in quantizers(ref, "act"):  # P: fixed after calibration, so training did not move them
+        assert torch.allclose(got[name].scale, fq.scale, rtol=1e-5), name
+        assert torch.equal(got[name].zero_point, fq.zero_point), name
+    image = tiny_data().calibration_batches(1)[0][0][:1]
+    path = convert_int8(loaded, tmp_path / "qat.onnx", image)
+    detections = load_int8(path, threads=1)(image)
+    assert len(detections) == 1 and detections[0]["boxes"].shape[1] == 4
 
 
 def test_mixed_precision_training_clips_gradients_with_an_unfused_optimizer(tmp_path):
