@@ -1,12 +1,13 @@
-"""Where a row's int8 − fake-quant AP gap comes from: the int8 file, or the float32 simulation's sums.
+"""Is a row's int8 − fake-quant AP gap a conversion fault, or rounding noise? Its size beside rounding's own.
 
     python tools/int8_gap.py runs/beyond_w4_400 all_three all_three_range_lr_x100 --out runs/int8_gap.json
 
 For rows of an `fqn ablate` grid, evaluates each row's checkpoint on the grid's validation set twice,
-fake-quant in float32 (the table's AP) and in float64 (`fqn.quant.exact.float64_simulation`, the
-arithmetic the int8 file's integer kernels agree with), and sets them beside the row's int8 AP. When
-int8 matches the float64 simulation, the gap is the float32 simulation's rounding, not a conversion
-fault. Prints and saves the numbers. A float64 evaluation takes about twice as long as a float32 one.
+fake-quant in float32 (the table's AP) and in float64 (`fqn.quant.exact.float64_simulation`: the same
+model in another arithmetic, whose layers give the integer kernels' codes), and sets them beside the
+row's int8 AP. The float64 − float32 difference is what rounding alone does to that AP on that
+validation set; an int8 − fake gap of the same size is not evidence of a conversion fault, one well
+beyond it is. Prints and saves the numbers. A float64 evaluation takes about twice as long.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fqn.quant.exact import float64_simulation
 
 
 def row_gap(grid: Path, slug: str, val: list) -> dict:
-    """One row: AP of the float32 and float64 simulations and of the int8 file, in AP points (x100) apart."""
+    """One row: AP of the float32 and float64 simulations and of the int8 file, and their differences in AP points."""
     row = json.loads((grid / "rows" / f"{slug}.json").read_text())
     if not row.get("checkpoint"):
         raise SystemExit(f"row {slug} has no checkpoint (a PTQ row): nothing to simulate")
@@ -37,6 +38,7 @@ def row_gap(grid: Path, slug: str, val: list) -> dict:
     int8 = row["int8_AP"]
     return {"row": row["row"], "fake32_AP": fake32, "fake64_AP": fake64, "int8_AP": int8,
             "int8_minus_fake32": 100 * (int8 - fake32), "int8_minus_fake64": 100 * (int8 - fake64),
+            "fake64_minus_fake32": 100 * (fake64 - fake32),
             "seconds": time.perf_counter() - start}
 
 
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r = row_gap(args.grid, slug, val)
         results.append(r)
         print(f"{r['row']}: fake-quant float32 {r['fake32_AP']:.4f}, float64 {r['fake64_AP']:.4f}, int8 "
-              f"{r['int8_AP']:.4f}; int8 - fake: {r['int8_minus_fake32']:+.2f} (float32), "
-              f"{r['int8_minus_fake64']:+.2f} (float64) AP points", flush=True)
+              f"{r['int8_AP']:.4f}; in AP points: int8 - fake32 {r['int8_minus_fake32']:+.2f}, rounding alone "
+              f"(fake64 - fake32) {r['fake64_minus_fake32']:+.2f}", flush=True)
         if args.out:
             write_json(args.out, results)
     return results

@@ -1,4 +1,4 @@
-"""The float64 simulation computes what integer kernels compute: checked against integer arithmetic by hand."""
+"""A layer of the float64 simulation computes what integer kernels compute: checked against integer arithmetic."""
 
 from __future__ import annotations
 
