@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fqn.commands.ablate import grid_spec, markdown, run_grid, table_rows
+from fqn.commands.ablate import claim_grid, grid_spec, markdown, run_grid, table_rows
 from fqn.commands.cli import main
 from fqn.models import build_detector
 
@@ -83,6 +83,25 @@ def test_two_row_grid_runs_resumes_and_writes_its_tables(float_ckpt, tmp_path, c
     assert "17_baseline: reusing" in printed and "f_p_c" not in printed  # trained once, not again
     assert again[1]["AP"] == pytest.approx(baseline["AP"])
     assert markdown(again).count("\n") == 4
+
+
+def test_a_grid_folder_refuses_rows_made_with_other_settings(tmp_path):
+    """Re-running resumes a grid and keeps its finished rows, so another seed or step count (a second seed, a
+    longer schedule) must go to its own folder: a clear error, not a table mixing the two."""
+    rows = table_rows("fpc", 1)
+    first = grid_spec("float.ckpt", str(tmp_path), _config(), bits=4)
+    claim_grid(tmp_path, first, rows)
+    claim_grid(tmp_path, first, rows[:2])  # the same settings, fewer rows: resumes
+    second = grid_spec("float.ckpt", str(tmp_path), _config(), bits=4, seed=1)
+    assert second.data["seed"] == 1 and "seed" not in first.data
+    with pytest.raises(ValueError, match=r"other settings \(data\).*another --out"):
+        claim_grid(tmp_path, second, rows)
+    with pytest.raises(ValueError, match=r"other settings \(steps\)"):
+        claim_grid(tmp_path, grid_spec("float.ckpt", str(tmp_path), _config(), bits=4, steps=5), rows)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        grid_spec("float.ckpt", str(tmp_path), _config(), bits=4, seed=-1)
+    claim_grid(tmp_path / "seed1", second, rows)
+    assert json.loads((tmp_path / "seed1" / "grid.json").read_text())["spec"]["data"]["seed"] == 1
 
 
 def test_ablate_cli_rejects_unknown_rows(float_ckpt, tmp_path):

@@ -103,11 +103,20 @@ class GridSpec:
     example_size: int
 
 
-def grid_spec(float_ckpt: str, out: str, config: dict[str, Any], *, bits: int, steps: int | None = None) -> GridSpec:
-    """A grid's settings from a training config (``config_files.load_config``): its model, data and trainer sections."""
+def grid_spec(float_ckpt: str, out: str, config: dict[str, Any], *, bits: int, steps: int | None = None,
+              seed: int | None = None) -> GridSpec:
+    """A grid's settings from a training config (``config_files.load_config``): its model, data and trainer sections.
+
+    ``seed`` replaces the config's data seed (training shuffle, augmentation, calibration batches; the
+    validation set stays): a second seed of a table is another grid folder with another seed.
+    """
     model = dict(config.get("model") or {})
     trainer = config.get("trainer") or {}
     data = dict(config.get("data") or {})
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        data["seed"] = seed
     steps = steps or int(trainer.get("max_steps", 400))
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -217,6 +226,24 @@ def _worker(args: tuple[GridSpec, Row, int]) -> dict[str, Any]:
     return run_row(spec, row)
 
 
+def claim_grid(out: Path, spec: GridSpec, rows: list[Row]) -> None:
+    """Write ``out/grid.json``, refusing a folder whose rows were made with other settings.
+
+    A re-run resumes a grid: the rows already in ``out/rows`` are kept as they are. With another step
+    count, data seed, bit-width or config they would sit in one table beside rows that differ from them
+    (and a QAT run would resume past its old schedule), so that is an error naming what changed.
+    """
+    path = out / "grid.json"
+    if path.is_file():
+        stored = json.loads(path.read_text()).get("spec", {})
+        now = json.loads(json.dumps(asdict(spec)))
+        changed = [k for k in now if k != "out" and k in stored and stored[k] != now[k]]
+        if changed:
+            raise ValueError(f"{out} holds a grid made with other settings ({', '.join(changed)}): use another "
+                             f"--out, or delete {out} to start it again")
+    write_json(path, {"spec": asdict(spec), "rows": [asdict(r) for r in rows], "command": " ".join(sys.argv)})
+
+
 def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2) -> list[dict[str, Any]]:
     """Run the rows not yet done (``jobs`` at a time, ``threads`` torch threads each); returns all rows' results."""
     import torch
@@ -224,8 +251,7 @@ def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2
     if jobs < 1 or threads < 1:
         raise ValueError("jobs and threads must be >= 1")
     out = Path(spec.out)
-    write_json(out / "grid.json", {"spec": asdict(spec), "rows": [asdict(r) for r in rows],
-                                    "command": " ".join(sys.argv)})
+    claim_grid(out, spec, rows)
     torch.set_num_threads(threads)
     results = [_fp32_row(spec)]
     todo = [r for r in rows if not (out / "rows" / f"{r.slug}.json").is_file()]

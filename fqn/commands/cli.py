@@ -102,8 +102,10 @@ def ablate_main(argv: list[str]) -> None:
     parser.add_argument("--rows", nargs="*", help="run only these rows (names as in the table)")
     parser.add_argument("--jobs", type=int, default=1, help="rows in parallel processes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per row")
+    parser.add_argument("--seed", type=int, help="data seed (shuffle, augmentation, calibration batches) instead of "
+                        "the config's data.seed: a second seed of a table, in its own --out folder")
     a = parser.parse_args(argv)
-    spec = grid_spec(a.float_ckpt, a.out, load_config(a.config), bits=a.bits, steps=a.steps)
+    spec = grid_spec(a.float_ckpt, a.out, load_config(a.config), bits=a.bits, steps=a.steps, seed=a.seed)
     rows = table_rows(a.table, spec.steps)
     if a.rows:
         unknown = set(a.rows) - {r.name for r in rows}
