@@ -31,21 +31,23 @@ class Observer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("num_seen", torch.zeros((), dtype=torch.int64))
-        self._seen = 0  # Python mirror of num_seen: reading a GPU buffer would sync at every step
+        # Python mirror of num_seen > 0: reading a GPU buffer would sync at every step. A flag, not a count: a
+        # Python int that changes at every call fails torch.compile's guards, recompiling the graph each step
+        self._has_data = False
         self.register_load_state_dict_post_hook(refresh_after_load)
 
     def _refresh(self) -> None:
-        self._seen = int(self.num_seen)
+        self._has_data = int(self.num_seen) > 0
 
     @property
     def has_data(self) -> bool:
-        return self._seen > 0
+        return self._has_data
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() > 0:
             self._update(x.detach())
             self.num_seen += 1
-            self._seen += 1
+            self._has_data = True
         return x
 
     def _update(self, x: Tensor) -> None:
@@ -56,7 +58,7 @@ class Observer(nn.Module):
 
     def reset(self) -> None:
         self.num_seen.zero_()
-        self._seen = 0
+        self._has_data = False
 
     def sync(self) -> None:
         """Make the statistics identical on every DDP rank (no-op without DDP)."""

@@ -155,3 +155,30 @@ def test_on_a_gpu_no_quantizer_synchronizes(batch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
+
+
+def test_a_compiled_qat_backbone_is_one_graph_that_never_recompiles():
+    """`torch.compile` of the quantized backbone (EMA ranges, so every quantizer observes at every step): one
+    graph, no graph break, and no recompilation from one step to the next (a Python counter an observer bumped
+    at every call once failed the compiled graph's guards and retraced it every step)."""
+    from torch._dynamo.utils import counters
+
+    from fqn import build_detector, prepare_qat
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = QuantConfig(bits_w=4, bits_a=4, n_cal=1, percentile=False)
+    model = build_detector("resnet18", 5, min_size=64, max_size=64)
+    prepare_qat(model, cfg)
+    calibrate(model, [[torch.rand(3, 64, 64)]], 1, progress=False)
+    set_phase(model, training_phase(cfg))
+    model.train()
+    backbone = torch.compile(model.backbone, backend="eager")  # dynamo's capture alone: no compiler needed
+    try:
+        for _ in range(3):
+            out = backbone(torch.rand(2, 3, 64, 64))
+            sum(v.sum() for v in out.values()).backward()
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
