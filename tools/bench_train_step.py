@@ -31,7 +31,8 @@ from fqn.commands.report import Column, columns, markdown_table, write_json
 from fqn.data.synthetic import SyntheticConfig, render
 from fqn.models.faster_rcnn import fast_roi_pool
 
-TABLE = columns("backbone", Column("size", digits=0), Column("batch", digits=0), "precision", "quant", "pooler",
+TABLE = columns("backbone", Column("size", digits=0), Column("batch", digits=0), "precision", "compile", "quant",
+                "pooler",
                 "s_per_step", "mean_s", Column("qat_over_fp32", digits=2), Column("peak_MB", digits=0),
                 Column("cal_s", digits=1))
 PRECISIONS = {"32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
@@ -53,8 +54,13 @@ def _sync(device: str) -> None:
 
 
 def time_steps(backbone: str, size: int, batch: int, quant: int | None, pooler: str, steps: int,
-               warmup: int, device: str = "cpu", precision: str = "32-true", cal_batches: int = 1) -> dict:
-    """One row: seconds per training step of this configuration."""
+               warmup: int, device: str = "cpu", precision: str = "32-true", cal_batches: int = 1,
+               compile_backend: str | None = None) -> dict:
+    """One row: seconds per training step of this configuration.
+
+    ``compile_backend``: `torch.compile` the backbone (body and FPN, whose shapes are fixed; the RPN and RoI
+    heads' data-dependent shapes are left to eager mode) with this backend, after calibration.
+    """
     torch.manual_seed(0)
     kw = {"box_roi_pool": fast_roi_pool() if pooler == "fqn" else MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)}
     model = build_detector(backbone, 5, min_size=size, max_size=size, **kw).to(device)
@@ -68,6 +74,8 @@ def time_steps(backbone: str, size: int, batch: int, quant: int | None, pooler: 
         _sync(device)
         cal_s = time.perf_counter() - start
     model.train()
+    if compile_backend:
+        model.backbone = torch.compile(model.backbone, backend=compile_backend)
     dtype = PRECISIONS[precision]
     kind = torch.device(device).type
     # the trainer's choice: torch's fused optimizer kernels, unless mixed precision (Lightning clips gradients then)
@@ -93,7 +101,7 @@ def time_steps(backbone: str, size: int, batch: int, quant: int | None, pooler: 
         _sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return {"backbone": backbone, "size": size, "batch": batch, "precision": precision,
+    return {"backbone": backbone, "size": size, "batch": batch, "precision": precision, "compile": compile_backend,
             "quant": f"w{quant}a{quant}" if quant else "float", "pooler": pooler,
             "s_per_step": statistics.median(times), "mean_s": statistics.fmean(times), "qat_over_fp32": None,
             "peak_MB": torch.cuda.max_memory_allocated(device) / 2**20 if is_cuda else None, "cal_s": cal_s}
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cal-batches", type=int, default=1, help="calibration batches of the QAT rows (timed)")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="torch.compile the backbone with this backend (inductor; eager: capture only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for quant in [None, *args.quant]:
                     for pooler in args.poolers:
                         row = time_steps(backbone, args.size, batch, quant, pooler, args.steps, args.warmup,
-                                         args.device, precision, args.cal_batches)
+                                         args.device, precision, args.cal_batches, args.compile)
                         key = (backbone, batch, precision, pooler)
                         if quant is None:
                             float_time[key] = row["s_per_step"]

@@ -22,7 +22,15 @@ def test_times_float_and_qat_steps_per_precision(tmp_path, capsys):
         assert qat["qat_over_fp32"] == pytest.approx(qat["s_per_step"] / flt["s_per_step"]) and qat["cal_s"] > 0
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["device"].startswith("CPU")
-    assert "| resnet18 | 64 | 1 | bf16-mixed | w8a8 | fqn |" in capsys.readouterr().out
+    assert "| resnet18 | 64 | 1 | bf16-mixed | – | w8a8 | fqn |" in capsys.readouterr().out
+
+
+def test_a_compiled_backbone_is_timed_too():
+    rows = load_tool("bench_train_step").main(["--size", "64", "--batch", "1", "--steps", "1", "--warmup", "0",
+                                               "--quant", "4", "--poolers", "fqn", "--compile", "eager",
+                                               "--threads", "1"])
+    assert [(r["quant"], r["compile"]) for r in rows] == [("float", "eager"), ("w4a4", "eager")]
+    assert all(r["s_per_step"] > 0 for r in rows)
 
 
 def test_a_cuda_device_is_refused_where_there_is_none(capsys):
