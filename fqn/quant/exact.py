@@ -8,7 +8,7 @@ either: it is one more arithmetic for the same model. How far AP moves between t
 float64 simulations measures how much rounding alone moves that AP, the yardstick an int8 − fake-quant
 gap needs. Measured on issue 13's beyond-FQN rows (200 synthetic val images, `tools/int8_gap.py`):
 float64 − float32 AP of -0.17 points for pure 4-bit FQN and -0.41 / -0.61 / +0.40 for the rows with
-29 layers at 8 bits, whose int8 − float32 gaps were +0.01 / -0.63 / +0.47.
+29 layers at 8 bits, whose int8 − float32 gaps were -0.01 / -0.63 / +0.47.
 """
 
 from __future__ import annotations
