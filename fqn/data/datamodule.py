@@ -108,6 +108,7 @@ class DetectionDataModule(pl.LightningDataModule):
         augment: albumentations training augmentation (:class:`TrainAugment`); never applied to val/test/calibration.
         skip_bad: skip and count bad samples instead of raising ``DataError`` (see ``fqn.data.sanitize``).
         seed: training shuffle and augmentation seed.
+        data_seed: ``seed`` under the name it is logged as (a rebuild from the hyper-parameters passes it).
 
     Example:
         >>> dm = DetectionDataModule(num_train=8, num_val=4, batch_size=2)
@@ -123,15 +124,19 @@ class DetectionDataModule(pl.LightningDataModule):
                  head_classes: int | None = None,
                  kitti_class_map: dict[str, str | None] | None = None, val_fraction: float = 0.2,
                  split_seed: int = 0, batch_size: int = 4, val_batch_size: int | None = None, num_workers: int = 0,
-                 augment: bool = True, skip_bad: bool = False, seed: int = 0) -> None:
+                 augment: bool = True, skip_bad: bool = False, seed: int = 0, data_seed: int | None = None) -> None:
         super().__init__()
+        if data_seed is not None:  # rebuilt from the hyper-parameters, where `seed` is logged as data_seed
+            if seed not in (0, data_seed):
+                raise ValueError(f"seed={seed} and data_seed={data_seed} are the same setting: give one")
+            seed = data_seed
         if isinstance(synthetic, dict):  # rebuilt from a checkpoint's hyper-parameters
             synthetic = SyntheticConfig(**synthetic)
         if isinstance(street, dict):
             street = StreetConfig(**street)
         street = street if street is not None else StreetConfig()  # None, not an instance: see the docstring
         # plain values only, so checkpoints load with torch.load(weights_only=True)
-        self.save_hyperparameters(ignore=["synthetic", "street", "seed"])
+        self.save_hyperparameters(ignore=["synthetic", "street", "seed", "data_seed"])
         # saved, not assigned into self.hparams: what the logger records is the copy save_hyperparameters takes.
         # "data_seed", not "seed": Lightning merges the data's and the model's hyper-parameters for the logger
         # and refuses a key both hold with different values; the model's `seed` (its RoI sampling) is another one

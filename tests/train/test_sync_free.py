@@ -107,7 +107,6 @@ def float_sites(batch):
     ("FQN: P, fixed ranges", QuantConfig(bits_w=4, bits_a=4, n_cal=1)),
     ("EMA ranges updated every step", QuantConfig(bits_w=4, bits_a=4, n_cal=1, percentile=False)),
     ("learned ranges", QuantConfig(bits_w=4, bits_a=4, n_cal=1, learn_ranges=True)),
-    ("mixed 4/8 bits", QuantConfig(bits_w=4, bits_a=4, n_cal=1, layer_bits={"backbone.fpn.*": 8})),
 ])
 def test_a_qat_step_reads_the_device_no_more_than_a_float_step(name, cfg, batch, float_sites):
     """Forward and backward of a QAT step: no host read from the quantization code, and no more in all than the
