@@ -59,10 +59,10 @@ def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tm
     conv1 = model.backbone.body.layer1[0].conv1
     assert not conv1.bn_weight.requires_grad  # FrozenBatchNorm2d's affine stays frozen under QAT
     # `fqn convert`'s CLI is tested on tiny models (tests/int8/test_compare.py); here compare converts this
-    # checkpoint with the same convert_int8, so the R50 recipe's int8 file is checked below without a second export;
-    # the peers (ORT quantize_static, torchao) are tested on tiny models there too, and cost this test a minute
+    # checkpoint with the same convert_int8, so the R50 recipe's int8 file is checked below without a second export.
+    # `--peers` with no name: no peer rows (ORT quantize_static and torchao are tested on tiny models there)
     compare = fqn("compare", "--qat", str(ckpt), "--config", str(config), "--out", str(tmp_path / "cmp"),
-                  "--ptq-bits", "8", "--runs", "1", "--n-cal", "2", "--threads", "1",
+                  "--ptq-bits", "8", "--peers", "--runs", "1", "--n-cal", "2", "--threads", "1",
                   "--runtimes", "onnxruntime", cwd=tmp_path,
                   env=env)
     assert compare.returncode == 0, compare.stderr[-3000:]
