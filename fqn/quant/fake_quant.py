@@ -258,8 +258,11 @@ def learned_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: in
     scale = scale.float().clamp_min(_EPS)
     zero_point = zero_point.float()
     if axis is None:
-        out = torch._fake_quantize_learnable_per_tensor_affine(xf, scale.reshape(1), zero_point.reshape(1), qmin,
-                                                               qmax, grad_factor)
+        # as one channel: torch's per-tensor learnable kernel reads its scale and zero point with .item(), a
+        # device sync per call on a GPU; the per-channel one keeps them on the device (same values and gradients)
+        out = torch._fake_quantize_learnable_per_channel_affine(xf.unsqueeze(0), scale.reshape(1),
+                                                                zero_point.reshape(1), 0, qmin, qmax,
+                                                                grad_factor).squeeze(0)
     else:
         out = torch._fake_quantize_learnable_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax,
                                                                 grad_factor)

@@ -28,7 +28,9 @@ from .tiny import tiny_data, tiny_module
 FQN = str(Path(__file__).resolve().parents[2] / "fqn")
 _aten = torch.ops.aten
 SYNCING_OPS = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
-               _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default}
+               _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default,
+               # reads its scale and zero point with .item() inside its kernel, where the modes do not see
+               _aten._fake_quantize_learnable_per_tensor_affine.default}
 HOST_METHODS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
 
 
