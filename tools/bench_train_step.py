@@ -32,8 +32,7 @@ from fqn.data.synthetic import SyntheticConfig, render
 from fqn.models.faster_rcnn import fast_roi_pool
 
 TABLE = columns("backbone", Column("size", digits=0), Column("batch", digits=0), "precision", "compile", "quant",
-                "pooler",
-                "s_per_step", "mean_s", Column("qat_over_fp32", digits=2), Column("peak_MB", digits=0),
+                "pooler", "s_per_step", "mean_s", Column("qat_over_fp32", digits=2), Column("peak_MB", digits=0),
                 Column("cal_s", digits=1))
 PRECISIONS = {"32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 

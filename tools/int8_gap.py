@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fqn.commands.ablate import GridSpec, _data
+from fqn.commands.ablate import GridSpec, grid_data
 from fqn.commands.report import write_json
 from fqn.evaluation import evaluate_map
 from fqn.models.checkpoint import load_detector
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = GridSpec(**json.loads((args.grid / "grid.json").read_text())["spec"])
-    data = _data(spec)
+    data = grid_data(spec)
     data.setup("validate")
     val = list(data.val_dataloader())
     results = []

@@ -131,7 +131,8 @@ def _row_config(spec: GridSpec, row: Row) -> QuantConfig:
     return QuantConfig(**{**base, "bits_w": spec.bits, "bits_a": spec.bits, **row.quant})
 
 
-def _data(spec: GridSpec) -> Any:
+def grid_data(spec: GridSpec) -> Any:
+    """The grid's data module (training, calibration and validation data of every row), e.g. for `tools/`."""
     from fqn.data.datamodule import DetectionDataModule
 
     return DetectionDataModule.from_config({"data": spec.data, "model": spec.model})
@@ -151,7 +152,7 @@ def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
 
     out = Path(spec.out)
     cfg = _row_config(spec, row)
-    data = _data(spec)
+    data = grid_data(spec)
     if row.mixed_budget is not None:
         cfg = mixed_precision_config(spec.float_ckpt, cfg, data, row.mixed_budget)
     if row.qat:
@@ -210,7 +211,7 @@ def _fp32_row(spec: GridSpec) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text())
     model, _ = load_detector(spec.float_ckpt)
-    data = _data(spec)
+    data = grid_data(spec)
     data.setup("validate")
     metrics = evaluate_map(model, list(data.val_dataloader()), progress=False)
     result = {"row": "FP32", "qat": False, "bits": 32, **{k: metrics[k] for k in METRICS}}
