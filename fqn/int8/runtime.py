@@ -7,6 +7,7 @@ pairs into its FakeQuantize and runs int8 (VNNI/AMX) convolutions, about twice a
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+log = logging.getLogger(__name__)
 
-def session_options(threads: int | None = None) -> Any:
-    """ORT options used for every run: ``threads`` intra-op threads, no spinning, all graph optimisations.
+#: ONNX Runtime's exact u8 x s8 kernels on x86 CPUs without VNNI (AVX2 only). Their fast kernels add two
+#: u8 x s8 products in 16 bits (``vpmaddubsw``), which saturates once 8-bit weights meet large activations: measured
+#: on an AVX2-only CPU (tools/int8_exactness.py). 4-bit weights cannot overflow. A no-op where the CPU has VNNI.
+EXACT_INT8_ON_AVX2 = ("session.x64quantprecision", "1")
+
+
+def session_options(threads: int | None = None, exact: bool = True) -> Any:
+    """ORT options used for every run: ``threads`` intra-op threads, no spinning, all graph optimisations, and
+    (``exact``) exact int8 kernels on AVX2-only CPUs (`EXACT_INT8_ON_AVX2`).
 
     Spinning worker threads would steal the cores other runtimes use in the same benchmark.
     """
@@ -28,8 +37,33 @@ def session_options(threads: int | None = None) -> Any:
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if exact:
+        opts.add_session_config_entry(*EXACT_INT8_ON_AVX2)
     opts.log_severity_level = 3
     return opts
+
+
+def ort_session(model: str | bytes, threads: int | None = None, integer_kernels: bool = True) -> Any:
+    """An ONNX Runtime CPU session with `session_options`.
+
+    ONNX Runtime's exact int8 mode refuses some files its own ``quantize_static`` writes (zero points shared by
+    several nodes: "Attempt to replace the existing tensor"); such a file opens with the default kernels instead,
+    as a deployer's plain session opens it, with a warning (on CPUs without VNNI its 8-bit layers then saturate).
+    """
+    import onnxruntime as ort
+
+    for exact in (True, False):
+        opts = session_options(threads, exact)
+        if not integer_kernels:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own Fail type
+            if not exact or "Attempt to replace the existing tensor" not in str(err):
+                raise
+            log.warning("ONNX Runtime's exact int8 mode (%s) cannot open this file; it runs with the default kernels",
+                        EXACT_INT8_ON_AVX2[0])
+    raise AssertionError("unreachable")
 
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -60,8 +94,8 @@ def _openvino_core() -> Any:
     try:
         import openvino as ov
     except ImportError:
-        raise ImportError("runtime='openvino' needs the openvino package: pip install 'fqn[openvino]' "
-                          "(or pip install openvino)") from None
+        raise ImportError("runtime='openvino' needs the openvino package: pip install openvino (from a clone: "
+                          "pip install '.[openvino]')") from None
     return ov.Core()
 
 
@@ -173,7 +207,6 @@ def make_session(path: str | Path, threads: int | None = None, integer_kernels: 
     runtimes' integer kernels take.
     """
     import onnx
-    import onnxruntime as ort
 
     _check_runtime(runtime)
     path = Path(path)
@@ -192,11 +225,7 @@ def make_session(path: str | Path, threads: int | None = None, integer_kernels: 
         if not integer_kernels:
             raise ValueError("integer_kernels=False (the QDQ graph run in float) is an ONNX Runtime reference only")
         return OpenVinoSession(proto.SerializeToString(), int(threads or torch.get_num_threads())), meta
-    opts = session_options(threads)
-    if not integer_kernels:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return session, meta
+    return ort_session(proto.SerializeToString(), threads, integer_kernels), meta
 
 
 class OnnxDetector:

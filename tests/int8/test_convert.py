@@ -293,8 +293,9 @@ def test_int8_taps_read_the_integer_activations(tiny_quantized, tiny_files, scen
             step = float(q.scale.reshape(-1)[0])
             diff = (got[name][0] - store[name]).abs() / step
             assert got[name][0].shape == store[name].shape, name
-            if bits == 4:  # measured: every code of all 55 points equal (as in the layer test)
-                assert float(diff.max()) < 0.5, (bits, name, float((diff >= 0.5).float().mean()))
+            if bits == 4:  # measured: every code of all 55 points equal on an AVX-512 Xeon; on an AVX2 EPYC one code
+                # in 262144 (a rounding tie of the fake-quant conv's float sum) one step off
+                assert float((diff < 0.5).float().mean()) >= 0.9999 and float(diff.max()) < 1.5, (bits, name)
             elif name == "backbone.body.conv1.act_fq":  # the first layer: all but rounding ties equal, within a step
                 assert float((diff < 0.5).float().mean()) >= 0.999 and float(diff.max()) < 1.5, name
             else:  # 8 bits on a random network: rounding ties compound with depth (see the heads test); measured:
