@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fqn-installed
 
-.PHONY: quickstart test lint
+.PHONY: quickstart test test-fast lint
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,6 +15,9 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2  # two workers: most tests use one core (pytest-xdist)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow"  # the day-to-day tier: no end-to-end runs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fqn tests tools

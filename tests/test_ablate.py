@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from fqn.commands.ablate import claim_grid, grid_spec, markdown, run_grid, table_rows
 from fqn.commands.cli import main
@@ -57,6 +58,7 @@ def test_tables_have_the_papers_rows():
         table_rows("nope", 1)
 
 
+@pytest.mark.slow
 def test_two_row_grid_runs_resumes_and_writes_its_tables(float_ckpt, tmp_path, capsys):
     spec = grid_spec(str(float_ckpt), str(tmp_path / "grid"), _config(), bits=4)
     rows = [r for r in table_rows("fpc", spec.steps) if r.name in ("[17] baseline", "F+P+C")]
@@ -105,10 +107,17 @@ def test_a_grid_folder_refuses_rows_made_with_other_settings(tmp_path):
 
 
 def test_ablate_cli_rejects_unknown_rows(float_ckpt, tmp_path):
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(_config()))
     with pytest.raises(SystemExit, match="unknown rows"):
-        main(["ablate", "--table", "fpc", "--float", str(float_ckpt), "--out", str(tmp_path), "--rows", "Q"])
+        main(["ablate", "--table", "fpc", "--float", str(float_ckpt), "--out", str(tmp_path / "g"), "--config",
+              str(config), "--qat-bits", "4", "--rows", "Q"])
+    with pytest.raises(SystemExit) as exit_:  # a table is a recipe: no silent default config
+        main(["ablate", "--table", "fpc", "--float", str(float_ckpt), "--out", str(tmp_path / "g")])
+    assert exit_.value.code == 2
 
 
+@pytest.mark.slow
 def test_beyond_fqn_row_learns_ranges_distills_and_mixes_bit_widths(float_ckpt, tmp_path):
     from fqn.models.checkpoint import load_detector
     from fqn.quant.fake_quant import quantizers

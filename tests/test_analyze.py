@@ -84,6 +84,7 @@ def test_known_layer_matches_a_hand_computation(quantized, scenes):
     assert [s.sqnr_db for s in stats] == sorted(s.sqnr_db for s in stats)  # worst first
 
 
+@pytest.mark.slow
 def test_report_files_and_sensitivity(quantized, scenes, tmp_path):
     points = comparable_points(quantized)
     assert points and not any(p.startswith("roi_heads") for p in points)

@@ -1,15 +1,18 @@
-"""tools/bench_runtimes.py end to end at a tiny size: every path timed or its failure said, memory measured."""
+"""`fqn bench` end to end at a tiny size: every path timed or its failure said, memory measured."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from . import load_tool
+import pytest
+
+from fqn.commands import bench as tool
+
+pytestmark = pytest.mark.slow  # end to end: the fast tier (-m 'not slow') leaves it out
 
 
 def test_every_path_is_timed_or_says_why_and_memory_is_measured(tmp_path, monkeypatch):
-    tool = load_tool("bench_runtimes")
     monkeypatch.setitem(tool.SIZES, "160", (64, 96))  # the probe process reads the real table: time only here
     rows = tool.bench_group("resnet18", "160", tmp_path / "files", runs=1, warmup=0, threads=1,
                             parts=["detector", "backbone_fpn"], memory=False)

@@ -121,3 +121,49 @@ def test_error_line_of_a_dataloader_worker(tmp_path):
     assert line.endswith("fix or restore the file, or set skip_bad (data.skip_bad: true in a config) to skip such "
                          "samples")  # raised by fqn: no --debug hint
     assert error_line(ValueError("deep inside torch")) == "deep inside torch (fqn --debug shows the traceback)"
+
+
+def test_version_and_help(capsys):
+    import fqn
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"fqn {fqn.__version__}"
+    assert main(["--help"]) == 0
+    printed = capsys.readouterr().out
+    from fqn.commands.cli import COMMANDS
+
+    assert all(f"  {name} " in printed for name in ("fit", "validate", "test", *COMMANDS))
+    assert main(["nonsense"]) == 2 and "unknown command 'nonsense'" in capsys.readouterr().err
+
+
+def test_one_vocabulary_across_commands():
+    """One name and one meaning per concept: the same option is spelled, typed and defaulted the same everywhere."""
+    from fqn.commands.cli import parsers
+
+    options = {name: {o: a for a in p._actions for o in a.option_strings} for name, p in parsers().items()}
+    spelled = {o for opts in options.values() for o in opts}
+    for old in ("--runtimes", "--bits", "--float-ckpt", "--output", "--qat-ckpt", "--peer"):
+        assert old not in spelled, old
+    for name, opts in options.items():
+        if name != "demo":
+            assert "--out" in opts, name  # every command writes into --out DIR
+        if "--threads" in opts and name != "ablate":
+            assert opts["--threads"].default is None, name  # torch's default everywhere
+        if "--runtime" in opts:
+            assert set(opts["--runtime"].choices) == {"onnxruntime", "openvino"}, name
+        if "--peers" in opts:
+            assert set(opts["--peers"].choices) == {"onnxruntime", "torchao"} and opts["--peers"].nargs == "+"
+            assert "--no-peers" in opts, name
+        for flag in ("--ptq-bits", "--qat-bits"):
+            if flag in opts:
+                assert list(opts[flag].choices) == list(range(2, 9)), (name, flag)
+                if opts[flag].nargs == "+" and opts[flag].default:  # a list with a default: a --no-... switch
+                    assert f"--no-{flag[2:5]}" in opts, (name, flag)
+        if "--n-cal" in opts and name != "demo":
+            assert opts["--n-cal"].default == 20 or name == "quickstart", name
+        if "--config" in opts:
+            assert "NAME|FILE" in opts["--config"].metavar, name
+    for name in ("convert", "evaluate", "predict", "analyze"):  # one model: the first argument
+        assert parsers()[name]._actions[1].dest == "model", name
+    with pytest.raises(SystemExit) as exit_:  # a bare list option is an error, not "none"
+        main(["compare", "--out", "o", "--peers"])
+    assert exit_.value.code == 2

@@ -89,8 +89,9 @@ CHAINS = {  # float config first (it writes the checkpoint), then the QAT config
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chain", list(CHAINS))
-def test_every_config_starts_on_tiny_data(chain, tmp_path):
+def test_every_config_starts_on_tiny_data(chain, tmp_path, monkeypatch):
     if chain == "synthetic":
         data = ["--data.num_train", "4", "--data.num_val", "2", "--data.synthetic.image_size", str(SIZE),
                 "--data.synthetic.max_size", "48"]
@@ -107,6 +108,8 @@ def test_every_config_starts_on_tiny_data(chain, tmp_path):
         result = fqn("fit", "--config", str(REPO / "configs" / first), *TINY, *data, *pretrained,
                      "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
+        if chain == "custom_coco":
+            ptq_without_config_calibrates_on_the_checkpoints_own_data(tmp_path, first, monkeypatch)
     else:
         qat = [first]
     for name in qat:
@@ -146,3 +149,53 @@ def test_coco_recipe_keeps_category_ids_as_labels(tmp_path):
     cfg["model"]["num_classes"] = 4  # a new head on the user's own classes: contiguous labels by name
     dm = DetectionDataModule.from_config(cfg)
     assert dm.coco_label_mode == "contiguous" and dm.class_names == ["crack", "rust", "dent"]
+
+
+def ptq_without_config_calibrates_on_the_checkpoints_own_data(cwd: Path, config: str, monkeypatch) -> None:
+    """`fqn convert CKPT --ptq-bits 8` with no --config: the COCO data the checkpoint was trained on calibrates it,
+    never the synthetic set; with that data gone, an error that says to pass --config."""
+    import shutil
+
+    from fqn.commands.cli import main
+    from fqn.data.datamodule import DetectionDataModule
+
+    ckpt = cwd / "runs" / Path(config).stem / "checkpoints" / "last.ckpt"
+    calibrated_on = []
+    original = DetectionDataModule.calibration_batches
+
+    def spy(self, n):
+        calibrated_on.append((self.source, self.coco_paths["train_ann"], self.class_names))
+        return original(self, n)
+
+    monkeypatch.setattr(DetectionDataModule, "calibration_batches", spy)
+    monkeypatch.chdir(cwd)  # the checkpoint's data paths are relative to where it was trained
+    assert main(["convert", str(ckpt), "--ptq-bits", "8", "--n-cal", "1", "--out", "int8"]) == 0
+    train_ann = str(cwd / "data" / "train" / "ann.json")
+    assert calibrated_on == [("coco", train_ann, ["crack", "rust", "dent"])]
+    shutil.move(cwd / "data", cwd / "data_moved")  # the data gone from where the run was trained
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(ckpt), "--ptq-bits", "8", "--n-cal", "1", "--out", "int8_again"])
+    shutil.move(cwd / "data_moved", cwd / "data")  # back, for the chain's QAT config
+    message = str(exit_.value.code)
+    assert "the data" in message and "is not usable here" in message and "pass --config" in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_a_second_fit_of_a_config_does_not_train_over_the_first(tmp_path, monkeypatch):
+    """A config's run folder is runs/NAME; fitting it again is refused (resume with --ckpt_path, or name another)."""
+    from fqn.commands.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    tiny = [*TINY, "--data.num_train", "2", "--data.num_val", "2", "--data.synthetic.image_size", str(SIZE),
+            "--data.synthetic.max_size", "48", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1"]
+    assert main(["fit", "--config", "synthetic_float", *tiny]) == 0  # a packaged config, by name
+    last = Path("runs") / "synthetic_float" / "checkpoints" / "last.ckpt"
+    assert last.is_file() and list(Path("runs/synthetic_float").glob("events.out.tfevents.*"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "synthetic_float", *tiny])
+    message = str(exit_.value.code)
+    assert message.startswith("fqn fit: runs/synthetic_float already holds a run") and f"--ckpt_path {last}" in message
+    assert "--trainer.logger.init_args.name synthetic_float_2" in message
+    assert main(["fit", "--config", "synthetic_float", *tiny, "--trainer.logger.init_args.name", "again"]) == 0
+    assert (Path("runs") / "again" / "checkpoints" / "last.ckpt").is_file()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import fqn
 
 
@@ -53,7 +55,8 @@ def test_commands_live_in_one_place():
     root = Path(fqn.__file__).parent
     top = sorted(p.stem for p in root.glob("*.py"))
     assert top == ["__init__", "config", "evaluation", "ptq", "viz"], top
-    assert {"cli", "compare", "ablate", "analyze", "quickstart", "demo", "peers", "report", "config_files"} <= {
+    assert {"cli", "compare", "ablate", "analyze", "quickstart", "demo", "peers", "report", "config_files", "convert",
+            "evaluate", "bench", "common", "lightning"} <= {
         p.stem for p in (root / "commands").glob("*.py")}
 
 
@@ -65,6 +68,7 @@ def test_api_demo_runs_from_the_console_script():
     assert "| w8a8 FPC |" in result.stdout and "| w4a4 FPC |" in result.stdout
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the example writes its int8 file where it runs
     readme = (Path(fqn.__file__).parent.parent / "README.md").read_text()

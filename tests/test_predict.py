@@ -141,9 +141,11 @@ def test_bad_sources_and_values_are_one_line_errors(models, tmp_path):  # the me
              ([str(onnx_path), str(tmp_path / "bad.png")], "could be run"),
              ([str(tmp_path / "nope.onnx"), str(tmp_path / "bad.png")], "does not exist"),
              ([str(onnx_path), str(tmp_path / "bad.png"), "--min-score", "2"], "within")]
-    for args, message in cases:
+    for i, (args, message) in enumerate(cases):
         with pytest.raises(SystemExit, match=message):
-            main(["predict", *args, "--out", str(tmp_path / "o")])
+            main(["predict", *args, "--out", str(tmp_path / f"o{i}")])
+    with pytest.raises(SystemExit, match="already exists"):  # the run that skipped bad.png wrote its JSON there
+        main(["predict", str(onnx_path), str(tmp_path / "bad.png"), "--out", str(tmp_path / "o2")])
 
 
 def test_unknown_runtime_is_refused_by_the_parser(models, tmp_path, capsys):

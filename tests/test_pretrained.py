@@ -38,6 +38,7 @@ def torch_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.mark.slow
 def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tmp_path):
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
     files = coco_files(tmp_path / "coco", COCO_IDS)
@@ -60,16 +61,20 @@ def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tm
     assert not conv1.bn_weight.requires_grad  # FrozenBatchNorm2d's affine stays frozen under QAT
     # `fqn convert`'s CLI is tested on tiny models (tests/int8/test_compare.py); here compare converts this
     # checkpoint with the same convert_int8, so the R50 recipe's int8 file is checked below without a second export.
-    # `--peers` with no name: no peer rows (ORT quantize_static and torchao are tested on tiny models there)
-    compare = fqn("compare", "--qat", str(ckpt), "--config", str(config), "--out", str(tmp_path / "cmp"),
-                  "--ptq-bits", "8", "--peers", "--runs", "1", "--n-cal", "2", "--threads", "1",
-                  "--runtimes", "onnxruntime", cwd=tmp_path,
+    # no peer rows (ORT quantize_static and torchao are tested on tiny models there); the data: the checkpoint's own
+    assert ckpt == tmp_path / "runs" / "coco_tiny" / "checkpoints" / "last.ckpt"  # the run folder of its config
+    compare = fqn("compare", "--qat", str(ckpt), "--out", str(tmp_path / "cmp"),
+                  "--ptq-bits", "8", "--no-peers", "--runs", "1", "--n-cal", "2", "--threads", "1",
+                  "--runtime", "onnxruntime", cwd=tmp_path,
                   env=env)
     assert compare.returncode == 0, compare.stderr[-3000:]
-    rows = {r["name"]: r for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]}
-    assert {"fqn PTQ w8a8", "fqn QAT w4a4"} <= set(rows)
-    qat_file = tmp_path / "cmp" / Path(rows["fqn QAT w4a4"]["file"]).name
-    assert qat_file.is_file() and qat_file.stat().st_size > 0 and math.isfinite(rows["fqn QAT w4a4"]["AP"])
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["machine"]["data_source"] == "coco" and saved["machine"]["val_images"] == 2
+    rows = {r["name"]: r for r in saved["rows"]}
+    qat = "fqn QAT w4a4 (coco_tiny)"  # named after its run
+    assert {"fqn PTQ w8a8", qat} <= set(rows)
+    qat_file = tmp_path / "cmp" / Path(rows[qat]["file"]).name
+    assert qat_file.is_file() and qat_file.stat().st_size > 0 and math.isfinite(rows[qat]["AP"])
     assert any(r["method"] == "fp32" for r in rows.values())  # the FP32 model: torchvision's weights, from the cache
 
 

@@ -31,7 +31,7 @@ def peak_rss_mib() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--ptq-bits", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=8, help="layers held at once")
     parser.add_argument("--out", default="analyze_memory.json")
     parser.add_argument("--report", help="also write the pictures and report into this folder")
@@ -48,13 +48,13 @@ def main() -> None:
         model.backbone.train()
         model.backbone(torch.stack(images[:1]))
     model.eval()
-    model = prepare_qat(model, QuantConfig(bits_w=a.bits, bits_a=a.bits, n_cal=1))
+    model = prepare_qat(model, QuantConfig(bits_w=a.ptq_bits, bits_a=a.ptq_bits, n_cal=1))
     calibrate(model, [[img] for img in images[:1]], 1, progress=False)
     after_setup = peak_rss_mib()
     t1 = time.perf_counter()
     stats, pictures = analyze_layers(model, images, keep=None, chunk=a.chunk, progress=True)
     t2 = time.perf_counter()
-    result = {"backbone": "resnet50", "image": [375, 1242], "images": a.images, "bits": a.bits, "chunk": a.chunk,
+    result = {"backbone": "resnet50", "image": [375, 1242], "images": a.images, "bits": a.ptq_bits, "chunk": a.chunk,
               "layers": len(comparable_points(model)), "layers_compared": len(stats), "pictures": len(pictures),
               "setup_s": round(t1 - t0, 1), "analyze_s": round(t2 - t1, 1),
               "peak_rss_mib_setup": round(after_setup), "peak_rss_mib": round(peak_rss_mib()),

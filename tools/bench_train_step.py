@@ -27,6 +27,7 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign
 
 from fqn import QuantConfig, build_detector, calibrate, prepare_qat
+from fqn.commands.common import provenance
 from fqn.commands.report import Column, columns, markdown_table, write_json
 from fqn.data.synthetic import SyntheticConfig, render
 from fqn.models.faster_rcnn import fast_roi_pool
@@ -143,8 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         rows.append(row)
                         print(markdown_table(rows[-1:], TABLE).splitlines()[-1], flush=True)
                         if args.out:
-                            write_json(args.out, {"device": _device_name(args.device), "threads": args.threads,
-                                                  "torch": torch.__version__, "rows": rows})
+                            write_json(args.out, {"device": _device_name(args.device),
+                                                  "machine": provenance(args.threads), "rows": rows})
     print("\n" + markdown_table(rows, TABLE))
     return rows
 

@@ -2,7 +2,7 @@
 
     python tools/ptq_calibrations.py runs/synthetic_float/checkpoints/last.ckpt --out bench/ptq_synthetic
     python tools/ptq_calibrations.py runs/street_float/checkpoints/last.ckpt \\
-        --config configs/street_float.yaml --out bench/ptq_street
+        --config street_float --out bench/ptq_street
 
 Every row post-training quantizes the same float model on the same calibration batches (the
 data's first ``--n-cal`` un-augmented training batches) and evaluates the fake-quant model on the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fqn.commands.cli import _data_module
+from fqn.commands.common import data_for, provenance
 from fqn.commands.report import columns, markdown_table, write_json
 from fqn.evaluation import evaluate_map
 from fqn.models.checkpoint import load_detector
@@ -38,7 +38,7 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
     model, hp = load_detector(float_ckpt)
     if getattr(model, "fqn_config", None) is not None:
         raise ValueError(f"{float_ckpt} is a quantized checkpoint; PTQ starts from the FP32 one")
-    data = _data_module(config, num_val)
+    data = data_for(float_ckpt, config, **({"num_val": num_val} if num_val is not None else {}))
     data.setup("validate")
     val = list(data.val_dataloader())
     cal = data.calibration_batches(n_cal)
@@ -51,7 +51,7 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
             row["gap_AP"] = row["AP"] - rows[0]["AP"]
         rows.append(row)
         write_json(out / "ptq_calibrations.json", {"float": str(float_ckpt), "config": config, "n_cal": n_cal,
-                                                   "rows": rows})
+                                                   "provenance": provenance(threads), "rows": rows})
         (out / "ptq_calibrations.md").write_text(markdown_table(rows, TABLE) + "\n")
         print(markdown_table(rows[-1:], TABLE).splitlines()[-1], flush=True)
 
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("float_ckpt", help="the FP32 checkpoint")
     parser.add_argument("--config", help="training config whose data: section gives val and calibration data "
-                        "(default: the synthetic set)")
+                        "(default: the data the checkpoint was trained on)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--ptq-bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--rules", nargs="+", default=["search", "percentile", "histogram", "minmax"],
                         choices=CALIBRATIONS)
     parser.add_argument("--bias-correction", choices=["off", "on", "both"], default="both")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     corrected = {"off": [False], "on": [True], "both": [False, True]}[args.bias_correction]
-    run(args.float_ckpt, args.config, args.out, bits=args.bits, rules=args.rules, bias_correction=corrected,
+    run(args.float_ckpt, args.config, args.out, bits=args.ptq_bits, rules=args.rules, bias_correction=corrected,
         n_cal=args.n_cal, num_val=args.num_val, threads=args.threads)
 
 

@@ -20,12 +20,14 @@ Tables (``--table``):
 from __future__ import annotations
 
 import json
+import os
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fqn.commands.common import command_line, provenance
+from fqn.commands.config_files import load_config
 from fqn.commands.report import Column, markdown_table, write_json, write_report
 from fqn.config import QuantConfig
 
@@ -242,7 +244,7 @@ def claim_grid(out: Path, spec: GridSpec, rows: list[Row]) -> None:
         if changed:
             raise ValueError(f"{out} holds a grid made with other settings ({', '.join(changed)}): use another "
                              f"--out, or delete {out} to start it again")
-    write_json(path, {"spec": asdict(spec), "rows": [asdict(r) for r in rows], "command": " ".join(sys.argv)})
+    write_json(path, {"spec": asdict(spec), "rows": [asdict(r) for r in rows], "command": command_line()})
 
 
 def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2) -> list[dict[str, Any]]:
@@ -270,7 +272,7 @@ def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2
             for result in pool.map(_worker, [(spec, r, threads) for r in todo]):
                 print(f"[fqn ablate] done: {result['row']} AP={result['AP']:.4f}", flush=True)
     results += [json.loads((out / "rows" / f"{r.slug}.json").read_text()) for r in rows]
-    write_outputs(out, results, " ".join(sys.argv))
+    write_outputs(out, results, command_line())
     return results
 
 
@@ -295,7 +297,8 @@ def write_outputs(out: Path, results: list[dict[str, Any]], command: str | None 
     """``table.md``, ``table.csv``, ``table.json`` and a TensorBoard hparams entry per row (``out/tensorboard``)."""
     footer = f"\nCommand: `{command}`; settings of every row: `grid.json`.\n" if command else ""
     fields = ["row", "qat", "bits", *METRICS, *(f"int8_{k}" for k in METRICS), "weight_MB", "file_MB"]
-    write_report(out, "table", _display(results), TABLE, meta={"command": command}, footer=footer, csv_keys=fields)
+    write_report(out, "table", _display(results), TABLE, meta={"command": command, "provenance": provenance()},
+                 footer=footer, csv_keys=fields)
     from torch.utils.tensorboard import SummaryWriter
 
     for r in results:
@@ -305,3 +308,21 @@ def write_outputs(out: Path, results: list[dict[str, Any]], command: str | None 
                    if isinstance(r.get(k), (int, float))}
         with SummaryWriter(str(out / "tensorboard" / "hparams")) as w:
             w.add_hparams(hparams, metrics, run_name=slug(r["row"]))
+
+
+def run_ablate(table: str, float_ckpt: str, out: str, config: str, *, bits: int = 4, steps: int | None = None,
+               rows: list[str] | None = None, jobs: int = 1, threads: int | None = None,
+               seed: int | None = None) -> list[dict[str, Any]]:
+    """``fqn ablate``: the table's rows (all, or those named in ``rows``) run as a resumable grid in ``out``."""
+    spec = grid_spec(float_ckpt, out, load_config(config), bits=bits, steps=steps, seed=seed)
+    chosen = table_rows(table, spec.steps)
+    if rows:
+        unknown = set(rows) - {r.name for r in chosen}
+        if unknown:
+            raise ValueError(f"unknown rows {sorted(unknown)}; the table has {[r.name for r in chosen]}")
+        chosen = [r for r in chosen if r.name in rows]
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
+    results = run_grid(spec, chosen, jobs=jobs, threads=threads)
+    print(markdown(results))
+    print(f"\ntable: {out}/table.md, {out}/table.csv; TensorBoard: tensorboard --logdir {out}/tensorboard")
+    return results

@@ -347,3 +347,65 @@ def report_markdown(stats: list[LayerError], sensitivity: list[dict[str, Any]] |
         lines += ["", markdown_table(sensitivity[:worst], SENSITIVITY_TABLE)]
         lines += ["", f"keep_float: {keep_float_patterns(sensitivity)}"]
     return "\n".join(lines) + "\n"
+
+
+def run_analyze(checkpoint: str | Path, out: str | Path, *, ptq_bits: int | None = None, config: str | None = None,
+                calibration: str = "search", bias_correction: bool = False, n_cal: int = 20, images: int = 4,
+                plot_layers: Sequence[str] | None = None, sensitivity: bool = False, layer_bits: float | None = None,
+                int8: str | None = None) -> Path:
+    """``fqn analyze``: the report of `analyze_layers` (and, if asked, of `layer_sensitivity` and the mixed-precision
+    layer choice) for a QAT checkpoint, or a float one post-training quantized at ``ptq_bits``, on its own data."""
+    import itertools
+
+    from fqn.commands.common import data_for, fresh_file, quantized_model
+
+    out = Path(out)
+    fresh_file(out / "report.md")
+    data = data_for(checkpoint, config)
+    model = quantized_model(checkpoint, ptq_bits, data, calibration=calibration, bias_correction=bias_correction,
+                            n_cal=n_cal)
+    data.setup("validate")
+    pairs = list(itertools.islice(((img, t) for b in data.val_dataloader() for img, t in zip(*b)), max(1, images)))
+    pictured = [p[0] for p in pairs]
+    if int8 == "":
+        from fqn.int8 import convert_int8
+
+        int8 = str(convert_int8(model, fresh_file(out / "model_int8.onnx"), pictured[:1]))
+        print(f"int8 model: {int8}")
+    stats, pictures = analyze_layers(model, pictured, keep=plot_layers or None, progress=True, int8=int8)
+    if not plot_layers:  # the 4 worst layers that have pictures (conv feature maps)
+        worst = [s.layer for s in stats if s.layer in pictures][:4]
+        pictures = {k: pictures[k] for k in worst}
+    ranking = layer_sensitivity(model, pictured, progress=True) if sensitivity else None
+    if int8:  # the boxes drawn come from the model whose activations were compared
+        from fqn.int8 import load_int8
+
+        prediction = load_int8(int8)([pictured[0]])[0]
+    else:
+        prediction = model.eval()([pictured[0]])[0]
+    if layer_bits is not None:
+        write_layer_bits(model, pictured, layer_bits, out)
+    source = f"int8 model {int8}" if int8 else "fake-quant model"
+    write_report(out, stats, pictures, pictured[0], pairs[0][1], prediction, ranking, data.class_names, source=source)
+    print(report_markdown(stats, ranking, source=source))
+    print(f"pictures and tables: {out}; TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    return out
+
+
+def write_layer_bits(model: nn.Module, images: Sequence[Tensor], budget: float, out: Path) -> dict[str, int]:
+    """`choose_layer_bits` on a one-layer-at-a-time ranking, as a ``layer_bits:`` block to paste into a config."""
+    import yaml
+
+    cfg = model.fqn_config
+    if min(cfg.bits_w, cfg.bits_a) >= 8:
+        raise ValueError("--layer-bits: this model is already 8-bit; mixed precision raises the layers of a "
+                         "lower-bit (e.g. w4a4) model to 8 bits")
+    ranking = layer_sensitivity(model, images, mode="only", progress=True)
+    bits = choose_layer_bits(ranking, low=min(cfg.bits_w, cfg.bits_a), high=8, budget=budget)
+    out.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump({"layer_bits": bits}, sort_keys=False)
+    (out / "layer_bits.yaml").write_text(f"# fqn analyze --layer-bits {budget}: the layers that quantized alone at "
+                                         f"{cfg.bits_w} bits add the most output noise per weight bit\n{text}")
+    print(f"mixed precision, {len(bits)} layers at 8 bits within {budget:g} of the {cfg.bits_w}-bit weight storage "
+          f"(model.quant.layer_bits, also in {out / 'layer_bits.yaml'}):\n{text}")
+    return bits

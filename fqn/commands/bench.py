@@ -1,7 +1,7 @@
-"""Latency and peak memory of every way to run a Faster R-CNN on a CPU, at the image sizes users run.
+"""``fqn bench``: latency and peak memory of every way to run a Faster R-CNN on a CPU, at the image sizes users run.
 
-    python tools/bench_runtimes.py --out bench_runtimes                       # R18+R50 x 160/KITTI/COCO
-    python tools/bench_runtimes.py --backbones resnet50 --sizes kitti --runs 10 --out bench_kitti
+    fqn bench --out bench                                          # R18+R50 x 160/KITTI/COCO
+    fqn bench --backbones resnet50 --sizes kitti --runs 10 --out bench_kitti
 
 For each backbone and size: FP32 eager PyTorch; the FP32 ONNX file in ONNX Runtime and OpenVINO; fqn's w8a8
 and w4a4 files (PTQ) opened plainly in both runtimes, as a deployer opens them; the packed-INT4 storage
@@ -19,7 +19,6 @@ written to OUT/bench.json and OUT/bench.md after every group, so an interrupted 
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 SIZES = {"160": (160, 160), "kitti": (375, 1242), "coco": (800, 1333)}  # image H x W; the detector keeps it
+PARTS = ("detector", "backbone_fpn")
 PATHS = [  # (name, file key, runtime, how the file is opened)
     ("FP32 eager PyTorch", "eager", "torch", ""),
     ("FP32 ONNX Runtime", "fp32", "onnxruntime", "plain"),
@@ -55,11 +55,9 @@ def _runner(path: Path, runtime: str, how: str, threads: int) -> Any:
 
             session, _ = make_session(path, threads)
         else:
-            import onnxruntime as ort
+            from fqn.int8.runtime import ort_session
 
-            from fqn.int8.runtime import session_options
-
-            session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+            session = ort_session(str(path), threads)
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})
     from fqn.int8.runtime import OpenVinoSession
@@ -130,8 +128,8 @@ def export_files(model: Any, images: list[torch.Tensor], folder: Path) -> dict[t
 
 def peak_memory(spec: dict[str, Any]) -> dict[str, float]:
     """Peak RSS (MB) of a fresh process that opens one path and runs it twice, and its increase over imports."""
-    out = subprocess.run([sys.executable, __file__, "--probe", json.dumps(spec)], capture_output=True, text=True,
-                         timeout=1800)
+    out = subprocess.run([sys.executable, "-m", "fqn.commands.bench", json.dumps(spec)], capture_output=True,
+                         text=True, timeout=1800)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")), None)
     if line is None:
         raise RuntimeError(f"memory probe failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
@@ -238,39 +236,29 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
             + ("\nFailed:\n" + "\n".join(failed) + "\n" if failed else ""))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench_runtimes")
-    parser.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50"])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--parts", nargs="+", default=["detector", "backbone_fpn"],
-                        choices=["detector", "backbone_fpn"])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.probe:
-        _probe(json.loads(args.probe))
-        return
-    from fqn.commands.compare import machine_info
+def run_bench(out: str | Path, *, backbones: list[str], sizes: list[str], parts: list[str], runs: int = 5,
+              warmup: int = 1, threads: int | None = None, memory: bool = True) -> list[dict[str, Any]]:
+    """Every path for each backbone and size; ``OUT/bench.json`` and ``OUT/bench.md`` rewritten after each group."""
+    from fqn.commands.common import fresh_file, provenance
     from fqn.commands.report import write_json
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    info = {**machine_info(args.threads), "runs": args.runs, "warmup": args.warmup,
-            "command": "python tools/bench_runtimes.py " + " ".join(sys.argv[1:])}
+    out = Path(out)
+    fresh_file(out / "bench.json")
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    info = {**provenance(threads), "runs": runs, "warmup": warmup}
     rows: list[dict[str, Any]] = []
-    for backbone in args.backbones:
-        for size in args.sizes:
-            rows += bench_group(backbone, size, out / "files" / f"{backbone}_{size}", args.runs, args.warmup,
-                                args.threads, args.parts, not args.no_memory)
+    for backbone in backbones:
+        for size in sizes:
+            rows += bench_group(backbone, size, out / "files" / f"{backbone}_{size}", runs, warmup, threads, parts,
+                                memory)
             write_json(out / "bench.json", {"machine": info, "rows": rows})
             (out / "bench.md").write_text(markdown(rows, info))
             print(markdown([r for r in rows if r["backbone"] == backbone and r["size"] == size], info), flush=True)
     print(f"results: {out / 'bench.json'}, {out / 'bench.md'}")
+    return rows
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the peak-memory probe: `python -m fqn.commands.bench SPEC` in a fresh process
+    _probe(json.loads(sys.argv[1]))

@@ -1,9 +1,20 @@
-"""The ``fqn`` command. Thin: LightningCLI for fit/validate/test; convert, predict, compare, quickstart and demo.
+"""The ``fqn`` command: it parses arguments and calls one function per command; it decides nothing.
 
-    fqn fit --config configs/synthetic_float.yaml
-    fqn fit --config configs/synthetic_w4a4.yaml --trainer.max_steps 500
-    fqn validate --config configs/synthetic_w4a4.yaml --ckpt_path runs/.../last.ckpt
-    fqn fit --print_config
+    fqn fit --config synthetic_float              # LightningCLI: fit / validate / test
+    fqn convert runs/synthetic_w4a4/checkpoints/last.ckpt --out int8/
+    fqn evaluate int8/qat_w4a4.onnx --out scores/
+    fqn --version
+
+One vocabulary across commands (docs/cli.md lists every option; a test keeps it equal to these parsers):
+
+* a command that reads one model takes it as its first argument (a checkpoint, or an ``.onnx`` file where it can
+  run one); a command that sets several models side by side names their roles: ``--float``, ``--qat``;
+* every command writes into ``--out DIR``, and never over an earlier result;
+* ``--config NAME|FILE``: a config fqn ships, by name, or a file; without it, the data a model was trained on;
+* ``--ptq-bits``, ``--qat-bits``: the bit-widths of the PTQ models made and the QAT runs trained;
+  ``--no-ptq``, ``--no-qat``, ``--no-peers`` leave them out (a list option needs at least one value);
+* ``--runtime``: onnxruntime | openvino; ``--peers``: onnxruntime (its quantize_static) | torchao (pt2e);
+* ``--threads N``: CPU threads (default: torch's, one per core); ``--n-cal``: calibration batches (20).
 
 A data or config error (a bad label, a missing image, ``bits_w: 3.5``) ends the command with one line naming the file
 and what is wrong, exit status 1. ``fqn --debug ...`` (or ``FQN_DEBUG=1``) shows the full traceback instead.
@@ -16,304 +27,152 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from fqn.commands.config_files import ConfigError, expand_config_bases, load_config, read_config_chain
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-__all__ = ["main", "ConfigError", "expand_config_bases", "load_config", "read_config_chain"]
+RUNTIMES = ("onnxruntime", "openvino")
+PEERS = ("onnxruntime", "torchao")
+BITS = range(2, 9)
+__all__ = ["main", "parsers", "ConfigError", "expand_config_bases", "load_config", "read_config_chain"]
 
 
 def lightning_main(argv: list[str]) -> None:
-    """Run a LightningCLI subcommand on `DetectionModule` and `DetectionDataModule`."""
-    import tempfile
+    """Run a LightningCLI subcommand on `DetectionModule` and `DetectionDataModule` (see `fqn.commands.lightning`)."""
+    from fqn.commands.lightning import run_lightning
 
-    from pytorch_lightning.cli import LightningCLI
-
-    from fqn.data.datamodule import DetectionDataModule
-    from fqn.train.module import DetectionModule
-
-    class FqnCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            # the data needs the head's size: a 91-class head is torchvision's COCO head (labels = category ids)
-            parser.link_arguments("model.num_classes", "data.head_classes", apply_on="parse")
-
-    sys.argv = sys.argv[:1]  # the arguments come through args=, expanded
-    with tempfile.TemporaryDirectory(prefix="fqn-config-") as tmp:
-        FqnCLI(DetectionModule, DetectionDataModule, args=expand_config_bases(argv, tmp),
-               seed_everything_default=0, save_config_kwargs={"overwrite": True},
-               parser_kwargs={"exit_on_error": False})  # a parse error is one line from main(), not the usage
+    run_lightning(argv)
 
 
-def demo_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="fqn demo", description="one-minute API demo: prepare, calibrate and "
-                                     "compare w8a8/w4a4 detectors against a random float one (no training)")
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--n-cal", type=int, default=4)
-    args = parser.parse_args(argv)
-    from fqn.commands.demo import print_demo, run_demo
+# ---- shared options: one name and one meaning each ----------------------------------------------------------------
 
-    print_demo(run_demo(args.backbone, args.size, args.n_cal))
+def _parser(name: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"fqn {name}", description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
-def quickstart_main(argv: list[str]) -> None:
-    from fqn.commands.quickstart import QuickstartConfig, run_quickstart
-
-    d = QuickstartConfig()
-    parser = argparse.ArgumentParser(
-        prog="fqn quickstart", description="synthetic data, CPU, ~11 min on 2 cores: float training (cached), fqn "
-        "QAT at 4 bits with learned ranges, PTQ at 8 and 4 bits, int8 ONNX files, and the comparison with FP32 "
-        "and the ORT / torchao peers")
-    parser.add_argument("--out", default=d.out, help="output folder (checkpoints, TensorBoard, int8 files)")
-    parser.add_argument("--backbone", default=d.backbone)
-    parser.add_argument("--size", type=int, default=d.size, help="image side in pixels")
-    parser.add_argument("--float-steps", type=int, default=d.float_steps)
-    parser.add_argument("--qat-steps", type=int, default=d.qat_steps)
-    parser.add_argument("--qat-bits", type=int, nargs="*", default=list(d.qat_bits), choices=range(2, 9),
-                        help="QAT runs (default: 4; `--qat-bits 8 4` adds the 8-bit one, about 2.5 min)")
-    parser.add_argument("--ptq-bits", type=int, nargs="*", default=list(d.ptq_bits), choices=range(2, 9))
-    parser.add_argument("--num-val", type=int, default=d.num_val)
-    parser.add_argument("--n-cal", type=int, default=d.n_cal)
-    parser.add_argument("--peers", nargs="*", default=list(d.peers), choices=["ort", "torchao"])
-    parser.add_argument("--runs", type=int, default=d.runs, help="timed runs per model")
-    parser.add_argument("--threads", type=int, default=d.threads)
-    a = parser.parse_args(argv)
-    cfg = QuickstartConfig(out=a.out, backbone=a.backbone, size=a.size, float_steps=a.float_steps,
-                           qat_steps=a.qat_steps, qat_bits=tuple(a.qat_bits), ptq_bits=tuple(a.ptq_bits),
-                           num_val=a.num_val, n_cal=a.n_cal,
-                           peers=tuple(a.peers), runs=a.runs, threads=a.threads)
-    run_quickstart(cfg)
+def _model(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("model", metavar="MODEL", help=what)
 
 
-def ablate_main(argv: list[str]) -> None:
-    from fqn.commands.ablate import TABLES, grid_spec, markdown, run_grid, table_rows
-
-    parser = argparse.ArgumentParser(
-        prog="fqn ablate", description="the FQN paper's ablation tables as resumable grids of QAT/PTQ runs")
-    parser.add_argument("--table", required=True, choices=TABLES)
-    parser.add_argument("--float", dest="float_ckpt", required=True, help="the FP32 checkpoint every row starts from")
-    parser.add_argument("--out", required=True, help="grid folder; re-running resumes the rows not yet done")
-    parser.add_argument("--config", default=None, help="training config (model, data, trainer sections), e.g. "
-                        "configs/synthetic_w4a4.yaml")
-    parser.add_argument("--bits", type=int, default=4, choices=range(2, 9))
-    parser.add_argument("--steps", type=int, help="QAT steps per row (default: the config's trainer.max_steps)")
-    parser.add_argument("--rows", nargs="*", help="run only these rows (names as in the table)")
-    parser.add_argument("--jobs", type=int, default=1, help="rows in parallel processes")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per row")
-    parser.add_argument("--seed", type=int, help="data seed (shuffle, augmentation, calibration batches) instead of "
-                        "the config's data.seed: a second seed of a table, in its own --out folder")
-    a = parser.parse_args(argv)
-    spec = grid_spec(a.float_ckpt, a.out, load_config(a.config), bits=a.bits, steps=a.steps, seed=a.seed)
-    rows = table_rows(a.table, spec.steps)
-    if a.rows:
-        unknown = set(a.rows) - {r.name for r in rows}
-        if unknown:
-            raise ValueError(f"unknown rows {sorted(unknown)}; the table has {[r.name for r in rows]}")
-        rows = [r for r in rows if r.name in a.rows]
-    results = run_grid(spec, rows, jobs=a.jobs, threads=a.threads)
-    print(markdown(results))
-    print(f"\ntable: {a.out}/table.md, {a.out}/table.csv; TensorBoard: tensorboard --logdir {a.out}/tensorboard")
+def _out(p: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    p.add_argument("--out", metavar="DIR", required=default is None, default=default,
+                   help=f"output folder: {what}; an earlier result there is never overwritten")
 
 
-def analyze_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="fqn analyze", description="per-layer activation error of a quantized checkpoint against its float "
-        "phase: ranked table, channel-max / error maps, hexbin plots, layer sensitivity")
-    parser.add_argument("checkpoint", help="a QAT checkpoint (a float one needs --ptq-bits)")
-    parser.add_argument("--out", required=True, help="folder for the PNGs, report.md, layers.json, TensorBoard")
-    parser.add_argument("--ptq-bits", type=int, choices=range(2, 9), metavar="{2..8}",
-                        help="post-training quantize a float checkpoint at this bit-width first (e.g. 4 with "
-                        "--layer-bits: pick the 8-bit layers before any QAT)")
-    _add_ptq_arguments(parser)
-    parser.add_argument("--n-cal", type=int, default=20, help="calibration batches (PTQ)")
-    parser.add_argument("--config", help="training config whose data: section gives the images")
-    parser.add_argument("--images", type=int, default=4, help="validation images to analyse")
-    parser.add_argument("--plot-layers", nargs="*", help="layers to draw (default: the 4 worst)")
-    parser.add_argument("--sensitivity", action="store_true", help="also rank layers by keeping each one float")
-    parser.add_argument("--layer-bits", type=float, metavar="BUDGET",
-                        help="mixed precision: quantize each layer alone, rank them, and write the quant.layer_bits "
-                        "(8-bit layers) whose added weight bits fit BUDGET, a fraction of the low-bit weight storage "
-                        "(e.g. 0.25), to OUT/layer_bits.yaml for a fit config")
-    parser.add_argument("--int8", nargs="?", const="", metavar="ONNX",
-                        help="compare the int8 model's activations (ONNX Runtime integer kernels) instead of the "
-                        "fake-quant ones; ONNX: a file `fqn convert` wrote from this checkpoint (default: convert "
-                        "it now into OUT/model_int8.onnx)")
-    a = parser.parse_args(argv)
-    import itertools
-    import pathlib
-
-    from fqn.commands import analyze
-
-    model, _ = _quantized_model(a, "fqn analyze", "analyze", 4)
-    data = _data_module(a.config, None)
-    data.setup("validate")
-    pairs = list(itertools.islice(((img, t) for b in data.val_dataloader() for img, t in zip(*b)),
-                                  max(1, a.images)))
-    images = [p[0] for p in pairs]
-    int8 = a.int8
-    if int8 == "":
-        from fqn.int8 import convert_int8
-
-        int8 = convert_int8(model, pathlib.Path(a.out) / "model_int8.onnx", images[:1])
-        print(f"int8 model: {int8}")
-    stats, pictures = analyze.analyze_layers(model, images, keep=a.plot_layers or None, progress=True, int8=int8)
-    if not a.plot_layers:  # the 4 worst layers that have pictures (conv feature maps)
-        worst = [s.layer for s in stats if s.layer in pictures][:4]
-        pictures = {k: pictures[k] for k in worst}
-    ranking = analyze.layer_sensitivity(model, images, progress=True) if a.sensitivity else None
-    if int8:  # the boxes drawn come from the model whose activations were compared
-        from fqn.int8 import load_int8
-
-        prediction = load_int8(int8)([images[0]])[0]
-    else:
-        prediction = model.eval()([images[0]])[0]
-    if a.layer_bits is not None:
-        _write_layer_bits(model, images, a.layer_bits, pathlib.Path(a.out))
-    source = f"int8 model {int8}" if int8 else "fake-quant model"
-    out = analyze.write_report(a.out, stats, pictures, images[0], pairs[0][1], prediction, ranking,
-                               data.class_names, source=source)
-    print(analyze.report_markdown(stats, ranking, source=source))
-    print(f"pictures and tables: {out}; TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+def _config(p: argparse.ArgumentParser, what: str = "data") -> None:
+    p.add_argument("--config", metavar="NAME|FILE",
+                   help=f"training config whose {what} to use: a config fqn ships (e.g. synthetic_w4a4) or a YAML "
+                   "file (default: the data the model was trained on, as its checkpoint records it)")
 
 
-def _write_layer_bits(model: Any, images: list, budget: float, out: Path) -> None:
-    """`choose_layer_bits` on a one-layer-at-a-time ranking, as a ``layer_bits:`` block to paste into a config."""
-    import yaml
-
-    from fqn.commands import analyze
-
-    cfg = model.fqn_config
-    if min(cfg.bits_w, cfg.bits_a) >= 8:
-        raise SystemExit("fqn analyze --layer-bits: this checkpoint is already 8-bit; mixed precision raises the "
-                         "layers of a lower-bit (e.g. w4a4) model to 8 bits")
-    ranking = analyze.layer_sensitivity(model, images, mode="only", progress=True)
-    bits = analyze.choose_layer_bits(ranking, low=min(cfg.bits_w, cfg.bits_a), high=8, budget=budget)
-    out.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump({"layer_bits": bits}, sort_keys=False)
-    (out / "layer_bits.yaml").write_text(f"# fqn analyze --layer-bits {budget}: the layers that quantized alone at "
-                                         f"{cfg.bits_w} bits add the most output noise per weight bit\n{text}")
-    print(f"mixed precision, {len(bits)} layers at 8 bits within {budget:g} of the {cfg.bits_w}-bit weight storage "
-          f"(model.quant.layer_bits, also in {out / 'layer_bits.yaml'}):\n{text}")
+def _bits(p: argparse.ArgumentParser, flag: str, what: str, default: list[int] | int | None, many: bool = True,
+          none: str | None = None) -> None:
+    """``--ptq-bits`` / ``--qat-bits``; ``none``: the help of its ``--no-ptq`` / ``--no-qat`` switch."""
+    p.add_argument(flag, type=int, choices=BITS, metavar="BITS", nargs="+" if many else None, default=default,
+                   help=f"{what} (weights and activations, 2-8)")
+    if none:
+        p.add_argument(f"--no-{flag[2:].removesuffix('-bits')}", dest=flag[2:].replace("-", "_"),
+                       action="store_const", const=[], help=none)
 
 
-def _quantized_model(args: argparse.Namespace, prog: str, verb: str, example_bits: int) -> tuple[Any, dict]:
-    """The quantized model of ``args.checkpoint``: a QAT checkpoint as it is, a float one post-training quantized
-    with the PTQ options (``--ptq-bits``, ``--calibration``, ``--bias-correction``, ``--n-cal``, ``--config``)."""
-    from fqn.models.checkpoint import load_detector
-
-    model, hp = load_detector(args.checkpoint)
-    quantized = getattr(model, "fqn_config", None) is not None
-    if quantized and args.ptq_bits:
-        raise SystemExit(f"{prog}: --ptq-bits needs a float checkpoint; this one is already quantized")
-    if not quantized and not args.ptq_bits:
-        raise SystemExit(f"{prog}: {args.checkpoint} is a float-only checkpoint: {verb} a QAT checkpoint, "
-                         f"or add --ptq-bits {example_bits} to post-training quantize it first")
-    if args.ptq_bits:
-        from fqn.ptq import post_training_quantize, ptq_config
-
-        cfg = ptq_config(args.ptq_bits, args.calibration, n_cal=args.n_cal)
-        batches = _data_module(args.config, None).calibration_batches(args.n_cal)
-        model = post_training_quantize(model, batches, cfg, bias_correction=args.bias_correction)
-    return model, hp
-
-
-def _data_module(config: str | None, num_val: int | None):
-    """The data of a training config (default: the synthetic set), un-augmented, told the model's head size."""
-    from fqn.data.datamodule import DetectionDataModule
-
-    overrides = {"augment": False, **({"num_val": num_val} if num_val is not None else {})}
-    return DetectionDataModule.from_config(load_config(config), **overrides)
-
-
-def _add_ptq_arguments(parser: argparse.ArgumentParser) -> None:
-    """How a PTQ row quantizes: the activation-range rule and bias correction (convert and compare alike)."""
+def _ptq_options(p: argparse.ArgumentParser) -> None:
+    """How fqn's PTQ quantizes: the activation-range rule, bias correction, calibration batches."""
     from fqn.ptq import CALIBRATIONS
 
-    parser.add_argument("--calibration", default="search", choices=CALIBRATIONS,
-                        help="PTQ activation ranges: search (per layer, the least measured error of min/max, "
-                        "percentile and L2; default), or one rule for every layer")
-    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
-                        help="PTQ: remove each layer's weight-rounding shift of its output mean (default: off; it "
-                        "did not pay on the synthetic benchmark, see the README)")
+    p.add_argument("--calibration", default="search", choices=CALIBRATIONS,
+                   help="PTQ activation ranges: search (per layer, the least measured error of min/max, percentile "
+                   "and L2), or one rule for every layer")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="PTQ: remove each layer's weight-rounding shift of its output mean")
+    p.add_argument("--n-cal", type=int, default=20, metavar="N", help="calibration batches (training images, "
+                   "un-augmented, drawn with the data seed)")
 
 
-def convert_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="fqn convert", description="write a QAT checkpoint (or, with --ptq-bits, a PTQ of a float checkpoint) "
-        "as one int8 ONNX file that ONNX Runtime and OpenVINO run on integer kernels (at <= 4 bits, also a "
-        "packed-INT4 copy for storage)")
-    parser.add_argument("checkpoint", help="a QAT checkpoint (runs/.../last.ckpt); a float one needs --ptq-bits")
-    parser.add_argument("output", help="the .onnx file to write")
-    parser.add_argument("--ptq-bits", type=int, choices=range(2, 9), metavar="{2..8}",
-                        help="post-training quantize a float checkpoint at this bit-width first")
-    _add_ptq_arguments(parser)
-    parser.add_argument("--n-cal", type=int, default=20, help="calibration batches (PTQ)")
-    parser.add_argument("--config", help="training config whose data: section gives the calibration data")
-    args = parser.parse_args(argv)
-    from fqn.data.synthetic import synthetic_scenes
-    from fqn.int8 import convert_int8
-
-    model, hp = _quantized_model(args, "fqn convert", "convert", 8)
-    example = synthetic_scenes(1, hp["min_size"])
-    cfg = model.fqn_config
-    meta = {"source": str(args.checkpoint)}
-    path = convert_int8(model, args.output, example, metadata=meta)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {cfg.flags} w{cfg.bits_w}a{cfg.bits_a}): the file to "
-          "deploy; ONNX Runtime and OpenVINO run it on integer kernels as they open it. Try it with "
-          f"`fqn predict {path} IMAGE_OR_FOLDER --out OUT` or fqn.load_int8('{path}')")
-    if cfg.bits_w <= 4:
-        packed = convert_int8(model, Path(args.output).with_suffix(".int4.onnx"), example, metadata=meta,
-                              pack_int4=True)
-        print(f"wrote {packed} ({packed.stat().st_size / 1e6:.1f} MB): the same model with packed INT4 weights, "
-              "for storage and transfer; fqn.load_int8 runs it (widening the weights in memory), a plain runtime "
-              "session runs it slower than float")
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's, one per core)")
 
 
-def compare_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="fqn compare", description="FP32 vs fqn PTQ vs fqn QAT vs ORT / torchao PTQ: accuracy, size, latency")
-    parser.add_argument("--float", dest="float_ckpt", help="the FP32 checkpoint (default: the float model the first "
-                        "--qat checkpoint was fine-tuned from: its init_from, or its torchvision weights)")
-    parser.add_argument("--qat", nargs="*", default=[], help="QAT checkpoints (any bit-widths)")
-    parser.add_argument("--out", required=True, help="output folder (compare.json, .onnx files, tensorboard/)")
-    parser.add_argument("--config", help="training config whose data: section gives the val/calibration data")
-    parser.add_argument("--ptq-bits", type=int, nargs="*", default=[8, 4])
-    _add_ptq_arguments(parser)
-    parser.add_argument("--n-cal", type=int, default=20)
-    parser.add_argument("--peers", nargs="*", default=["ort", "torchao"], choices=["ort", "torchao"])
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per model (median reported)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--num-val", type=int, help="synthetic validation images (default: the config's)")
-    parser.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "openvino"],
-                        help="where the ONNX files run (default: ONNX Runtime, and OpenVINO when installed)")
-    args = parser.parse_args(argv)
-    from fqn.commands.compare import run_compare
-
-    cmp = run_compare(args.float_ckpt, args.qat, args.out, _data_module(args.config, args.num_val),
-                      ptq_bits=args.ptq_bits, calibration=args.calibration,
-                      bias_correction=args.bias_correction, n_cal=args.n_cal, peers=args.peers,
-                      runs=args.runs, threads=args.threads, runtimes=args.runtimes)
-    print(cmp.markdown())
-    print(f"\nresults: {cmp.out / 'compare.json'}; TensorBoard: tensorboard --logdir {cmp.out / 'tensorboard'}")
+def _runtime(p: argparse.ArgumentParser, many: bool) -> None:
+    if many:
+        p.add_argument("--runtime", nargs="+", choices=RUNTIMES, metavar="RUNTIME",
+                       help="where the .onnx files run: onnxruntime, openvino (default: both, where OpenVINO is "
+                       "installed)")
+    else:
+        p.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES, help="runtime of an .onnx model "
+                       "(a checkpoint runs in PyTorch)")
 
 
-def predict_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="fqn predict", description="run an int8 .onnx file (or a checkpoint) on an image, a folder of images or "
-        "a video: detections as COCO-style JSON, drawn images (or a drawn video), images/s")
-    parser.add_argument("model", help="a .onnx file written by fqn convert, or a checkpoint (.ckpt)")
-    parser.add_argument("source", help="an image, a folder of images, or a video (.mp4, .avi, ...)")
-    parser.add_argument("--out", required=True, help="output folder: detections.json and drawn/")
-    parser.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
-                        help="runtime of a .onnx model (a checkpoint runs in PyTorch)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--min-score", type=float, default=0.05, help="detections below are left out of the JSON")
-    parser.add_argument("--draw-score", type=float, default=0.5, help="detections below are not drawn")
-    parser.add_argument("--no-draw", action="store_true", help="write the JSON only")
-    parser.add_argument("--class-names", nargs="+", help="names of labels 1, 2, ... (default: class_1, ...)")
-    a = parser.parse_args(argv)
+def _peers(p: argparse.ArgumentParser, default: list[str]) -> None:
+    p.add_argument("--peers", nargs="+", choices=PEERS, default=default, metavar="PEER",
+                   help="other PTQ tools on the same float model: onnxruntime (its quantize_static), torchao (pt2e "
+                   "X86InductorQuantizer)")
+    p.add_argument("--no-peers", dest="peers", action="store_const", const=[], help="no peer rows")
+
+
+def _num_val(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    p.add_argument("--num-val", type=int, metavar="N", default=default,
+                   help="validation images of the synthetic set (default: the data settings')")
+
+
+# ---- the commands: a parser and the one call it makes ---------------------------------------------------------------
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = _parser("convert", "write a quantized model as one int8 ONNX file that ONNX Runtime and OpenVINO run on "
+                "integer kernels as they open it (at <= 4 bits, also a packed-INT4 copy for storage)")
+    _model(p, "a QAT checkpoint, or a float checkpoint with --ptq-bits")
+    _out(p, "qat_wXaX.onnx or ptq_wXaX.onnx per model, each with a .json record of how it was made")
+    _bits(p, "--ptq-bits", "post-training quantize a float checkpoint at these bit-widths: one file each", None)
+    _ptq_options(p)
+    _config(p, "data: section calibrates the PTQ")
+    return p
+
+
+def convert_main(a: argparse.Namespace) -> None:
+    from fqn.commands.convert import run_convert
+
+    run_convert(a.model, a.out, ptq_bits=a.ptq_bits or [], config=a.config, calibration=a.calibration,
+                bias_correction=a.bias_correction, n_cal=a.n_cal)
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = _parser("evaluate", "score one model on validation data: COCO mAP (AP, AP50, ... AR100) and images/s; "
+                "an int8 .onnx file in either runtime, or a checkpoint in PyTorch (float or fake-quant)")
+    _model(p, "an .onnx file written by fqn convert, or a checkpoint (.ckpt)")
+    _out(p, "metrics.json")
+    _config(p)
+    _runtime(p, many=False)
+    _threads(p)
+    _num_val(p)
+    return p
+
+
+def evaluate_main(a: argparse.Namespace) -> None:
+    from fqn.commands.evaluate import run_evaluate
+
+    run_evaluate(a.model, a.out, config=a.config, runtime=a.runtime, threads=a.threads, num_val=a.num_val)
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = _parser("predict", "run a model on an image, a folder of images or a video: detections as COCO-style "
+                "JSON, drawn images (or a drawn video), images/s")
+    _model(p, "an .onnx file written by fqn convert, or a checkpoint (.ckpt)")
+    p.add_argument("source", metavar="SOURCE", help="an image, a folder of images, or a video (.mp4, .avi, ...)")
+    _out(p, "detections.json and drawn/")
+    _runtime(p, many=False)
+    _threads(p)
+    p.add_argument("--min-score", type=float, default=0.05, metavar="S",
+                   help="detections below are left out of the JSON")
+    p.add_argument("--draw-score", type=float, default=0.5, metavar="S", help="detections below are not drawn")
+    p.add_argument("--no-draw", action="store_true", help="write the JSON only")
+    p.add_argument("--class-names", nargs="+", metavar="NAME", help="names of labels 1, 2, ... (default: those "
+                   "the model file records, else class_1, class_2, ...)")
+    return p
+
+
+def predict_main(a: argparse.Namespace) -> None:
     from fqn.commands.predict import run_predict
 
     r = run_predict(a.model, a.source, a.out, runtime=a.runtime, threads=a.threads, min_score=a.min_score,
@@ -325,13 +184,219 @@ def predict_main(argv: list[str]) -> None:
     print(f"detections: {r.json_path}" + (f"; drawn: {r.drawn}" if r.drawn else ""))
 
 
-SUBCOMMANDS = {"convert": convert_main, "predict": predict_main,
-               "compare": compare_main, "ablate": ablate_main, "analyze": analyze_main,
-               "quickstart": quickstart_main, "demo": demo_main}
+def compare_parser() -> argparse.ArgumentParser:
+    p = _parser("compare", "FP32 vs fqn PTQ vs fqn QAT vs the peers' PTQ, on the same validation and calibration "
+                "images: mAP, file size, CPU latency, each int8 file in each runtime")
+    p.add_argument("--float", dest="float_ckpt", metavar="CKPT", help="the FP32 checkpoint (default: the float "
+                   "model the first --qat checkpoint was fine-tuned from)")
+    p.add_argument("--qat", nargs="+", default=[], metavar="CKPT", help="QAT checkpoints (any bit-widths); each "
+                   "row is named after its run")
+    _out(p, "compare.json, the .onnx files, tensorboard/")
+    _config(p, "data: section gives the validation and calibration images")
+    _bits(p, "--ptq-bits", "fqn PTQ rows at these bit-widths", [8, 4], none="no fqn PTQ rows")
+    _ptq_options(p)
+    _peers(p, list(PEERS))
+    _runtime(p, many=True)
+    p.add_argument("--runs", type=int, default=20, metavar="N", help="timed runs per model (median reported)")
+    _threads(p)
+    _num_val(p)
+    return p
 
 
-#: What a person can fix from one line: bad data or config values, missing files, bad command-line arguments.
-USER_ERRORS = (ValueError, OSError, argparse.ArgumentError)
+def compare_main(a: argparse.Namespace) -> None:
+    from fqn.commands.compare import run_compare_command
+
+    run_compare_command(a.float_ckpt, a.qat, a.out, config=a.config, num_val=a.num_val, ptq_bits=a.ptq_bits,
+                        calibration=a.calibration, bias_correction=a.bias_correction, n_cal=a.n_cal, peers=a.peers,
+                        runs=a.runs, threads=a.threads, runtimes=a.runtime)
+
+
+def quickstart_parser() -> argparse.ArgumentParser:
+    from fqn.commands.quickstart import QuickstartConfig
+
+    d = QuickstartConfig()
+    p = _parser("quickstart", "the whole job on the embedded synthetic data, on a CPU, with no download (its time "
+                "on 2 cores is in docs/quickstart.md): float training, fqn QAT at 4 bits with learned ranges, fqn PTQ "
+                "at 8 and 4 bits, int8 ONNX files, and the comparison with FP32 and the peers")
+    _out(p, "checkpoints, TensorBoard runs, compare/ (a finished run there with the same settings is reused)",
+         default=d.out)
+    p.add_argument("--backbone", default=d.backbone, choices=["resnet18", "resnet34", "resnet50",
+                                                               "mobilenet_v3_large"], help="the detector's backbone")
+    p.add_argument("--size", type=int, default=d.size, metavar="PX", help="image side in pixels")
+    p.add_argument("--float-steps", type=int, default=d.float_steps, metavar="N",
+                   help="float training steps (from scratch, AdamW, 4 images a step)")
+    p.add_argument("--qat-steps", type=int, default=d.qat_steps, metavar="N", help="QAT steps per bit-width")
+    _bits(p, "--qat-bits", "QAT runs at these bit-widths: `--qat-bits 8 4` adds the 8-bit one", list(d.qat_bits),
+          none="no QAT run")
+    _bits(p, "--ptq-bits", "fqn PTQ rows at these bit-widths", list(d.ptq_bits), none="no fqn PTQ rows")
+    _num_val(p, d.num_val)
+    p.add_argument("--n-cal", type=int, default=d.n_cal, metavar="N", help="calibration batches")
+    _peers(p, list(d.peers))
+    p.add_argument("--runs", type=int, default=d.runs, metavar="N", help="timed runs per model (median reported)")
+    _threads(p)
+    return p
+
+
+def quickstart_main(a: argparse.Namespace) -> None:
+    from fqn.commands.quickstart import QuickstartConfig, run_quickstart
+
+    run_quickstart(QuickstartConfig(out=a.out, backbone=a.backbone, size=a.size, float_steps=a.float_steps,
+                                    qat_steps=a.qat_steps, qat_bits=tuple(a.qat_bits), ptq_bits=tuple(a.ptq_bits),
+                                    num_val=a.num_val, n_cal=a.n_cal, peers=tuple(a.peers), runs=a.runs,
+                                    threads=a.threads))
+
+
+def ablate_parser() -> argparse.ArgumentParser:
+    from fqn.commands.ablate import TABLES
+
+    p = _parser("ablate", "the FQN paper's ablation tables as resumable grids of QAT/PTQ runs from one float model")
+    p.add_argument("--table", required=True, choices=TABLES)
+    p.add_argument("--float", dest="float_ckpt", required=True, metavar="CKPT",
+                   help="the FP32 checkpoint every row starts from")
+    _out(p, "rows/, runs/, table.md, table.csv, grid.json; re-running resumes the rows not yet done")
+    p.add_argument("--config", metavar="NAME|FILE", required=True,
+                   help="training config (model, data, trainer sections), e.g. synthetic_w4a4")
+    _bits(p, "--qat-bits", "the table's bit-width, every row's (the PTQ rows of --table calibration too)", 4,
+          many=False)
+    p.add_argument("--steps", type=int, metavar="N", help="QAT steps per row (default: the config's "
+                   "trainer.max_steps)")
+    p.add_argument("--rows", nargs="+", metavar="ROW", help="run only these rows (names as in the table)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="rows in parallel processes")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads per row (default: the cores / --jobs)")
+    p.add_argument("--seed", type=int, metavar="N", help="data seed (shuffle, augmentation, calibration batches) "
+                   "instead of the config's data.seed: a second seed of a table, in its own --out folder")
+    return p
+
+
+def ablate_main(a: argparse.Namespace) -> None:
+    from fqn.commands.ablate import run_ablate
+
+    run_ablate(a.table, a.float_ckpt, a.out, a.config, bits=a.qat_bits, steps=a.steps, rows=a.rows, jobs=a.jobs,
+               threads=a.threads, seed=a.seed)
+
+
+def analyze_parser() -> argparse.ArgumentParser:
+    p = _parser("analyze", "per-layer activation error of a quantized model against its float phase: ranked table, "
+                "channel-max / error maps, hexbin plots, layer sensitivity, mixed-precision layer choice")
+    _model(p, "a QAT checkpoint, or a float checkpoint with --ptq-bits")
+    _out(p, "PNGs, report.md, layers.json, tensorboard/")
+    _bits(p, "--ptq-bits", "post-training quantize a float checkpoint at this bit-width first", None, many=False)
+    _ptq_options(p)
+    _config(p)
+    p.add_argument("--images", type=int, default=4, metavar="N", help="validation images to analyse")
+    p.add_argument("--plot-layers", nargs="+", metavar="LAYER", help="layers to draw (default: the 4 worst)")
+    p.add_argument("--sensitivity", action="store_true", help="also rank layers by keeping each one float")
+    p.add_argument("--layer-bits", type=float, metavar="BUDGET",
+                   help="mixed precision: rank layers quantized one at a time and write the quant.layer_bits "
+                   "(8-bit layers) whose added weight bits fit BUDGET, a fraction of the low-bit weight storage "
+                   "(e.g. 0.25), to OUT/layer_bits.yaml")
+    p.add_argument("--int8", nargs="?", const="", metavar="ONNX",
+                   help="compare the int8 model's activations (ONNX Runtime integer kernels) instead of the "
+                   "fake-quant ones; ONNX: a file fqn convert wrote from this model (without it: converted now)")
+    return p
+
+
+def analyze_main(a: argparse.Namespace) -> None:
+    from fqn.commands.analyze import run_analyze
+
+    run_analyze(a.model, a.out, ptq_bits=a.ptq_bits, config=a.config, calibration=a.calibration,
+                bias_correction=a.bias_correction, n_cal=a.n_cal, images=a.images, plot_layers=a.plot_layers,
+                sensitivity=a.sensitivity, layer_bits=a.layer_bits, int8=a.int8)
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    from fqn.commands.bench import PARTS, SIZES
+
+    p = _parser("bench", "latency and peak memory of every way to run a Faster R-CNN on this CPU, at the image sizes "
+                "users run: FP32 eager, FP32 ONNX, fqn's w8a8 and w4a4 files in ONNX Runtime and OpenVINO, the "
+                "packed-INT4 file, ONNX Runtime's quantize_static (random weights: latency, not accuracy)")
+    _out(p, "bench.json, bench.md, the .onnx files")
+    p.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50"], metavar="BACKBONE",
+                   help="random-weight R-CNNs to build (resnet18, resnet34, resnet50, mobilenet_v3_large)")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES),
+                   help="160: 160x160; kitti: 375x1242; coco: 800x1333")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                   help="the whole detector and/or the backbone+FPN alone")
+    p.add_argument("--runs", type=int, default=5, metavar="N", help="timed runs per path (median reported)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per path first")
+    _threads(p)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    return p
+
+
+def bench_main(a: argparse.Namespace) -> None:
+    from fqn.commands.bench import run_bench
+
+    run_bench(a.out, backbones=a.backbones, sizes=a.sizes, parts=a.parts, runs=a.runs, warmup=a.warmup,
+              threads=a.threads, memory=not a.no_memory)
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    p = _parser("demo", "one-minute API demo: prepare, calibrate and compare w8a8/w4a4 detectors against a random "
+                "float one (no training, no data; SQNR, not accuracy)")
+    p.add_argument("--backbone", default="resnet18", help="the detector's backbone")
+    p.add_argument("--size", type=int, default=256, metavar="PX", help="image side in pixels")
+    p.add_argument("--n-cal", type=int, default=4, metavar="N", help="calibration images")
+    return p
+
+
+def demo_main(a: argparse.Namespace) -> None:
+    from fqn.commands.demo import print_demo, run_demo
+
+    print_demo(run_demo(a.backbone, a.size, a.n_cal))
+
+
+#: name -> (parser builder, runner); the order is the one `fqn --help` and docs/cli.md list them in
+COMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], None]]] = {
+    "quickstart": (quickstart_parser, quickstart_main),
+    "convert": (convert_parser, convert_main),
+    "evaluate": (evaluate_parser, evaluate_main),
+    "predict": (predict_parser, predict_main),
+    "compare": (compare_parser, compare_main),
+    "analyze": (analyze_parser, analyze_main),
+    "ablate": (ablate_parser, ablate_main),
+    "bench": (bench_parser, bench_main),
+    "demo": (demo_parser, demo_main),
+}
+SUMMARIES = {
+    "fit": "train or fine-tune (QAT) a detector from a config (LightningCLI)",
+    "validate": "score a checkpoint on a config's validation data (LightningCLI)",
+    "test": "score a checkpoint on a config's test data (LightningCLI)",
+    "quickstart": "the whole job on the embedded data: float, QAT, PTQ, int8 files, comparison",
+    "convert": "a checkpoint to an int8 ONNX file (PTQ first for a float one)",
+    "evaluate": "mAP of one model: an int8 file in ONNX Runtime or OpenVINO, or a checkpoint",
+    "predict": "detections on images, a folder or a video: JSON and drawn pictures",
+    "compare": "FP32 vs fqn PTQ vs fqn QAT vs peers: mAP, size, latency",
+    "analyze": "per-layer activation error, pictures, layer sensitivity, mixed-precision choice",
+    "ablate": "the FQN paper's ablation tables as resumable grids",
+    "bench": "latency and memory of every runtime path at the sizes users run",
+    "demo": "one-minute API demo on a random model (no data)",
+}
+
+
+def parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every fqn command's parser (not Lightning's), for the CLI reference page."""
+    return {name: build() for name, (build, _) in COMMANDS.items()}
+
+
+def usage() -> str:
+    """What ``fqn --help`` prints."""
+    import fqn
+
+    width = max(map(len, SUMMARIES))
+    lines = [f"fqn {fqn.__version__}: fully quantized Faster R-CNN (FQN QAT, PTQ, int8 CPU files)", "",
+             "usage: fqn [--debug] COMMAND [options]     fqn COMMAND --help     fqn --version", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in SUMMARIES.items()]
+    lines += ["", "fit/validate/test take --config NAME|FILE (a config fqn ships, e.g. synthetic_w4a4, or a YAML file) "
+              "and any --section.key value;", "  fqn fit --config NAME --print_config prints the resolved config.",
+              "--debug (or FQN_DEBUG=1): show the traceback of a data or config error"]
+    return "\n".join(lines)
+
+
+#: What a person can fix from one line: bad data or config values, missing files, bad command-line arguments, an
+#: optional package not installed.
+USER_ERRORS = (ValueError, OSError, ImportError, argparse.ArgumentError)
 _NOISE = ("Subtypes:", "Given value", "Errors:", "Does not validate against any of the Union subtypes",
           "- Expected a <class 'NoneType'>")
 
@@ -379,19 +444,24 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("FQN_DEBUG", "") not in ("", "0")
     while argv and argv[0] == "--debug":
         debug, argv = True, argv[1:]
+    if argv[:1] == ["--version"]:
+        import fqn
+
+        print(f"fqn {fqn.__version__}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command = argv[0] if argv else None
-    if command not in LIGHTNING_COMMANDS and command not in SUBCOMMANDS:
-        print("usage: fqn [--debug] {fit,validate,test} [--config FILE] [--key value ...]\n"
-              f"       fqn [--debug] {{{','.join(SUBCOMMANDS)}}} --help\n"
-              "       fqn fit --help | fqn fit --print_config\n"
-              "--debug (or FQN_DEBUG=1): show the traceback of a data or config error", file=sys.stderr)
+    if command not in LIGHTNING_COMMANDS and command not in COMMANDS:
+        print(usage(), file=sys.stdout if command in ("-h", "--help") else sys.stderr)
+        if command not in (None, "-h", "--help"):
+            print(f"\nfqn: unknown command {command!r}", file=sys.stderr)
         return 0 if command in ("-h", "--help") else 2
     try:
         if command in LIGHTNING_COMMANDS:
             lightning_main(argv)
         else:
-            SUBCOMMANDS[command](argv[1:])
+            build, run = COMMANDS[command]
+            run(build().parse_args(argv[1:]))
     except USER_ERRORS as err:
         if debug:
             raise

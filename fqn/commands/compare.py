@@ -11,7 +11,6 @@ as they finish, so an interrupted comparison keeps what it measured.
 from __future__ import annotations
 
 import logging
-import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fqn.commands.common import data_for, fresh_file, provenance, unique_labels
 from fqn.commands.report import Column, RoundRobinTimer, Timed, log_scalars, markdown_table, write_json
 from fqn.evaluation import MAP_COLUMNS, evaluate_map
 from fqn.int8.convert import BackboneFPN, convert_int8, export_float, export_part, load_int8, normalize, resized_batch
@@ -30,31 +30,9 @@ from fqn.quant.calibrate import batch_images
 
 log = logging.getLogger(__name__)
 
-PEERS = ("ort", "torchao")
+PEERS = ("onnxruntime", "torchao")  # ONNX Runtime's quantize_static, torchao's pt2e X86InductorQuantizer
 ROW_FIELDS = ("name", "method", "bits", "runtime", *MAP_COLUMNS, "size_mb", "latency_ms", "backbone_ms",
               "speedup", "backbone_speedup", "fake_quant_AP", "int8_gap_AP", "file")
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """What the timings were measured on: CPU, threads and library versions."""
-    import onnxruntime
-    import torchvision
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "onnxruntime": onnxruntime.__version__}
-    try:
-        import openvino
-
-        info["openvino"] = openvino.__version__
-    except ImportError:
-        pass
-    return info
 
 
 RUNTIME_LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
@@ -149,14 +127,13 @@ def float_rows(bench: Bench, model: nn.Module, files: FloatFiles) -> list[Row]:
     return rows
 
 
-def quantized_rows(bench: Bench, name: str, method: str, model: nn.Module, example: Tensor) -> list[Row]:
+def quantized_rows(bench: Bench, name: str, method: str, model: nn.Module, example: Tensor, stem: str) -> list[Row]:
     """A fake-quant fqn model (PTQ or QAT): its fake-quant mAP, then, per runtime, the int8 file's mAP and latency.
 
-    The file timed is the deployable one, opened as a deployer opens it; at <= 4 bits the packed-INT4
-    storage file is written beside it and its size given as ``packed_mb``.
+    The file timed is the deployable one, ``stem.onnx``, opened as a deployer opens it; at <= 4 bits the
+    packed-INT4 storage file is written beside it and its size given as ``packed_mb``.
     """
     cfg = model.fqn_config
-    stem = name.lower().replace(" ", "_").replace("/", "-")
     fake = bench.evaluate(model)
     path = convert_int8(model, bench.out / f"{stem}.onnx", [example])
     part = export_part(model, "backbone_fpn", bench.out / f"{stem}_backbone_fpn.onnx", example)
@@ -186,8 +163,8 @@ def ort_peer_row(bench: Bench, model: nn.Module, calibration_images: list[Tensor
     part = ort_quantize_static(files.backbone_fpn, bench.out / "ort_quantize_static_bb.onnx",
                                [{"batch": resized_batch(model, img).numpy()} for img in calibration_images])
     peer = load_int8(path, bench.threads)
-    return ({"name": "ORT quantize_static w8a8", "method": "peer-ort", "bits": 8, "runtime": "ONNX Runtime int8",
-             **bench.evaluate(peer), "size_mb": _file_mb(path), "file": path.name},
+    return ({"name": "ORT quantize_static w8a8", "method": "peer-onnxruntime", "bits": 8,
+             "runtime": "ONNX Runtime int8", **bench.evaluate(peer), "size_mb": _file_mb(path), "file": path.name},
             {"latency_ms": bench.e2e(peer), "backbone_ms": bench.backbone(_part_fn(part, bench.threads), model)})
 
 
@@ -208,6 +185,7 @@ class Comparison:
     def __init__(self, out_dir: str | Path, info: dict[str, Any]) -> None:
         self.out = Path(out_dir)
         self.info = info
+        self.extra: dict[str, Any] = {}  # what a caller adds to the record (the quickstart: its time per phase)
         self.rows: list[dict[str, Any]] = []
         self.timers: list[tuple[dict[str, Any], dict[str, Timed]]] = []
 
@@ -244,7 +222,7 @@ class Comparison:
         self.save()
 
     def save(self) -> Path:
-        return write_json(self.out / "compare.json", {"machine": self.info, "rows": self.rows})
+        return write_json(self.out / "compare.json", {"machine": self.info, **self.extra, "rows": self.rows})
 
     def markdown(self) -> str:
         i = self.info
@@ -261,25 +239,38 @@ class Comparison:
                     self.markdown())
 
 
+def run_compare_command(float_ckpt: str | None, qat_ckpts: Sequence[str], out_dir: str | Path, *,
+                        config: str | None = None, num_val: int | None = None, **options: Any) -> Comparison:
+    """``fqn compare``: `run_compare` on ``config``'s data, or on the data the models were trained on; prints it."""
+    fresh_file(Path(out_dir) / "compare.json")
+    overrides = {"num_val": num_val} if num_val is not None else {}
+    data = data_for(float_ckpt or (qat_ckpts[0] if qat_ckpts else None), config, **overrides)
+    cmp = run_compare(float_ckpt, qat_ckpts, out_dir, data, **options)
+    print(cmp.markdown())
+    print(f"\nresults: {cmp.out / 'compare.json'}; TensorBoard: tensorboard --logdir {cmp.out / 'tensorboard'}")
+    return cmp
+
+
 def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], out_dir: str | Path, data: Any, *,
                 ptq_bits: Sequence[int] = (8, 4), calibration: str = "search", bias_correction: bool = False,
-                n_cal: int = 20,
-                peers: Sequence[str] = PEERS, runs: int = 20, warmup: int = 3, threads: int = 2,
-                progress: bool = True, runtimes: Sequence[str] | None = None) -> Comparison:
+                n_cal: int = 20, peers: Sequence[str] = PEERS, runs: int = 20, warmup: int = 3,
+                threads: int | None = None, progress: bool = True, runtimes: Sequence[str] | None = None,
+                settings: dict[str, Any] | None = None) -> Comparison:
     """The full comparison: FP32 (eager and ORT), fqn PTQ at ``ptq_bits``, each QAT checkpoint, the peers.
 
     ``data`` is a `DetectionDataModule`; its validation split is evaluated and its ``n_cal``
     calibration batches (un-augmented) calibrate every PTQ, fqn's and the peers'. Without
     ``float_ckpt`` the FP32 model is the one the first QAT checkpoint was fine-tuned from (its
-    ``init_from``, or the torchvision weights it started from). ``runtimes``: where the ONNX files run
-    (default: ONNX Runtime, and OpenVINO when it is installed).
+    ``init_from``, or the torchvision weights it started from). QAT rows are named after their runs
+    (``fqn QAT w4a4 (synthetic_w4a4)``). ``runtimes``: where the ONNX files run (default: ONNX Runtime, and
+    OpenVINO when it is installed); ``threads``: default torch's. ``settings`` are recorded in ``compare.json``.
     """
     from fqn.int8.runtime import available_runtimes
 
     if runtimes is None:
         runtimes = available_runtimes()
         if "openvino" not in runtimes:
-            log.warning("compare: OpenVINO is not installed (pip install 'fqn[openvino]'): ONNX Runtime rows only")
+            log.warning("compare: OpenVINO is not installed (pip install openvino): ONNX Runtime rows only")
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
@@ -294,6 +285,8 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
         if getattr(model, "fqn_config", None) is None:
             raise ValueError(f"{path} is a float checkpoint; --qat needs QAT checkpoints")
         qat.append((Path(path), model))
+    labels = unique_labels([p for p, _ in qat])
+    threads = threads or torch.get_num_threads()
     data.setup("validate")
     val = list(data.val_dataloader())
     cal_batches = data.calibration_batches(n_cal)
@@ -302,7 +295,9 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
     timer = RoundRobinTimer(runs, warmup, progress)
     bench = Bench(Path(out_dir), val, images, threads, progress, tuple(runtimes))
     torch.set_num_threads(threads)
-    info = {**machine_info(threads), "image_size": list(images[0].shape[-2:]), "runs": runs, "warmup": warmup}
+    info = {**provenance(threads), "image_size": list(images[0].shape[-2:]), "runs": runs, "warmup": warmup,
+            "val_images": sum(len(b[0]) for b in val), "calibration_batches": len(cal_batches),
+            "data_source": getattr(data, "source", None), "settings": settings or {}}
     cmp = Comparison(bench.out, info)
     example = images[0]
     print(f"[fqn compare] FP32 ({hp['backbone']}, {len(val)} val batches)", flush=True)
@@ -315,14 +310,16 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
         model = post_training_quantize(float_model, cal_batches, ptq_config(bits, calibration), num_batches=n_cal,
                                        bias_correction=bias_correction,
                                        progress=progress)
-        for row in quantized_rows(bench, f"fqn PTQ w{bits}a{bits}", "ptq", model, example):
+        for row in quantized_rows(bench, f"fqn PTQ w{bits}a{bits}", "ptq", model, example, f"fqn_ptq_w{bits}a{bits}"):
             cmp.add(*row)
-    for path, model in qat:
+    for (path, model), label in zip(qat, labels):
         cfg = model.fqn_config
-        print(f"[fqn compare] fqn QAT w{cfg.bits_w}a{cfg.bits_a} ({path})", flush=True)
-        for row in quantized_rows(bench, f"fqn QAT w{cfg.bits_w}a{cfg.bits_a}", "qat", model, example):
-            cmp.add(*row)
-    producers = {"ort": lambda: ort_peer_row(bench, float_model, cal_images, files),
+        wa = f"w{cfg.bits_w}a{cfg.bits_a}"
+        print(f"[fqn compare] fqn QAT {wa} ({path})", flush=True)
+        stem = f"fqn_qat_{wa}_{label.replace('/', '-')}"
+        for row in quantized_rows(bench, f"fqn QAT {wa} ({label})", "qat", model, example, stem):
+            cmp.add({**row[0], "run": str(path)}, row[1])
+    producers = {"onnxruntime": lambda: ort_peer_row(bench, float_model, cal_images, files),
                  "torchao": lambda: torchao_peer_row(bench, float_model, cal_images)}
     for peer, produce in producers.items():
         if peer in peers:
@@ -330,7 +327,7 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
             try:
                 cmp.add(*produce())
             except Exception as err:  # a peer library missing or failing must not lose the other rows
-                cmp.add_failed({"ort": "ORT quantize_static w8a8", "torchao": "torchao pt2e w8a8"}[peer],
+                cmp.add_failed({"onnxruntime": "ORT quantize_static w8a8", "torchao": "torchao pt2e w8a8"}[peer],
                                f"peer-{peer}", err)
     print(f"[fqn compare] timing {len(cmp.rows)} models: {runs} rounds, {threads} threads", flush=True)
     cmp.time_all(timer)

@@ -1,14 +1,48 @@
 """The one reader of fqn's YAML config files: ``__base__`` chains, checked, for LightningCLI and the commands.
 
-A config may start with ``__base__: base.yaml`` so that it holds only what differs. `read_config_chain`
-reads and checks the chain (every file exists and is a mapping, no loop, each ``model.quant`` valid,
-blaming the file that breaks it); `expand_config_bases` hands the chain to LightningCLI as its own
+The configs fqn ships live inside the package (``fqn/configs/``), so an installed fqn names them from any folder:
+``--config coco_r50_w4a4`` is the packaged file, ``--config my.yaml`` (any path) a file of the user's.
+A config may start with ``__base__: base.yaml`` so that it holds only what differs: the base is found beside the
+file, else among the packaged configs, so a user's own file can start from fqn's ``base.yaml`` wherever it lives.
+`read_config_chain` reads and checks the chain (every file exists and is a mapping, no loop, each ``model.quant``
+valid, blaming the file that breaks it); `expand_config_bases` hands the chain to LightningCLI as its own
 ``--config`` files; `load_config` merges it into one mapping for the commands that are not Lightning's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+#: The configs shipped with fqn (package data).
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """The names of the configs fqn ships, as ``--config`` takes them (``coco_r50_w4a4``, ...)."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(name: str | Path) -> Path:
+    """The file a ``--config`` value names: an existing path as it is, else a packaged config by name.
+
+    Example:
+        >>> resolve_config("synthetic_w4a4").name
+        'synthetic_w4a4.yaml'
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):  # a bare name: the packaged config of that name (".yaml" optional)
+        packaged = PACKAGED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if packaged.is_file():
+            return packaged
+    raise FileNotFoundError(f"config {name} not found: neither a file nor one of the configs fqn ships "
+                            f"({', '.join(packaged_configs())})")
+
+
+def config_name(name: str | Path) -> str:
+    """The run name of a config: its file name without ``.yaml`` (``my/street_w4a4.yaml`` -> ``street_w4a4``)."""
+    return resolve_config(name).stem
 
 
 def expand_config_bases(argv: list[str], tmp_dir: str) -> list[str]:
@@ -60,12 +94,11 @@ def read_config_chain(path: str | Path) -> list[tuple[Path, dict]]:
     import yaml
 
     chain: list[tuple[Path, dict]] = []
-    current = Path(path)
+    current = resolve_config(path)
     while True:
         if not current.is_file():
-            named_by = f" (the __base__ of {chain[-1][0]})" if chain else ""
-            raise FileNotFoundError(f"config file {current} not found{named_by}; paths are relative to the current "
-                                    "folder, a __base__ to the file that names it")
+            raise FileNotFoundError(f"config file {current} not found (the __base__ of {chain[-1][0]}); a __base__ "
+                                    "is a path relative to the file that names it, or a config fqn ships")
         if any(current.resolve() == seen.resolve() for seen, _ in chain):
             raise ConfigError(f"{current}: the __base__ chain loops ({' -> '.join(str(p) for p, _ in chain)})")
         try:
@@ -81,7 +114,9 @@ def read_config_chain(path: str | Path) -> list[tuple[Path, dict]]:
         chain.append((current, data))
         if "__base__" not in data:
             break
-        current = current.parent / str(data["__base__"])
+        base = current.parent / str(data["__base__"])
+        packaged = PACKAGED_CONFIGS / str(data["__base__"])
+        current = base if base.is_file() or not packaged.is_file() else packaged
     chain.reverse()
     _check_quant_sections(chain)
     return chain

@@ -180,6 +180,8 @@ def load_predictor(model: str | Path, runtime: str = "onnxruntime", threads: int
         from fqn.int8.convert import load_int8
 
         detector = load_int8(model, threads, runtime)
+        if not names and detector.metadata.get("fqn.class_names"):  # recorded by `fqn convert`
+            names = ["background", *json.loads(detector.metadata["fqn.class_names"])]
         num = int(detector.metadata.get("fqn.num_classes", 0)) or len(names)
         return Predictor(detector, f"{model.name} ({detector.metadata.get('fqn.bits', 'float')}, {runtime})", num,
                          names)
@@ -244,6 +246,9 @@ def run_predict(model: str | Path, source: str | Path, out: str | Path, *, runti
         raise ValueError("--min-score and --draw-score must be within [0, 1]")
     source, out = Path(source), Path(out)
     kind, files = _sources(source)
+    from fqn.commands.common import fresh_file
+
+    fresh_file(out / "detections.json")  # an earlier run's detections stay as they are
     predictor = load_predictor(model, runtime, threads, class_names)
     out.mkdir(parents=True, exist_ok=True)
     drawn = out / "drawn" if draw else None

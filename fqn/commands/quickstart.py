@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,11 @@ from fqn.data.datamodule import DetectionDataModule
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
 def base_config() -> dict[str, Any]:
-    """``configs/base.yaml``: the detector and data settings every run starts from, the quickstart's too."""
+    """The packaged ``base.yaml``: the detector and data settings every run starts from, the quickstart's too."""
     from fqn.commands.config_files import load_config
 
-    path = CONFIGS / "base.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: fqn quickstart runs from a clone of the repository, "
-                                "whose configs/ folder holds the settings it starts from")
-    return load_config(str(path))
+    return load_config("base")
 
 
 @dataclass
@@ -57,9 +50,9 @@ class QuickstartConfig:
     batch_size: int = 4
     num_val: int = 100
     n_cal: int = 20
-    peers: tuple[str, ...] = ("ort", "torchao")
+    peers: tuple[str, ...] = ("onnxruntime", "torchao")
     runs: int = 10
-    threads: int = 2
+    threads: int | None = None  # torch's default: one per core
 
     def __post_init__(self) -> None:
         if self.float_steps < 1 or self.qat_steps < 1 or self.num_val < 1 or self.n_cal < 1:
@@ -101,25 +94,59 @@ def _train(name: str, cfg: QuickstartConfig, steps: int, **module_kw: Any) -> Pa
                      trainer_kw={"limit_val_batches": 0})  # compare evaluates every model
 
 
+def finished_comparison(folder: Path, settings: dict[str, Any]) -> Any:
+    """The comparison an earlier quickstart left in ``folder``: reused when made with ``settings``, else an error
+    (a quickstart never overwrites an earlier result); None when there is none, or it did not finish."""
+    import json
+
+    from fqn.commands.compare import Comparison
+
+    path = folder / "compare.json"
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    if stored["machine"].get("settings") != json.loads(json.dumps(settings)):
+        raise FileExistsError(f"{path} holds a comparison made with other settings; pass another --out, or delete "
+                              f"{folder} to run it again")
+    if not all(r.get("latency_ms") or r.get("error") for r in stored["rows"]):
+        return None  # interrupted before the timing: redone (the training runs it needs are reused)
+    cmp = Comparison(folder, stored["machine"])
+    cmp.rows = stored["rows"]
+    return cmp
+
+
 def run_quickstart(cfg: QuickstartConfig | None = None) -> Path:
-    """Run the pipeline; returns the comparison folder."""
+    """Run the pipeline; returns the comparison folder. A finished quickstart in ``cfg.out`` is printed, not redone."""
     from fqn.commands.compare import run_compare
 
     cfg = cfg or QuickstartConfig()
     t0 = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "runs", "threads")}
+    done = finished_comparison(Path(cfg.out) / "compare", settings)
+    if done is not None:
+        print(done.markdown())
+        print(f"\n[fqn quickstart] already done: {done.out / 'compare.json'} holds this comparison (same settings). "
+              "To run it again, pass another --out or delete that folder.")
+        return done.out
     float_ckpt = _train("float", cfg, cfg.float_steps, **FLOAT_TRAINING,
                         lr_steps=[int(cfg.float_steps * 0.8), int(cfg.float_steps * 0.93)])
+    seconds = {"float": time.perf_counter() - t0}
     qat = []
     for bits in cfg.qat_bits:
         qat.append(_train(f"qat_w{bits}a{bits}", cfg, cfg.qat_steps, init_from=str(float_ckpt),
                           quant=QuantConfig(bits_w=bits, bits_a=bits, n_cal=cfg.n_cal, learn_ranges=True),
                           **QAT_TRAINING,
                           ptq_eval=False))
+    seconds["qat"] = time.perf_counter() - t0 - seconds["float"]
     print(f"[fqn quickstart] comparing FP32, fqn PTQ/QAT and the peers ({time.perf_counter() - t0:.0f} s so far)",
           flush=True)
     cmp = run_compare(float_ckpt, qat, Path(cfg.out) / "compare", _data(cfg), ptq_bits=cfg.ptq_bits,
-                      n_cal=cfg.n_cal, peers=cfg.peers, runs=cfg.runs, threads=cfg.threads)
+                      n_cal=cfg.n_cal, peers=cfg.peers, runs=cfg.runs, threads=cfg.threads, settings=settings)
+    seconds["compare"] = time.perf_counter() - t0 - seconds["float"] - seconds["qat"]
+    cmp.extra["quickstart_seconds"] = {**seconds, "total": time.perf_counter() - t0}  # trained runs reused: less
+    cmp.save()
     print("\n" + cmp.markdown())
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n[fqn quickstart] done in {minutes:.1f} min. Everything is in {Path(cfg.out).resolve()}:\n"

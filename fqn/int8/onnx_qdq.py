@@ -165,8 +165,8 @@ def _quiet_export() -> Iterator[None]:
     The tracer's warnings about Python values, the UserWarnings torch and torchvision emit while
     traced (tensor copy-construction, how advanced indexing is exported), and the ``torch.jit.script``
     FutureWarning of torchvision's ``_script_if_tracing`` helpers. The legacy exporter's
-    DeprecationWarning stays visible: docs/onnx_exporter.md says what moving to the torch.export-based
-    exporter needs.
+    DeprecationWarning stays visible: docs/contributing.md ("The ONNX exporter") says what moving to the
+    torch.export-based exporter needs.
     """
     import warnings
 

@@ -39,7 +39,7 @@ def load_float_state(path: str | Path) -> tuple[dict[str, Tensor], bool]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init_from checkpoint {path} does not exist; train the float model first "
-                                "(fqn fit --config configs/synthetic_float.yaml) or pass the right path")
+                                "(e.g. fqn fit --config synthetic_float) or pass the right path")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" in state:
         hparams = state.get("hyper_parameters", {})

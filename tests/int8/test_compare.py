@@ -19,12 +19,17 @@ from fqn.models.checkpoint import load_detector
 
 from ..train.tiny import DETECTOR, SIZE, tiny_data
 
+pytestmark = pytest.mark.slow  # end to end: the fast tier (-m 'not slow') leaves it out
 
-def _save(model, path, quant=None):
+
+def _save(model, path, quant=None, data=True):
+    """A checkpoint as the trainer writes it: the model's hyper-parameters and, with ``data``, the data's."""
     hp = {"backbone": "resnet18", "num_classes": 4, "min_size": SIZE, "max_size": SIZE, "detector": DETECTOR,
           "quant": quant}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp},
-               path)
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp}
+    if data:
+        ckpt["datamodule_hyper_parameters"] = dict(tiny_data(num_val=2).hparams)
+    torch.save(ckpt, path)
     return path
 
 
@@ -40,15 +45,18 @@ def checkpoints(tmp_path_factory):
     return float_ckpt, _save(qat, root / "qat_w4a4.ckpt", cfg.to_dict())
 
 
+QAT = "fqn QAT w4a4 (qat_w4a4)"  # a QAT row is named after its run
+
+
 def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
     float_ckpt, qat_ckpt = checkpoints
     cmp = run_compare(float_ckpt, [qat_ckpt], tmp_path, tiny_data(num_val=4), ptq_bits=(8,), n_cal=2,
-                      peers=("ort",), runs=2, warmup=1, threads=1, progress=False,
+                      peers=("onnxruntime",), runs=2, warmup=1, threads=1, progress=False,
                       runtimes=("onnxruntime", "openvino"), bias_correction=True)
     saved = json.loads((tmp_path / "compare.json").read_text())
     names = [r["name"] for r in saved["rows"]]
     assert names == ["FP32", "FP32 (ONNX Runtime)", "FP32 (OpenVINO)", "fqn PTQ w8a8", "fqn PTQ w8a8",
-                     "fqn QAT w4a4", "fqn QAT w4a4", "ORT quantize_static w8a8"]
+                     "fqn QAT w4a4 (qat_w4a4)", "fqn QAT w4a4 (qat_w4a4)", "ORT quantize_static w8a8"]
     # the ORT peer quantizes the network, not the glue: 8-bit anchors, box decoding or RoI level mapping cost
     # the quickstart's model 17 AP points
     graph = onnx.load(str(tmp_path / "ort_quantize_static.onnx")).graph
@@ -59,8 +67,8 @@ def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
     convs = [n.name for n in graph.node if n.op_type == "Conv"]
     assert glue and not any(fed_dq[n] for n in glue)
     assert len(convs) > 20 and all(fed_dq[n] for n in convs)
-    assert [r["runtime"] for r in saved["rows"] if r["name"] == "fqn QAT w4a4"] == ["ONNX Runtime int8",
-                                                                                   "OpenVINO int8"]
+    assert [r["runtime"] for r in saved["rows"] if r["name"] == "fqn QAT w4a4 (qat_w4a4)"] == [
+        "ONNX Runtime int8", "OpenVINO int8"]
     for row in saved["rows"]:
         assert set(ROW_FIELDS) <= set(row), row
         for key in ("AP", "AP50", "AP75", "AR100", "size_mb", "latency_ms", "backbone_ms", "speedup",
@@ -68,7 +76,7 @@ def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (row["name"], key)
     rows = {r["name"]: r for r in saved["rows"]}  # the OpenVINO row of each name
     assert rows["FP32"]["speedup"] == pytest.approx(1.0)
-    for name in ("fqn PTQ w8a8", "fqn QAT w4a4"):  # the row's fields; that the int8 model finds what the
+    for name in ("fqn PTQ w8a8", QAT):  # the row's fields; that the int8 model finds what the
         # fake-quant one finds is tested on a trained model in test_agreement.py
         assert math.isfinite(rows[name]["int8_gap_AP"]) and math.isfinite(rows[name]["fake_quant_AP"])
     assert rows["fqn PTQ w8a8"]["size_mb"] < 0.3 * rows["FP32"]["size_mb"]
@@ -76,11 +84,12 @@ def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
     counts = rows["fqn PTQ w8a8"]["ranges"].removeprefix("search: ").removesuffix(" + bias correction")
     assert rows["fqn PTQ w8a8"]["ranges"].endswith("+ bias correction")
     assert sum(int(part.split()[-1]) for part in counts.split(", ")) == 60  # every activation quantizer of R18-FPN
-    assert rows["fqn QAT w4a4"]["ranges"] == "percentile"
+    assert rows[QAT]["ranges"] == "percentile"
     # the deployable 4-bit file holds its codes in INT8; the packed storage file beside it is about half
-    assert rows["fqn QAT w4a4"]["packed_mb"] < 0.6 * rows["fqn QAT w4a4"]["size_mb"]
-    assert (tmp_path / rows["fqn QAT w4a4"]["packed_file"]).is_file()
+    assert rows[QAT]["packed_mb"] < 0.6 * rows[QAT]["size_mb"]
+    assert (tmp_path / rows[QAT]["packed_file"]).is_file()
     assert saved["machine"]["threads"] == 1 and saved["machine"]["torch"] == torch.__version__
+    assert saved["machine"]["val_images"] == 4 and saved["machine"]["command"]  # the record of what made it
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     table = cmp.markdown()
     assert all(name in table for name in names) and "threads" in table
@@ -88,26 +97,64 @@ def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
 
 def test_convert_cli_qat_ptq_and_bad_input(checkpoints, tmp_path, capsys):
     float_ckpt, qat_ckpt = checkpoints
-    assert main(["convert", str(qat_ckpt), str(tmp_path / "qat.onnx")]) == 0
-    assert load_int8(tmp_path / "qat.onnx").metadata["fqn.bits"] == "w4a4"
+    out = tmp_path / "int8"
+    assert main(["convert", str(qat_ckpt), "--out", str(out)]) == 0
+    deployed = load_int8(out / "qat_w4a4.onnx")
+    assert deployed.metadata["fqn.bits"] == "w4a4"
+    # the file records what it came from: class names for `fqn predict`, the data for `fqn evaluate`
+    assert json.loads(deployed.metadata["fqn.class_names"]) == tiny_data().class_names
+    assert json.loads(deployed.metadata["fqn.data"])["num_val"] == 2
     printed = capsys.readouterr().out  # at 4 bits: the deployable file and the packed storage file, each named
-    assert "qat.onnx" in printed and "deploy" in printed and "qat.int4.onnx" in printed and "storage" in printed
-    assert load_int8(tmp_path / "qat.int4.onnx").metadata["fqn.weights"] == "int4-packed"
-    with pytest.raises(SystemExit, match="float-only checkpoint"):
-        main(["convert", str(float_ckpt), str(tmp_path / "f.onnx")])
+    assert "qat_w4a4.onnx" in printed and "deploy" in printed and "qat_w4a4.int4.onnx" in printed
+    assert "storage" in printed
+    assert load_int8(out / "qat_w4a4.int4.onnx").metadata["fqn.weights"] == "int4-packed"
+    assert json.loads((out / "qat_w4a4.json").read_text())["provenance"]["command"]
+    with pytest.raises(SystemExit, match="already exists"):  # never over an earlier result
+        main(["convert", str(qat_ckpt), "--out", str(out)])
+    with pytest.raises(SystemExit, match="float checkpoint: give --ptq-bits"):
+        main(["convert", str(float_ckpt), "--out", str(tmp_path / "f")])
     with pytest.raises(SystemExit, match="does not exist"):
-        main(["convert", str(tmp_path / "missing.ckpt"), str(tmp_path / "m.onnx")])
+        main(["convert", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "m")])
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
     with pytest.raises(SystemExit, match="cannot be read"):
-        main(["convert", str(tmp_path / "junk.ckpt"), str(tmp_path / "j.onnx")])
+        main(["convert", str(tmp_path / "junk.ckpt"), "--out", str(tmp_path / "j")])
     with pytest.raises(SystemExit, match="already quantized"):
-        main(["convert", str(qat_ckpt), str(tmp_path / "q.onnx"), "--ptq-bits", "8"])
-    assert main(["convert", str(float_ckpt), str(tmp_path / "ptq.onnx"), "--ptq-bits", "8", "--n-cal", "2"]) == 0
-    assert load_int8(tmp_path / "ptq.onnx").metadata["fqn.bits"] == "w8a8"
-    assert main(["convert", str(float_ckpt), str(tmp_path / "ptq4.onnx"), "--ptq-bits", "4", "--n-cal", "2",
-                 "--calibration", "percentile", "--bias-correction"]) == 0
-    assert load_int8(tmp_path / "ptq4.onnx").metadata["fqn.bits"] == "w4a4"
+        main(["convert", str(qat_ckpt), "--out", str(tmp_path / "q"), "--ptq-bits", "8"])
+    assert main(["convert", str(float_ckpt), "--out", str(tmp_path / "ptq"), "--ptq-bits", "8", "4",
+                 "--n-cal", "2", "--calibration", "percentile", "--bias-correction"]) == 0
+    assert load_int8(tmp_path / "ptq" / "ptq_w8a8.onnx").metadata["fqn.bits"] == "w8a8"
+    assert load_int8(tmp_path / "ptq" / "ptq_w4a4.onnx").metadata["fqn.bits"] == "w4a4"
+    assert json.loads((tmp_path / "ptq" / "ptq_w4a4.json").read_text())["calibration"] == "percentile"
     assert "wrote" in capsys.readouterr().out
+    # a float checkpoint that records no data: PTQ needs --config, and says so
+    bare = _save(load_detector(float_ckpt)[0], tmp_path / "bare.ckpt", data=False)
+    with pytest.raises(SystemExit, match="does not record the data it was trained on; pass --config"):
+        main(["convert", str(bare), "--out", str(tmp_path / "b"), "--ptq-bits", "8"])
+
+
+def test_evaluate_scores_the_int8_file_and_the_checkpoint_alike(checkpoints, tmp_path):
+    """`fqn evaluate` on the int8 file (its recorded data) and on the checkpoint: the int8 file's mAP is
+    the one `evaluate_map` gives on the same images, computed here independently of the command."""
+    from fqn.evaluation import evaluate_map
+
+    _, qat_ckpt = checkpoints
+    main(["convert", str(qat_ckpt), "--out", str(tmp_path / "int8")])
+    onnx_file = tmp_path / "int8" / "qat_w4a4.onnx"
+    assert main(["evaluate", str(onnx_file), "--out", str(tmp_path / "e8"), "--threads", "1"]) == 0
+    record = json.loads((tmp_path / "e8" / "metrics.json").read_text())
+    data = tiny_data(num_val=2, augment=False)
+    data.setup("validate")
+    expected = evaluate_map(load_int8(onnx_file), data.val_dataloader(), progress=False)
+    assert record["metrics"] == pytest.approx(expected) and record["images"] == 2
+    assert record["runtime"] == "onnxruntime" and record["images_per_second"] > 0
+    assert main(["evaluate", str(onnx_file), "--out", str(tmp_path / "ov"), "--runtime", "openvino",
+                 "--threads", "1"]) == 0
+    assert json.loads((tmp_path / "ov" / "metrics.json").read_text())["runtime"] == "openvino"
+    assert main(["evaluate", str(qat_ckpt), "--out", str(tmp_path / "ck"), "--threads", "1"]) == 0
+    record = json.loads((tmp_path / "ck" / "metrics.json").read_text())
+    assert record["kind"] == "fake-quant w4a4" and record["runtime"] == "pytorch"
+    with pytest.raises(SystemExit, match="already exists"):
+        main(["evaluate", str(qat_ckpt), "--out", str(tmp_path / "ck")])
 
 
 def test_analyze_cli_writes_its_report(checkpoints, tmp_path, capsys):
@@ -127,7 +174,7 @@ def test_analyze_cli_writes_its_report(checkpoints, tmp_path, capsys):
     assert (tmp_path / "i8" / "model_int8.onnx").is_file()
     saved = json.loads((tmp_path / "i8" / "layers.json").read_text())
     assert saved["source"].startswith("int8 model") and len(saved["layers"]) >= 20
-    with pytest.raises(SystemExit, match="float-only checkpoint"):
+    with pytest.raises(SystemExit, match="float checkpoint: give --ptq-bits"):
         main(["analyze", str(float_ckpt), "--out", str(tmp_path / "f")])
     with pytest.raises(SystemExit, match="already quantized"):
         main(["analyze", str(qat_ckpt), "--out", str(tmp_path / "f"), "--ptq-bits", "4"])

@@ -45,6 +45,7 @@ def test_matching_layers_and_their_outputs_take_the_high_bit_width(mixed):
     assert QuantConfig.from_dict(mixed.fqn_config.to_dict()) == mixed.fqn_config
 
 
+@pytest.mark.slow
 def test_int8_file_keeps_each_layer_at_its_own_width(mixed, scenes, tmp_path):
     deploy = convert_int8(mixed, tmp_path / "mixed.onnx", scenes[:1])
     packed = convert_int8(mixed, tmp_path / "mixed.int4.onnx", scenes[:1], pack_int4=True)

@@ -8,6 +8,8 @@ import pytest
 
 from . import load_tool
 
+pytestmark = pytest.mark.slow  # end to end: the fast tier (-m 'not slow') leaves it out
+
 
 def test_times_float_and_qat_steps_per_precision(tmp_path, capsys):
     tool = load_tool("bench_train_step")

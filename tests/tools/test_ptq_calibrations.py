@@ -24,7 +24,7 @@ def test_rows_for_every_rule_and_correction_with_their_gap_to_fp32(tmp_path, cap
     config.write_text(f"data:\n  synthetic: {{image_size: {SIZE}, num_classes: 3, max_size: 48}}\n"
                       "  num_train: 8\n  num_val: 2\n  batch_size: 2\n")
     tool = load_tool("ptq_calibrations")
-    tool.main([str(ckpt), "--config", str(config), "--out", str(tmp_path / "out"), "--bits", "8",
+    tool.main([str(ckpt), "--config", str(config), "--out", str(tmp_path / "out"), "--ptq-bits", "8",
                "--rules", "search", "percentile", "--n-cal", "1", "--threads", "1"])
     saved = json.loads((tmp_path / "out" / "ptq_calibrations.json").read_text())
     rows = saved["rows"]

@@ -13,6 +13,8 @@ import torch
 from ..devices import needs_two_gpus
 from .tiny import tiny_module
 
+pytestmark = pytest.mark.slow  # end to end: the fast tier (-m 'not slow') leaves it out
+
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 

@@ -42,6 +42,7 @@ def test_float_fast_dev_run(tmp_path):
     assert "val/mAP" in trainer.callback_metrics
 
 
+@pytest.mark.slow
 def test_a_second_data_seed_trains_and_is_logged(tmp_path):
     """A second seed of a run varies the data's shuffle, augmentation and calibration batches (`data.seed`):
     with a logger, Lightning merges the data's and the model's hyper-parameters and refuses a key both hold
@@ -174,6 +175,7 @@ def _qat_run(root: Path, float_ckpt: Path, *, crash_at: int | None = None, resum
     return model, trainer
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(float_ckpt, tmp_path):
     full, _ = _qat_run(tmp_path / "full", float_ckpt)
     with pytest.raises(_Killed):
@@ -191,6 +193,7 @@ def _fqn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_fit_resumes_and_rejects_bad_input(tmp_path):
     tiny = ["--data.num_train", "4", "--data.num_val", "2", "--data.synthetic.image_size", "96",
             "--data.synthetic.max_size", "48", "--model.min_size", "96", "--model.max_size", "96",
@@ -275,6 +278,7 @@ def _qat_precisions():
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, precision, bits", _qat_precisions())
 def test_qat_trains_at_each_precision_and_its_checkpoint_converts_on_a_cpu(device, precision, bits, float_ckpt,
                                                                             tmp_path):
