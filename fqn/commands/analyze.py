@@ -288,8 +288,6 @@ def write_report(out: str | Path, stats: list[LayerError], pictures: dict[str, L
                  sensitivity: list[dict[str, Any]] | None = None, class_names: Sequence[str] | None = None,
                  source: str = "fake-quant model") -> Path:
     """PNG files, ``layers.json``, ``report.md`` and TensorBoard images under ``out``; returns ``out``."""
-    import json
-
     import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
     from torchvision.utils import save_image
@@ -312,8 +310,11 @@ def write_report(out: str | Path, stats: list[LayerError], pictures: dict[str, L
         writer.add_figure(f"analyze/{key}", fig, 0)
         plt.close(fig)
     writer.close()
-    (out / "layers.json").write_text(json.dumps({"layers": [asdict(s) for s in stats],
-                                                 "sensitivity": sensitivity, "source": source}, indent=2))
+    from fqn.commands.common import provenance
+    from fqn.commands.report import write_json
+
+    write_json(out / "layers.json", {"layers": [asdict(s) for s in stats], "sensitivity": sensitivity,
+                                     "source": source, "provenance": provenance()})
     (out / "report.md").write_text(report_markdown(stats, sensitivity, source=source))
     return out
 

@@ -1,4 +1,4 @@
-"""``fqn quickstart``: the whole story on the embedded synthetic data, on a CPU, in about 11 minutes.
+"""``fqn quickstart``: the whole story on the embedded synthetic data, on a CPU, in minutes.
 
 float training (reused when already done) -> fqn QAT at 4 bits -> fqn PTQ at 8 and 4 bits
 -> int8 ONNX files -> the comparison table with the ORT and torchao peers. Everything lands in
@@ -38,7 +38,7 @@ def base_config() -> dict[str, Any]:
 
 @dataclass
 class QuickstartConfig:
-    """What the quickstart runs; the defaults take about 11 minutes on 2 CPU cores (budget: 15)."""
+    """What the quickstart runs; the defaults' time on 2 CPU cores is in docs/quickstart.md (budget: 15 min)."""
 
     out: str = "runs/quickstart"
     backbone: str = "resnet18"
@@ -123,7 +123,7 @@ def run_quickstart(cfg: QuickstartConfig | None = None) -> Path:
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "runs", "threads")}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
     done = finished_comparison(Path(cfg.out) / "compare", settings)
     if done is not None:
         print(done.markdown())
