@@ -85,14 +85,13 @@ def test_version_and_a_packaged_config_by_name_from_an_empty_folder(installed):
 def test_tiny_quickstart_from_the_wheel(installed):
     out = installed["cwd"] / "qs"
     run(installed["fqn"], "quickstart", "--out", out, "--size", "96", "--float-steps", "2", "--qat-steps", "1",
-        "--ptq-bits", "4", "--num-val", "2", "--n-cal", "1", "--peers", "onnxruntime", "--runs", "1", "--threads", "2",
+        "--ptq-bits", "4", "--num-val", "2", "--n-cal", "1", "--no-peers", "--runs", "1", "--threads", "2",
         cwd=installed["cwd"], env=installed["env"])
     rows = json.loads((out / "compare" / "compare.json").read_text())["rows"]
     assert [(r["name"], r["runtime"]) for r in rows] == [
         ("FP32", "PyTorch eager"), ("FP32 (ONNX Runtime)", "ONNX Runtime"), ("FP32 (OpenVINO)", "OpenVINO"),
         ("fqn PTQ w4a4", "ONNX Runtime int8"), ("fqn PTQ w4a4", "OpenVINO int8"),
-        ("fqn QAT w4a4 (qat_w4a4)", "ONNX Runtime int8"), ("fqn QAT w4a4 (qat_w4a4)", "OpenVINO int8"),
-        ("ORT quantize_static w8a8", "ONNX Runtime int8")]
+        ("fqn QAT w4a4 (qat_w4a4)", "ONNX Runtime int8"), ("fqn QAT w4a4 (qat_w4a4)", "OpenVINO int8")]
     qat = next(r for r in rows if r["name"] == "fqn QAT w4a4 (qat_w4a4)")
     assert qat["ranges"] == "percentile, then learned (L)" and qat["config"]["learn_ranges"]
     state = torch.load(out / "float" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
@@ -104,7 +103,7 @@ def test_tiny_quickstart_from_the_wheel(installed):
     # the same quickstart again: its table, nothing trained, converted or overwritten; another one there: refused
     before = (files / "compare.json").read_bytes()
     again = run(installed["fqn"], "quickstart", "--out", out, "--size", "96", "--float-steps", "2", "--qat-steps",
-                "1", "--ptq-bits", "4", "--num-val", "2", "--n-cal", "1", "--peers", "onnxruntime", "--runs", "1",
+                "1", "--ptq-bits", "4", "--num-val", "2", "--n-cal", "1", "--no-peers", "--runs", "1",
                 "--threads", "2", cwd=installed["cwd"], env=installed["env"])
     assert "already done" in again.stdout and "| fqn QAT w4a4 (qat_w4a4) |" in again.stdout
     assert (files / "compare.json").read_bytes() == before
@@ -116,5 +115,5 @@ def test_tiny_quickstart_from_the_wheel(installed):
     from fqn.commands.quickstart import QuickstartConfig, _train
 
     cfg = QuickstartConfig(out=str(out), size=96, float_steps=2, qat_steps=1, ptq_bits=(4,), num_val=2, n_cal=1,
-                           peers=("onnxruntime",), runs=1, threads=2)
+                           peers=(), runs=1, threads=2)
     assert _train("float", cfg, cfg.float_steps) == out / "float" / "last.ckpt"

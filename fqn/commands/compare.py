@@ -292,6 +292,7 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
     cal_batches = data.calibration_batches(n_cal)
     cal_images = [img for b in cal_batches for img in batch_images(b)]
     images = [img for b in val for img in batch_images(b)][:max(4, min(runs, 20))]
+    warmup = min(warmup, runs)  # a quick look (--runs 1) is not worth three warm-up rounds of every model
     timer = RoundRobinTimer(runs, warmup, progress)
     bench = Bench(Path(out_dir), val, images, threads, progress, tuple(runtimes))
     torch.set_num_threads(threads)

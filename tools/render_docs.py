@@ -1,0 +1,257 @@
+"""Render the measured numbers and the CLI reference into README.md and docs/*.md: the one writer of docs numbers.
+
+    python tools/render_docs.py            # rewrite every rendered block from docs/results/*.json and the parsers
+    python tools/render_docs.py --check    # exit 1 and name the pages whose blocks differ (what the test runs)
+
+A page holds a rendered block between ``<!-- render: NAME -->`` and ``<!-- /render -->``; NAME is one of `RENDERERS`.
+A block renders from a results file in docs/results/ (JSON written by the command that measured it, with the machine,
+versions, commit and command) or from the CLI's own parsers; a table carries a line saying where its numbers came
+from. A multi-line block sits on lines of its own; a one-line value can sit inside a sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+BLOCK = re.compile(r"<!-- render: (?P<name>[a-z0-9-]+) -->(?P<body>.*?)<!-- /render -->", re.S)
+
+
+def pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def results(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / name).read_text())
+
+
+def provenance_line(record: dict[str, Any], file: str) -> str:
+    """Where a table's numbers come from: the command, the machine, the versions, the commit, the results file."""
+    m = record.get("machine") or record.get("provenance") or record.get("meta", {}).get("provenance") or {}
+    versions = ", ".join(f"{k} {m[k]}" for k in ("python", "torch", "torchvision", "onnxruntime", "openvino") if k in m)
+    commit = (m.get("commit") or "unknown")[:12]
+    return (f"Measured with `{m.get('command', '?')}` on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, "
+            f"{m.get('threads', '?')} threads); {versions}; fqn {m.get('fqn', '?')} at commit {commit}. "
+            f"Data: [`docs/results/{file}`](results/{file}).")
+
+
+# ---- the CLI reference ---------------------------------------------------------------------------------------------
+
+def _default(action: argparse.Action) -> str:
+    if action.required:
+        return "required"
+    if action.default in (None, argparse.SUPPRESS) or isinstance(action, argparse._StoreConstAction):
+        return ""
+    if isinstance(action.default, bool):
+        return "on" if action.default else "off"
+    if isinstance(action.default, (list, tuple)):
+        return " ".join(map(str, action.default)) if action.default else "none"
+    return str(action.default)
+
+
+def _spelling(action: argparse.Action) -> str:
+    flags = " / ".join(s for s in action.option_strings) if action.option_strings else (action.metavar or action.dest)
+    if action.option_strings and action.nargs != 0:
+        choices = f"{{{','.join(map(str, action.choices))}}}" if action.choices else action.dest.upper()
+        meta = action.metavar or choices
+        if isinstance(action.choices, range):
+            meta = f"{action.metavar or 'N'} ({action.choices.start}-{action.choices.stop - 1})"
+        flags += f" {meta}" + (" ..." if action.nargs in ("+", "*") else "")
+    return f"`{flags}`"
+
+
+def cli_reference() -> str:
+    """Every fqn command's options, from the parsers themselves (LightningCLI's fit/validate/test summarised)."""
+    from fqn.commands.cli import SUMMARIES, parsers
+
+    lines = ["| command | what it does |", "|---|---|"]
+    lines += [f"| [`fqn {n}`](#fqn-{n}) | {text} |" if n not in ("fit", "validate", "test") else
+              f"| [`fqn {n}`](#fqn-fit--validate--test) | {text} |" for n, text in SUMMARIES.items()]
+    for name, parser in parsers().items():
+        positional = [a for a in parser._actions if not a.option_strings]
+        usage = " ".join(["fqn", name, *(a.metavar or a.dest for a in positional), "[options]"])
+        lines += ["", f"### fqn {name}", "", f"`{usage}`", "", parser.description.rstrip(".") + ".", "",
+                  "| argument | default | meaning |", "|---|---|---|"]
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            text = (action.help or "").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {_spelling(action)} | {_default(action)} | {text} |")
+    return "\n".join(lines)
+
+
+# ---- the measured tables -------------------------------------------------------------------------------------------
+
+QUICKSTART = "quickstart.json"
+
+
+def _quickstart_rows() -> list[dict[str, Any]]:
+    return [r for r in results(QUICKSTART)["rows"] if not r.get("error")]
+
+
+def quickstart_table() -> str:
+    """The whole comparison `fqn quickstart` printed, from its compare.json."""
+    from fqn.commands.compare import TABLE
+    from fqn.commands.report import markdown_table
+
+    record = results(QUICKSTART)
+    m = record["machine"]
+    return (markdown_table(record["rows"], TABLE) + f"\n\n{m['val_images']} validation images of "
+            f"{m['image_size'][0]}x{m['image_size'][1]} px, {m['calibration_batches']} calibration batches; latency: "
+            f"median of {m['runs']} runs after {m['warmup']} warm-up, one image per call, speedups against FP32 eager "
+            f"PyTorch. " + provenance_line(record, QUICKSTART))
+
+
+def quickstart_headline() -> str:
+    """The README's table: each model in ONNX Runtime (the deployable file), AP as a share of FP32's."""
+    from fqn.commands.report import Column, markdown_table
+
+    rows = _quickstart_rows()
+    fp32 = next(r for r in rows if r["method"] == "fp32" and r["runtime"] == "PyTorch eager")
+    keep = [fp32] + [r for r in rows if r["runtime"] in ("ONNX Runtime int8", "ONNX Runtime")
+                     or r["method"] == "peer-torchao"]
+    shown = [{**r, "share": 100 * r["AP"] / fp32["AP"]} for r in keep]
+    cols = [Column("name", "model"), Column("runtime"), Column("AP"), Column("share", "% of FP32 AP", 1),
+            Column("size_mb", "size MB", 1), Column("latency_ms", "latency ms", 1),
+            Column("speedup", "speedup", 2, suffix="x")]
+    return markdown_table(shown, cols) + "\n\n" + provenance_line(results(QUICKSTART), QUICKSTART)
+
+
+def _row(name_start: str, runtime: str = "ONNX Runtime int8") -> dict[str, Any]:
+    return next(r for r in _quickstart_rows() if r["name"].startswith(name_start) and r["runtime"] == runtime)
+
+
+def quickstart_minutes() -> str:
+    return f"{results(QUICKSTART)['quickstart_seconds']['total'] / 60:.1f} minutes"
+
+
+def quickstart_qat_share() -> str:
+    fp32 = next(r for r in _quickstart_rows() if r["method"] == "fp32" and r["runtime"] == "PyTorch eager")
+    return f"{100 * _row('fqn QAT w4a4')['AP'] / fp32['AP']:.1f}%"
+
+
+def quickstart_ptq_share() -> str:
+    fp32 = next(r for r in _quickstart_rows() if r["method"] == "fp32" and r["runtime"] == "PyTorch eager")
+    return f"{100 * _row('fqn PTQ w4a4')['AP'] / fp32['AP']:.1f}%"
+
+
+def quickstart_max_gap() -> str:
+    gaps = [abs(r["int8_gap_AP"]) for r in _quickstart_rows() if r.get("int8_gap_AP") is not None]
+    return f"{max(gaps):.4f}"
+
+
+BENCH = "bench_cpu.json"
+
+
+def bench_table() -> str:
+    from fqn.commands.bench import markdown
+
+    record = results(BENCH)
+    return markdown(record["rows"], record["machine"]).strip() + "\n\n" + provenance_line(record, BENCH)
+
+
+TRAIN_STEP = "train_step_cpu.json"
+
+
+def train_step_table() -> str:
+    from fqn.commands.report import Column, markdown_table
+
+    record = results(TRAIN_STEP)
+    cols = [Column("backbone"), Column("size", "image px", fmt="d"), Column("batch", fmt="d"), Column("precision"),
+            Column("quant"),
+            Column("s_per_step", "s/step", 2), Column("qat_over_fp32", "QAT / FP32", 2),
+            Column("cal_s", "calibration s", 0)]
+    return markdown_table(record["rows"], cols) + "\n\n" + provenance_line(record, TRAIN_STEP)
+
+
+ANALYZE = "analyze_qat_w4a4.json"
+
+
+def analyze_table() -> str:
+    from fqn.commands.report import Column, markdown_table
+
+    record = results(ANALYZE)
+    cols = [Column("layer"), Column("sqnr_db", "SQNR dB", 1), Column("rel_mean", "mean rel err", fmt=".3g"),
+            Column("abs_max", "max abs err", fmt=".3g")]
+    text = markdown_table(record["layers"][:8], cols)
+    if record.get("sensitivity"):
+        text += "\n\n" + markdown_table(record["sensitivity"][:5], [Column("layer", "layer kept float"),
+                                                                    Column("sqnr_db", "output SQNR dB", 1),
+                                                                    Column("cost_db", "gain dB", 2, signed=True)])
+    return text + "\n\n" + provenance_line(record, ANALYZE)
+
+
+EXACTNESS = "int8_exactness.json"
+
+
+def exactness_table() -> str:
+    from fqn.commands.report import markdown_table
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from int8_exactness import TABLE
+
+    record = results(EXACTNESS)
+    m = record["machine"]
+    cpu = "with VNNI" if m.get("vnni") else "AVX2, no VNNI" if m.get("avx2") else "no AVX2"
+    return (markdown_table(record["rows"], TABLE) + f"\n\nThis CPU: {cpu}. " + provenance_line(record, EXACTNESS))
+
+
+RENDERERS: dict[str, Callable[[], str]] = {
+    "cli-reference": cli_reference,
+    "quickstart-table": quickstart_table,
+    "quickstart-headline": quickstart_headline,
+    "quickstart-minutes": quickstart_minutes,
+    "quickstart-qat-share": quickstart_qat_share,
+    "quickstart-ptq-share": quickstart_ptq_share,
+    "quickstart-max-gap": quickstart_max_gap,
+    "bench-table": bench_table,
+    "train-step-table": train_step_table,
+    "analyze-table": analyze_table,
+    "int8-exactness-table": exactness_table,
+}
+
+
+def render(text: str, where: str = "docs/page.md") -> str:
+    """``text`` of the page at ``where`` (relative to the repository) with every block rendered anew; an unknown
+    block name is an error. Links to results files are made relative to the page."""
+    prefix = "docs/" if Path(where).parent == Path(".") else ""
+
+    def one(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise KeyError(f"{where}: unknown rendered block {name!r}; known: {sorted(RENDERERS)}")
+        body = RENDERERS[name]().replace("](results/", f"]({prefix}results/")
+        return f"<!-- render: {name} -->" + (f"\n{body}\n" if "\n" in body else body) + "<!-- /render -->"
+
+    return BLOCK.sub(one, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        rendered = render(text, str(page.relative_to(REPO)))
+        if rendered != text:
+            stale.append(str(page.relative_to(REPO)))
+            if not args.check:
+                page.write_text(rendered)
+    if stale:
+        print(("out of date: " if args.check else "rendered: ") + ", ".join(stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("COLUMNS", "120")
+    sys.exit(main())
