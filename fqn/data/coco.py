@@ -9,6 +9,9 @@ Two label modes:
   pretrained head was trained (id 13, stop sign, is label 13; ids 12, 26, 29, ... are unused). Renumbering
   would silently misalign every class of the pretrained head.
 
+The ``data.coco_labels`` setting chooses between them (``auto``: by the head's size); :func:`label_space` applies
+it, with the checks on ``class_names`` that each mode needs, so the data module only passes the settings on.
+
 Crowd annotations are ignored (torchvision has no crowd handling in training); images without annotations
 stay in as negatives.
 """
@@ -20,6 +23,7 @@ import io
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from pycocotools.coco import COCO
@@ -108,6 +112,69 @@ def label_names(cats: dict[int, str], ann_file: str, label_mode: str = "contiguo
                         f"category ids 1..{size - 1}; for your own classes set data.coco_labels: contiguous and "
                         f"model.num_classes: {len(cats) + 1} (a new box predictor)", "bad class names")
     return [cats.get(i, "N/A") for i in range(1, size)]
+
+
+COCO_LABELS = ("auto", "category_id", "contiguous")  # the data.coco_labels setting: a label mode, or auto
+
+
+def resolve_label_mode(coco_labels: str = "auto", head_classes: int | None = None) -> str:
+    """``category_id`` or ``contiguous``: the ``coco_labels`` setting with ``auto`` decided by the head's size.
+
+    ``auto`` keeps the category ids as labels exactly when the detector has torchvision's 91-class COCO head, the
+    one head that renumbering would silently misalign; any other head is new, and labels its classes 1..C.
+
+    Example:
+        >>> resolve_label_mode("auto", 91), resolve_label_mode("auto", 4), resolve_label_mode("category_id", 4)
+        ('category_id', 'contiguous', 'category_id')
+    """
+    if coco_labels not in COCO_LABELS:
+        raise ValueError(f"coco_labels must be one of {COCO_LABELS}, got {coco_labels!r}")
+    if coco_labels != "auto":
+        return coco_labels
+    return "category_id" if head_classes == COCO_HEAD_CLASSES else "contiguous"
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """What a detector trained on a COCO file predicts: the label mode of :class:`CocoDetection`, names by label."""
+
+    mode: str
+    class_names: list[str]
+
+
+def label_space(ann_file: str, class_names: list[str] | None = None, coco_labels: str = "auto",
+                head_classes: int | None = None) -> LabelSpace:
+    """The labels of a detector trained on the COCO file ``ann_file``, from the ``data:`` settings.
+
+    Known before any image is read, so the head's size is checked at start-up. ``contiguous``: ``class_names``, or
+    every category of the file (each name is checked by :class:`CocoDetection`). ``category_id``: one name per label
+    of a ``head_classes``-way head; ``class_names`` would renumber, so it is an error; with ``auto`` the file must be
+    COCO's own label space (a custom file under the 91-way head is almost surely a forgotten ``model.num_classes``).
+
+    Args:
+        ann_file: the training JSON; its categories fix the labels (the val file is matched to them).
+        class_names: the classes asked for (``data.class_names``), or None.
+        coco_labels: ``auto``, ``category_id`` or ``contiguous`` (``data.coco_labels``).
+        head_classes: the detector's ``num_classes``, background included (``model.num_classes``).
+    """
+    mode = resolve_label_mode(coco_labels, head_classes)
+    if mode == "contiguous":
+        return LabelSpace(mode, list(class_names) if class_names is not None else coco_class_names(ann_file))
+    if class_names is not None:
+        raise ValueError("class_names selects and renumbers classes, which needs coco_labels: contiguous; "
+                         "with category ids as labels every category of the file keeps its id")
+    cats = category_names(load_coco(ann_file), ann_file)
+    if coco_labels == "auto":
+        coco = torchvision_coco_names()
+        foreign = {cid: name for cid, name in cats.items()
+                   if not 1 <= cid <= len(coco) or coco[cid - 1].lower() != name.lower()}
+        if foreign:
+            raise ValueError(
+                f"{ann_file}: categories {foreign} are not COCO's at those ids, but the model has torchvision's "
+                f"91-class COCO head (labels = COCO category ids). For your own classes set "
+                f"model.num_classes: {len(cats) + 1} (a new box predictor; labels 1..{len(cats)} by name); "
+                "to keep the ids as labels anyway set data.coco_labels: category_id")
+    return LabelSpace(mode, label_names(cats, ann_file, "category_id", head_classes))
 
 
 class CocoDetection(FileDetection):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from fqn.data.coco import CocoDetection, coco_class_names
+from fqn.data.coco import CocoDetection, coco_class_names, label_space, resolve_label_mode
 from fqn.data.sanitize import DataError
 from fqn.data.synthetic import SyntheticDetection
 from tests.data.files import truncate, write_coco, write_garbage
@@ -166,3 +166,31 @@ def test_category_ids_as_labels(tmp_path):
         CocoDetection(image_dir, ann_file, class_names=["a", "b", "dog", "d", "e", "f", "g"], label_mode="category_id")
     with pytest.raises(ValueError, match="label_mode"):
         CocoDetection(image_dir, ann_file, label_mode="ids")
+
+
+COCO_OWN = [{"id": 1, "name": "person"}, {"id": 13, "name": "stop sign"}, {"id": 44, "name": "bottle"}]
+
+
+def test_label_space_follows_the_head(tmp_path):
+    """data.coco_labels: auto keeps category ids only under torchvision's 91-way head; its names are COCO's."""
+    _, custom = write_coco(tmp_path / "custom", IMAGES, ANNOTATIONS, CATEGORIES)
+    _, own = write_coco(tmp_path / "own", IMAGES[:1], [], COCO_OWN)
+    assert [resolve_label_mode("auto", n) for n in (None, 4, 91)] == ["contiguous", "contiguous", "category_id"]
+    assert resolve_label_mode("contiguous", 91) == "contiguous" and resolve_label_mode("category_id") == "category_id"
+    with pytest.raises(ValueError, match=r"coco_labels must be one of \('auto', 'category_id', 'contiguous'\)"):
+        resolve_label_mode("ids")
+    space = label_space(custom, head_classes=4)  # a new head: every category by id order, labels 1..3
+    assert space.mode == "contiguous" and space.class_names == ["cat", "bird", "dog"]
+    assert label_space(custom, ["dog"]).class_names == ["dog"]  # a chosen subset, checked by the reader
+    space = label_space(own, head_classes=91)
+    assert space.mode == "category_id" and len(space.class_names) == 90
+    assert (space.class_names[0], space.class_names[11], space.class_names[12]) == ("person", "N/A", "stop sign")
+    with pytest.raises(ValueError, match=r"not COCO's at those ids.*model.num_classes: 4 .*coco_labels: category_id"):
+        label_space(custom, head_classes=91)
+    forced = label_space(custom, coco_labels="category_id", head_classes=91)  # the ids kept, names as the file's
+    assert forced.mode == "category_id" and forced.class_names[2] == "cat" and forced.class_names[6] == "dog"
+    with pytest.raises(ValueError, match="class_names selects and renumbers classes, which needs coco_labels: "
+                                         "contiguous"):
+        label_space(own, ["person"], head_classes=91)
+    with pytest.raises(DataError, match="do not fit a 5-class head"):
+        label_space(custom, coco_labels="category_id", head_classes=5)

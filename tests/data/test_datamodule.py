@@ -1,14 +1,15 @@
-"""DetectionDataModule: every source gives detection batches; calibration data are fixed; bad config fails early."""
+"""DetectionDataModule: every source gives detection batches; calibration data are fixed; bad config fails early;
+sources come from one registry; the data seed has one name, and checkpoints written before rebuild the same data."""
 
 from __future__ import annotations
 
-import doctest
-import importlib
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from fqn.data.datamodule import DetectionDataModule
+from fqn.data.sources import SOURCES, DataSource
 from fqn.data.synthetic import SyntheticConfig, SyntheticDetection
 from tests.data.files import kitti_line, write_kitti
 from tests.data.test_coco import export_tool
@@ -45,7 +46,7 @@ def run_loaders(dm: DetectionDataModule, batch_size: int) -> None:
 
 
 def test_synthetic_source():
-    dm = DetectionDataModule(synthetic=SMALL, num_train=8, num_val=4, batch_size=2, seed=1)
+    dm = DetectionDataModule(synthetic=SMALL, num_train=8, num_val=4, batch_size=2, data_seed=1)
     assert dm.class_names == ["rectangle", "disk", "triangle"] and dm.num_classes == 4  # known before setup()
     run_loaders(dm, 2)
     cal = dm.calibration_batches(3)  # un-augmented training images drawn at random with the data seed
@@ -54,9 +55,9 @@ def test_synthetic_source():
     assert [t["image_id"].item() for _, targets in cal for t in targets] == drawn != list(range(6))
     assert torch.equal(cal[1][0][0], ref[drawn[2]][0])
     assert torch.equal(cal[1][1][0]["boxes"], ref[drawn[2]][1]["boxes"])
-    other_rank = DetectionDataModule(synthetic=SMALL, num_train=8, num_val=4, batch_size=2, seed=1)
+    other_rank = DetectionDataModule(synthetic=SMALL, num_train=8, num_val=4, batch_size=2, data_seed=1)
     assert same_batches(cal, other_rank.calibration_batches(3))  # a second process draws the same images
-    reseeded = DetectionDataModule(synthetic=SMALL, num_train=8, num_val=4, batch_size=2, seed=2)
+    reseeded = DetectionDataModule(synthetic=SMALL, num_train=8, num_val=4, batch_size=2, data_seed=2)
     assert not same_batches(cal, reseeded.calibration_batches(3))
     order = [[t["image_id"].item() for _, ts in dm.train_dataloader() for t in ts] for _ in range(2)]
     assert order[0] == order[1] and sorted(order[0]) == list(range(8)) and order[0] != list(range(8))
@@ -114,7 +115,86 @@ def test_bad_configuration_fails_early(tmp_path):
         DetectionDataModule().train_dataloader()
 
 
-@pytest.mark.parametrize("module", ["fqn.data.sanitize", "fqn.data.kitti", "fqn.data.transforms",
-                                    "fqn.data.datamodule"])
-def test_docstring_examples(module):
-    assert doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS).failed == 0
+@dataclass
+class ListSource(DataSource):
+    """A source written for this test: ``num_val`` one-box images of two classes, read from an existing setting."""
+
+    name = "list"
+    names_origin = "the list"
+    test_is_val = False
+
+    num_val: int = 200
+
+    def derived_names(self) -> list[str]:
+        return ["a", "b"]
+
+    def dataset(self, split: str) -> list:
+        n = 2 * self.num_val if split == "train" else self.num_val
+        return [(torch.full((3, 32, 32), i / n), {"boxes": torch.tensor([[1.0, 2.0, 9.0, 12.0]]),
+                                                  "labels": torch.tensor([1 + i % 2]), "image_id": torch.tensor(i)})
+                for i in range(n)]
+
+
+def test_a_source_is_one_registry_entry(monkeypatch):
+    """The data module asks no source what it is: an entry in SOURCES is all a new one needs."""
+    assert list(SOURCES) == ["synthetic", "coco", "kitti", "street"] and all(
+        name == cls.name and issubclass(cls, DataSource) for name, cls in SOURCES.items())
+    monkeypatch.setitem(SOURCES, "list", ListSource)
+    dm = DetectionDataModule("list", num_val=3, batch_size=2, augment=False, data_root="ignored/by/this/source")
+    assert dm.class_names == ["a", "b"] and dm.num_classes == 3 and dm.coco_label_mode is None
+    run_loaders(dm, 2)
+    assert len(dm.train_dataset) == 6 and len(dm.val_dataset) == 3 and dm.test_dataset is not dm.val_dataset
+    with pytest.raises(ValueError, match=r"class_names \['b'\] do not match \['a', 'b'\] given by the list; leave "
+                                         "class_names unset for source 'list'"):
+        DetectionDataModule("list", class_names=["b"])
+
+
+def calibration_ids(dm: DetectionDataModule, n: int) -> list[int]:
+    return [t["image_id"].item() for _, targets in dm.calibration_batches(n) for t in targets]
+
+
+def test_the_data_seed_has_one_name():
+    """``data_seed`` is the argument, the attribute and the logged key; ``seed`` is its deprecated old name."""
+    args = {"synthetic": SMALL, "num_train": 8, "num_val": 4, "batch_size": 2}
+    dm = DetectionDataModule(**args, data_seed=3)
+    drawn = torch.randperm(8, generator=torch.Generator().manual_seed(3))[:4].tolist()
+    assert dm.data_seed == 3 and dm.hparams["data_seed"] == 3 and "seed" not in dm.hparams
+    assert calibration_ids(dm, 2) == drawn
+    with pytest.warns(DeprecationWarning, match="`seed` is now `data_seed`"):
+        old = DetectionDataModule(**args, seed=3)
+    assert old.data_seed == 3 and old.hparams["data_seed"] == 3 and calibration_ids(old, 2) == drawn
+    with pytest.warns(DeprecationWarning):  # a run config saved before holds both, data_seed null
+        assert DetectionDataModule(**args, seed=3, data_seed=None).data_seed == 3
+    assert DetectionDataModule(**args, data_seed=None).data_seed == 0
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="seed=1 and data_seed=2 are the same "
+                                                                           "setting: give one"):
+        DetectionDataModule(seed=1, data_seed=2)
+
+
+#: the data hyper-parameters a checkpoint written before the sources and the one seed name holds
+LOGGED_BEFORE = {
+    "source": "synthetic", "num_train": 8, "num_val": 4, "data_root": None, "train_images": None, "train_ann": None,
+    "val_images": None, "val_ann": None, "class_names": None, "coco_labels": "auto", "head_classes": None,
+    "kitti_class_map": None, "val_fraction": 0.2, "split_seed": 0, "batch_size": 2, "val_batch_size": None,
+    "num_workers": 0, "augment": True, "skip_bad": False,
+    "synthetic": {"image_size": 48, "num_classes": 3, "min_objects": 1, "max_objects": 5, "min_size": 8,
+                  "max_size": 24, "clutter": 3, "noise": 0.04, "seed": 0},
+    "street": {"height": 128, "width": 422, "num_frames": 1200, "min_objects": 2, "max_objects": 8, "clutter": 8,
+               "noise": 0.02, "seed": 0},
+    "data_seed": 1, "_instantiator": "pytorch_lightning.cli.instantiate_module"}
+
+
+def test_a_checkpoint_written_before_rebuilds_the_same_data(monkeypatch):
+    """`fqn.commands.common.data_for` passes on the logged keys the signature has: same images, order and seed."""
+    from fqn.commands import common
+
+    monkeypatch.setattr(common, "checkpoint_data_settings", lambda path: dict(LOGGED_BEFORE))
+    dm = common.data_for("old.ckpt")
+    assert dm.data_seed == 1 and dm.class_names == ["rectangle", "disk", "triangle"] and not dm.augment
+    assert dm.data_source.synthetic == SMALL
+    drawn = torch.randperm(8, generator=torch.Generator().manual_seed(1))[:6].tolist()
+    assert calibration_ids(dm, 3) == drawn
+    ref = SyntheticDetection(8, SMALL, "train")
+    assert torch.equal(dm.calibration_batches(1)[0][0][0], ref[drawn[0]][0])
+    logged = {k: v for k, v in LOGGED_BEFORE.items() if k != "_instantiator"}
+    assert dict(dm.hparams) == {**logged, "augment": False}  # and it logs them again under the same keys
