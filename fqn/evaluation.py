@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from fqn.quant.fake_quant import ranges_fixed
+
 # torchmetrics key -> the column name used in logs and tables
 MAP_COLUMNS = {"map": "AP", "map_50": "AP50", "map_75": "AP75", "map_small": "APs", "map_medium": "APm",
                "map_large": "APl", "mar_1": "AR1", "mar_10": "AR10", "mar_100": "AR100"}
@@ -64,7 +66,6 @@ def evaluate_map(model: nn.Module, batches: Iterable[Any], *, device: torch.devi
     EMA activation observers still updating ([17], P off) are paused for the evaluation, as the
     trainer does for validation: otherwise the ranges drift over the validation images.
     """
-    from fqn.quant.fake_quant import ranges_fixed
 
     was_training = model.training
     model.eval()

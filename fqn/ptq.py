@@ -21,6 +21,9 @@ from fqn.config import QuantConfig
 from fqn.models.faster_rcnn import prepare_qat
 from fqn.quant.bias_correction import correct_bias
 from fqn.quant.calibrate import calibrate
+from fqn.quant.fake_quant import quantizers
+from fqn.quant.observers import SearchObserver
+from fqn.quant.state import quant_config, quant_state
 
 CALIBRATIONS = ("search", "percentile", "histogram", "minmax")
 """PTQ range estimates; ``search`` (per layer, the least measured error) is the default, the strongest."""
@@ -44,10 +47,7 @@ def ptq_config(bits: int, calibration: str = "search", **overrides: Any) -> Quan
 
 def range_choices(model: nn.Module) -> dict[str, str]:
     """Activation quantizer name -> the range rule it uses (for ``search``: the candidate that won)."""
-    from fqn.quant.fake_quant import quantizers
-    from fqn.quant.observers import SearchObserver
-
-    cfg = getattr(model, "fqn_config", None)
+    cfg = quant_config(model)
     kind = cfg.activation_observer if cfg is not None else "float"
     return {name: (fq.observer.chosen or "search") if isinstance(fq.observer, SearchObserver) else kind
             for name, fq in quantizers(model, "act")}
@@ -61,10 +61,11 @@ def ranges_summary(model: nn.Module) -> str:
         >>> ranges_summary(build_detector("resnet18", 3, min_size=64, max_size=64))
         'float'
     """
-    cfg = getattr(model, "fqn_config", None)
-    if cfg is None:
+    state = quant_state(model)
+    if state is None:
         return "float"
-    corrected = " + bias correction" if getattr(model, "fqn_ptq", {}).get("bias_correction") else ""
+    cfg = state.config
+    corrected = " + bias correction" if (state.ptq or {}).get("bias_correction") else ""
     if cfg.learn_ranges:  # QAT: the rule only set where the learning started
         corrected += ", then learned (L)"
     if cfg.activation_observer != "search":
@@ -83,9 +84,9 @@ def post_training_quantize(float_model: nn.Module, batches: Iterable[Any], cfg: 
     ``batches`` are calibration batches (image lists or ``(images, targets)``); ``num_batches``
     defaults to ``cfg.n_cal``. ``bias_correction``: then remove each layer's weight-rounding shift
     of its output mean (`fqn.quant.bias_correction`), measured on the same batches; the model
-    remembers it in ``model.fqn_ptq``.
+    remembers it in its `QuantState` (``ptq``).
     """
-    if getattr(float_model, "fqn_config", None) is not None:
+    if quant_state(float_model) is not None:
         raise ValueError("post_training_quantize needs the float model, got an already quantized one")
     n = num_batches or cfg.n_cal
     batches = list(itertools.islice(batches, n))  # used twice with bias correction
@@ -93,5 +94,5 @@ def post_training_quantize(float_model: nn.Module, batches: Iterable[Any], cfg: 
     calibrate(model, batches, n, progress=progress)
     if bias_correction:
         correct_bias(model, batches, n, progress=progress)
-    model.fqn_ptq = {"calibration": cfg.activation_observer, "bias_correction": bool(bias_correction)}
+    quant_state(model).ptq = {"calibration": cfg.activation_observer, "bias_correction": bool(bias_correction)}
     return model.eval()

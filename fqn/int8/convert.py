@@ -8,9 +8,9 @@ for latency and parity checks.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +24,37 @@ from fqn.int8.onnx_qdq import GraphConstants, export_onnx
 from fqn.int8.runtime import OnnxDetector, make_session
 from fqn.models.roi_pool import FastMultiScaleRoIAlign
 from fqn.quant.fake_quant import quant_range, quantizers
+from fqn.quant.prepare import check_input_grids
+from fqn.quant.state import quant_config
 
 _IMAGE_AXES = {"image": {1: "height", 2: "width"}}
 
 
-@contextlib.contextmanager
-def _export_friendly_roi_merge(model: nn.Module) -> Iterator[None]:
-    """A torchvision RoI pooler as fqn's `FastMultiScaleRoIAlign` while the model is exported (this model only):
-    torchvision's merges its levels by a ScatterElements per level, fqn's by one Concat + Gather."""
-    pooler = getattr(getattr(model, "roi_heads", None), "box_roi_pool", None)
+def _with_child(module: nn.Module, name: str, child: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` whose child ``name`` is ``child``; ``module`` and its other children are shared."""
+    clone = copy.copy(module)
+    clone._modules = type(module._modules)(module._modules)
+    clone._modules[name] = child
+    return clone
+
+
+def export_form(model: nn.Module) -> nn.Module:
+    """The detector as it is exported: a torchvision RoI pooler replaced by fqn's `FastMultiScaleRoIAlign`.
+
+    torchvision's pooler merges its levels by a ScatterElements per level, fqn's by one Concat + Gather,
+    the same outputs. The model given is left as it is: the export form is a shallow copy that shares
+    every weight and quantizer with it and holds a new pooler.
+    """
+    heads = getattr(model, "roi_heads", None)
+    pooler = getattr(heads, "box_roi_pool", None)
     if type(pooler) is not MultiScaleRoIAlign:
-        yield
-        return
-    pooler.__class__ = FastMultiScaleRoIAlign
-    try:
-        yield
-    finally:
-        pooler.__class__ = MultiScaleRoIAlign
+        return model
+    return _with_child(model, "roi_heads", _with_child(heads, "box_roi_pool", FastMultiScaleRoIAlign.like(pooler)))
 
 
 def check_quantized(model: nn.Module) -> Any:
     """The model's QuantConfig, or an error that says why this model cannot become an int8 model."""
-    cfg = getattr(model, "fqn_config", None)
+    cfg = quant_config(model)
     if cfg is None or not quantizers(model):
         raise ValueError("this is a float model: int8 conversion needs a quantized one. Run PTQ "
                          "(fqn.ptq.post_training_quantize or `fqn compare`) or pass a QAT checkpoint")
@@ -56,6 +65,7 @@ def check_quantized(model: nn.Module) -> Any:
                          "calibrate the model (fqn.calibrate) before converting it")
     if cfg.bits_a > 8 or cfg.bits_w > 8:
         raise ValueError("int8 conversion needs bits_w and bits_a <= 8")
+    check_input_grids(model)
     return cfg
 
 
@@ -143,11 +153,10 @@ def _export_detector(model: nn.Module, path: str | Path, example_images: Sequenc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
-    with _export_friendly_roi_merge(model):
-        export_onnx(_Detector(model).eval(), (images[0],), path, input_names=["image"],
-                    output_names=["boxes", "labels", "scores"], dynamic_axes=_IMAGE_AXES, quantized=cfg is not None,
-                    metadata=_metadata(model, cfg, metadata, pack_int4), weight_range=_weight_range(cfg),
-                    pack_int4=pack_int4)
+    export_onnx(_Detector(export_form(model)).eval(), (images[0],), path, input_names=["image"],
+                output_names=["boxes", "labels", "scores"], dynamic_axes=_IMAGE_AXES, quantized=cfg is not None,
+                metadata=_metadata(model, cfg, metadata, pack_int4), weight_range=_weight_range(cfg),
+                pack_int4=pack_int4)
     return path
 
 
@@ -182,7 +191,7 @@ def export_part(model: nn.Module, part: str, path: str | Path, example_image: Te
     parts = {"backbone_fpn": BackboneFPN, "heads": HeadOutputs}
     if part not in parts:
         raise ValueError(f"unknown part {part!r}; choose one of {sorted(parts)}")
-    cfg = getattr(model, "fqn_config", None)
+    cfg = quant_config(model)
     if cfg is not None:
         check_quantized(model)
     model = model.cpu().eval()

@@ -26,6 +26,7 @@ widens them in memory).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 from collections.abc import Iterator, Sequence
@@ -36,7 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fqn.quant.fake_quant import quantize_dequantize, quantizers
+from fqn.quant.fake_quant import quantizer_modes, quantizers
+from fqn.quant.qparams import quantize_dequantize
 
 log = logging.getLogger(__name__)
 
@@ -91,29 +93,30 @@ def qdq_export_mode(model: nn.Module, example_args: tuple) -> Iterator[nn.Module
 
     Weight quantizers recompute their range on every call; one forward pass on
     ``example_args`` gives them the current (BN-folded) weights' range, then
-    observing stops so the traced graph holds constants. Everything is restored on exit.
+    observing stops so the traced graph holds constants. Everything is restored on exit. A model with
+    learned ranges is exported from a copy whose ranges are fixed (`LearnedFakeQuantize.fix_range`),
+    the model given is left as it is; the module to trace is the one yielded.
     """
-    qs = quantizers(model)
-    saved = [(q.observing, q.quantizing) for _, q in qs]
+    if any(q.learnable for _, q in quantizers(model)):
+        model = copy.deepcopy(model)
+        for _, q in quantizers(model):
+            if q.learnable:
+                q.fix_range()
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    for _, q in qs:
-        if q.role == "act":
-            q.enable_observer(False)
     try:
-        with torch.no_grad():
-            model(*example_args)
-        _report_floored_scales(model)
-        for _, q in qs:
-            q.enable_observer(False)
-        for _, q in qs:
-            q.set_export_mode(_export_fake_quantize)
-        yield model
+        with quantizer_modes(model) as qs:
+            for _, q in qs:
+                if q.role == "act":
+                    q.enable_observer(False)
+            with torch.no_grad():
+                model(*example_args)
+            _report_floored_scales(model)
+            for _, q in qs:
+                q.enable_observer(False)
+                q.set_export_mode(_export_fake_quantize)
+            yield model
     finally:
-        for (_, q), (observe, quantize) in zip(qs, saved):
-            q.set_export_mode(None)
-            q.enable_observer(observe)
-            q.enable_fake_quant(quantize)
         for m, training in modes:
             m.training = training
 
@@ -142,7 +145,7 @@ def export_onnx(module: nn.Module, args: tuple, path: str | Path | None, *, inpu
 
     buf = io.BytesIO()
     ctx = qdq_export_mode(module, args) if quantized else contextlib.nullcontext(module)
-    with ctx, torch.no_grad(), _quiet_export():
+    with ctx as module, torch.no_grad(), _quiet_export():
         torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, do_constant_folding=True,
                           input_names=list(input_names), output_names=list(output_names),
                           dynamic_axes=dynamic_axes)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fqn.int8.runtime import make_session
+
 
 def scope_of(node_name: str, root: str = "model") -> str:
     """The module of an exported node: ``/model/a/layer1/layer1.0/conv1/act_fq/DQ_1`` -> ``a.layer1.0.conv1.act_fq``.
@@ -75,7 +77,6 @@ class Int8Taps:
 
     def __init__(self, path: str | Path, names: list[str], threads: int | None = None,
                  runtime: str = "onnxruntime") -> None:
-        from fqn.int8.runtime import make_session
 
         self.values: dict[str, list[str]] = {}
         self.session, self.metadata = make_session(

@@ -7,15 +7,23 @@ Loading uses ``torch.load(weights_only=True)``: no code from the file is execute
 
 from __future__ import annotations
 
+import copy
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 
 from fqn.config import QuantConfig
-from fqn.models.faster_rcnn import build_detector, prepare_qat
-from fqn.quant.fake_quant import Phase, current_phase, set_phase
+from fqn.models.faster_rcnn import build_detector, fast_roi_pool, prepare_qat
+from fqn.quant.fake_quant import fix_ranges
+from fqn.quant.prepare import scope_summary
+from fqn.quant.state import QuantState
+
+log = logging.getLogger(__name__)
 
 _BUILD_KEYS = ("backbone", "num_classes", "min_size", "max_size")
 
@@ -45,8 +53,8 @@ def pretrained(hp: dict[str, Any]) -> bool:
 def load_detector(path: str | Path) -> tuple[FasterRCNN, dict[str, Any]]:
     """The detector saved in an fqn checkpoint, in eval mode, and its hyper-parameters.
 
-    A QAT checkpoint gives a prepared (fake-quantized) detector with its ranges and
-    ``model.fqn_config``; a float checkpoint gives the float detector. A checkpoint saved while
+    A QAT checkpoint gives a prepared (fake-quantized) detector with its ranges and its
+    `QuantState`, whose config it is rebuilt with; a float checkpoint gives the float detector. A checkpoint saved while
     EMA ranges were still updating ([17], P off) comes back with them fixed (phase ``quantize``):
     the detector is for inference, and evaluating it must not move the ranges the file holds.
     """
@@ -57,13 +65,13 @@ def load_detector(path: str | Path) -> tuple[FasterRCNN, dict[str, Any]]:
         raise ValueError(f"checkpoint {path} lacks the hyper-parameters {missing}")
     model = build_detector(hp["backbone"], hp["num_classes"], min_size=hp["min_size"], max_size=hp["max_size"],
                            frozen_bn=pretrained(hp), **(hp.get("detector") or {}))
-    quant = hp.get("quant")
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    saved = QuantState.read(state)
+    quant = saved["config"] if saved is not None else hp.get("quant")  # checkpoints before QuantState: hparams
     if quant:
         prepare_qat(model, QuantConfig.from_dict(quant) if isinstance(quant, dict) else quant)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
-    if current_phase(model) == Phase.OBSERVE_QUANTIZE:
-        set_phase(model, Phase.QUANTIZE)
+    fix_ranges(model)
     return model.eval(), hp
 
 
@@ -97,3 +105,65 @@ def load_float_reference(path: str | Path) -> tuple[FasterRCNN, dict[str, Any]]:
         return model.eval(), hp
     raise ValueError(f"{path} names no float model it started from (no init_from, no weights); "
                      "pass the float checkpoint with --float")
+
+
+def load_float_state(path: str | Path) -> tuple[dict[str, Tensor], bool]:
+    """The detector weights of a float checkpoint (a Lightning ``.ckpt`` of this module or a plain state dict),
+    and whether its architecture has torchvision's ``FrozenBatchNorm2d`` (it was fine-tuned from pretrained
+    weights), read off its hyper-parameters or, for a plain state dict, off its keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from checkpoint {path} does not exist; train the float model first "
+                                "(e.g. fqn fit --config synthetic_float) or pass the right path")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in state:
+        hparams = state.get("hyper_parameters", {})
+        if hparams.get("quant"):
+            raise ValueError(f"init_from {path} is a quantized (QAT) checkpoint; QAT starts from a float one")
+        state = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+        frozen = pretrained(hparams)
+    else:  # BatchNorm2d counts its batches; FrozenBatchNorm2d has no such buffer
+        frozen = not any(k.endswith("num_batches_tracked") for k in state)
+    if not state:
+        raise ValueError(f"init_from {path} holds no detector weights")
+    return state, frozen
+
+
+@dataclass
+class RunDetector:
+    """The detector a training run starts from: see `detector_for_run`."""
+
+    model: FasterRCNN
+    float_copy: FasterRCNN | None
+    frozen_bn: bool
+
+
+def detector_for_run(backbone: str, num_classes: int, *, quant: QuantConfig | None = None,
+                     init_from: str | None = None, weights: str | None = None, weights_backbone: str | None = None,
+                     min_size: int = 160, max_size: int = 160, frozen_bn: bool | None = None,
+                     detector: dict[str, Any] | None = None, keep_float_copy: bool = False) -> RunDetector:
+    """The detector a run trains: built, loaded from ``init_from`` (a float checkpoint or state dict), then
+    prepared for QAT when ``quant`` is given; with ``keep_float_copy``, also the float model before preparing
+    (a distillation teacher). ``frozen_bn`` None: the architecture of what it starts from (torchvision weights,
+    or the checkpoint's); the resolved value is returned, for the run to record."""
+    state, frozen = load_float_state(init_from) if init_from else (None, None)
+    if frozen_bn is None:  # torchvision weights freeze BN
+        frozen_bn = frozen if frozen is not None else bool(weights or weights_backbone)
+    model = build_detector(backbone, num_classes, weights=weights, weights_backbone=weights_backbone,
+                           min_size=min_size, max_size=max_size, frozen_bn=frozen_bn, box_roi_pool=fast_roi_pool(),
+                           **(detector or {}))
+    if state is not None:
+        hint = f"init_from {init_from} does not fit a {backbone} detector with {num_classes} classes"
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches: torch's message lists them after its first line
+            raise ValueError(f"{hint}: {str(err).strip().splitlines()[-1].strip()}") from None
+        if missing or unexpected:
+            raise ValueError(f"{hint}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    elif quant is not None and weights is None:
+        log.warning("QAT without init_from or weights starts from random weights")
+    float_copy = copy.deepcopy(model) if keep_float_copy else None
+    if quant is not None:
+        prepare_qat(model, quant)
+        log.info("quantized scope: %s", scope_summary(model))
+    return RunDetector(model, float_copy, frozen_bn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -20,9 +21,12 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from fqn.config import QuantConfig
 from fqn.models.quantizable import CONVERTERS, stable_ties
 from fqn.models.roi_pool import FastMultiScaleRoIAlign
-from fqn.quant.fake_quant import Phase, set_phase
+from fqn.quant.fake_quant import Phase, quantizers, set_phase
 from fqn.quant.modules import QuantConv2d, act_quantizer
+from fqn.quant.observers import SearchObserver
 from fqn.quant.prepare import bind_input_grids, is_prepared, restore_float, scope_summary, swap_modules
+from fqn.quant.state import ATTRIBUTE as STATE_ATTRIBUTE
+from fqn.quant.state import QuantState, quant_state
 
 log = logging.getLogger(__name__)
 
@@ -176,18 +180,19 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     box decoding and NMS. Anchors, box decoding, RoIAlign and NMS work on
     dequantized values. ``cfg.keep_float`` patterns leave named modules float.
     The model leaves in the ``float`` phase (quantizers are identities) until
-    `calibrate` fixes the ranges. ``model.fqn_scope`` lists what was swapped.
+    `calibrate` fixes the ranges. ``model.fqn_state`` (`fqn.quant.state.QuantState`) holds ``cfg`` and
+    the names of what was swapped and kept float, and is saved with the weights.
 
     Example:
         >>> from fqn import QuantConfig, build_detector
         >>> model = build_detector("resnet18", 3, min_size=128, max_size=128)
         >>> model = prepare_qat(model, QuantConfig(bits_w=4, bits_a=4))
-        >>> scope_summary(model)["conv:quantized"], model.fqn_scope["float"]
+        >>> scope_summary(model)["conv:quantized"], model.fqn_state.scope["float"]
         (31, [])
     """
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")
-    if is_prepared(model) or getattr(model, "fqn_config", None) is not None:
+    if is_prepared(model) or quant_state(model) is not None:
         raise ValueError("this model is already prepared for quantization; prepare_qat must be called once, "
                          "on a float model (build a fresh one or reload the float checkpoint)")
     num_levels = len(model.rpn.anchor_generator.sizes) if hasattr(model, "rpn") else 5
@@ -197,8 +202,7 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     _keep_top_of_head_outputs(model)
     set_phase(model, Phase.FLOAT)
     bind_input_grids(model, lambda: _probe(model))
-    model.fqn_config = cfg
-    model.fqn_scope = {"quantized": ctx.swapped, "float": ctx.kept_float}
+    setattr(model, STATE_ATTRIBUTE, QuantState(cfg, scope={"quantized": ctx.swapped, "float": ctx.kept_float}))
     log.info("fqn scope (%s, w%d/a%d): %s; kept float: %s", cfg.flags, cfg.bits_w, cfg.bits_a,
              scope_summary(model), ctx.kept_float or "none")
     return model
@@ -217,11 +221,6 @@ KEEP_TOP_FROM_BITS = 6
 def _keep_top_of_head_outputs(model: nn.Module) -> None:
     """PTQ's range search does not clip the top of a head output at >= `KEEP_TOP_FROM_BITS` bits
     (see `SearchObserver.keep_top`)."""
-    import fnmatch
-
-    from fqn.quant.fake_quant import quantizers
-    from fqn.quant.observers import SearchObserver
-
     for name, fq in quantizers(model, "act"):
         if (isinstance(fq.observer, SearchObserver) and fq.bits >= KEEP_TOP_FROM_BITS
                 and any(fnmatch.fnmatch(name, p) for p in HEAD_OUTPUTS)):
@@ -243,7 +242,7 @@ def strip_quantizers(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         >>> sorted(back.state_dict()) == sorted(float_model.state_dict())
         True
     """
-    if getattr(model, "fqn_config", None) is None and not is_prepared(model):
+    if quant_state(model) is None and not is_prepared(model):
         raise ValueError("this model has no quantizers to strip: it is a float model already")
     if not inplace:
         model = copy.deepcopy(model)
@@ -251,8 +250,8 @@ def strip_quantizers(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     pooler = getattr(getattr(model, "roi_heads", None), "box_roi_pool", None)
     if isinstance(pooler, FastMultiScaleRoIAlign):  # torchvision's own pooler: the same outputs, no fqn class left
         pooler.__class__ = MultiScaleRoIAlign
-    for attr in ("fqn_config", "fqn_scope"):
-        model.__dict__.pop(attr, None)
+    if quant_state(model) is not None:
+        delattr(model, STATE_ATTRIBUTE)
     if is_prepared(model):
         raise RuntimeError("quantizers are left after stripping: a block without restore_float holds them")
     return model

@@ -194,6 +194,12 @@ class QuantRPNHead(RPNHead):
     def grid_inputs(self, args: tuple) -> list[Tensor]:
         return list(args[0])
 
+    def objectness_step(self, level: int) -> float | None:
+        """The quantization step of pyramid level ``level``'s objectness logits; None where they are float."""
+        if self.cls_fq is None:
+            return None
+        return float(self.cls_fq[0][level].scale.reshape(-1)[0])
+
     def restore_float(self) -> None:
         del self.conv_fq, self.cls_fq, self.bbox_fq
         self.__dict__.pop("_level_grids", None)
@@ -321,14 +327,14 @@ class QuantRPN(RegionProposalNetwork):
         ``(code + 256) * 2^21 + (2^21 - 1 - index)`` orders by objectness, then by index, in any runtime, and
         stays below 2^31 (a runtime may run int64 as int32) for up to 2^21 anchors per level.
         """
-        cls_fq = getattr(self.head, "cls_fq", None)
-        if cls_fq is None:  # float objectness: ties are rare
+        steps = [self.head.objectness_step(level) if isinstance(self.head, QuantRPNHead) else None
+                 for level in range(len(num_anchors_per_level))]
+        if None in steps:  # float objectness: ties are rare
             return super()._get_top_n_idx(objectness, num_anchors_per_level)
         r, offset = [], 0
-        for level, ob in enumerate(objectness.split(num_anchors_per_level, 1)):
+        for ob, step in zip(objectness.split(num_anchors_per_level, 1), steps):
             num_anchors = ob.shape[1]
             k = det_utils._topk_min(ob, self.pre_nms_top_n(), 1)
-            step = float(cls_fq[0][level].scale.reshape(-1)[0])
             index = torch.ones_like(ob, dtype=torch.int64).cumsum(1) - 1
             code = torch.round(ob / step).to(torch.int64) + 256
             _, top = (code * _TOPK_SPAN + (_TOPK_SPAN - 1 - index)).topk(k, dim=1)

@@ -117,6 +117,14 @@ class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's MultiScaleRoIAlign computing the same outputs, with the fast CPU backward per level and the
     levels merged by `gather_merge_levels` (a Concat + Gather once exported)."""
 
+    @classmethod
+    def like(cls, pooler: MultiScaleRoIAlign) -> FastMultiScaleRoIAlign:
+        """A new pooler with ``pooler``'s settings (and the level scales it has set up), ``pooler`` untouched."""
+        fast = cls(pooler.featmap_names, pooler.output_size, pooler.sampling_ratio,
+                   canonical_scale=pooler.canonical_scale, canonical_level=pooler.canonical_level)
+        fast.scales, fast.map_levels = pooler.scales, pooler.map_levels
+        return fast.train(pooler.training)
+
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         feats = poolers._filter_input(x, self.featmap_names)
         if self.scales is None or self.map_levels is None:

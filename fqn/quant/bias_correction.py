@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fqn.quant.calibrate import _device, _progress, batch_images
+from fqn.quant.calibrate import batch_images, model_device, progress_bar
+from fqn.quant.fake_quant import ranges_fixed
 from fqn.quant.modules import QuantConv2d, QuantConvBn2d, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -36,24 +37,9 @@ def correctable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def _effective(m: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The weight and bias the layer quantizes (BN folded with its EMA statistics for a conv+BN)."""
-    if isinstance(m, QuantConvBn2d):
-        from fqn.quant.fold import fold_conv_bn_weights
-
-        return fold_conv_bn_weights(m.weight, m.bias, m.bn_weight, m.bn_bias, m.running_mean, m.running_var, m.bn_eps)
-    return m.weight, m.bias
-
-
 def weight_error(m: nn.Module) -> Tensor:
     """``W_q - W``: what quantizing ``m``'s (BN-folded) weight changes, as the layer's eval forward quantizes it."""
-    w, b = _effective(m)
-    was_training = m.training
-    m.eval()
-    try:
-        return m._q_weight(w, b, m._input_step(None)) - w
-    finally:
-        m.train(was_training)
+    return m.quantized_weight() - m.effective_weight()[0]
 
 
 def output_shift(m: nn.Module, x: Tensor, error: Tensor) -> tuple[Tensor, int]:
@@ -110,7 +96,7 @@ def _one_pass(model: nn.Module, layers: dict[str, nn.Module], original: dict[str
 
     def recorder(name: str):
         def hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
-            x = mod._q_input(args[0]) if mod.input_fq is not None else args[0]
+            x = mod.quantized_input(args[0])
             if x.numel() == 0:
                 return
             s, n = output_shift(mod, x, errors[name])
@@ -120,14 +106,15 @@ def _one_pass(model: nn.Module, layers: dict[str, nn.Module], original: dict[str
         return hook
 
     handles = [m.register_forward_hook(recorder(name)) for name, m in layers.items()]
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
-    bar = _progress(len(batches), progress)
+    bar = progress_bar(len(batches), progress, "bias correction")
     try:
-        for batch in batches:
-            model([img.to(device) for img in batch_images(batch)])
-            bar.update(1)
+        with ranges_fixed(model):  # measuring must not move EMA ranges ([17]); modes restored after
+            for batch in batches:
+                model([img.to(device) for img in batch_images(batch)])
+                bar.update(1)
     finally:
         bar.close()
         for h in handles:

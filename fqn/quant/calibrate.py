@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fqn.quant.fake_quant import Phase, current_phase, quantizers, set_phase
+from fqn.quant.fake_quant import Phase, phase_of, quantizers, set_phase
 from fqn.quant.observers import EMAMinMaxObserver, dist_ready
+from fqn.quant.prepare import check_input_grids
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,11 @@ def calibration_mode(model: nn.Module) -> Iterator[nn.Module]:
         ...     model(images)
     """
     was_training = model.training
-    phase = current_phase(model) or Phase.FLOAT
     model.eval()
-    set_phase(model, Phase.OBSERVE)
     try:
-        yield model
+        with phase_of(model, Phase.OBSERVE):
+            yield model
     finally:
-        set_phase(model, phase)
         model.train(was_training)
 
 
@@ -56,7 +55,7 @@ def _is_image(x: Any) -> bool:
     return isinstance(x, Tensor) and x.dim() == 3
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -79,11 +78,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int, *, pro
     acts = quantizers(model, "act")
     if not acts:
         raise ValueError("the model has no activation quantizers: call prepare_qat(model, cfg) first")
+    check_input_grids(model)
     for _, fq in acts:
         fq.observer.reset()
-    device = _device(model)
+    device = model_device(model)
     seen = 0
-    bar = _progress(num_batches, progress)
+    bar = progress_bar(num_batches, progress, "calibrate")
     with calibration_mode(model), torch.no_grad():
         for batch in batches:
             if seen >= num_batches:
@@ -117,14 +117,15 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, desc: str) -> Any:
+    """A tqdm bar over ``total`` batches, or one that shows nothing (``enabled`` False, or no tqdm)."""
     if not enabled:
         return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional for the method itself
         return _NoBar()
-    return tqdm(total=total, desc="calibrate", unit="batch", leave=False)
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)
 
 
 @torch.no_grad()

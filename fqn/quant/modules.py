@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fqn.config import QuantConfig
-from fqn.quant.fake_quant import FakeQuantize, bias_scale_floor, quantize_bias, weight_quantizer
+from fqn.quant.fake_quant import FakeQuantize, LearnedFakeQuantize, weight_quantizer
+from fqn.quant.flags import SavedFlags
 from fqn.quant.fold import batch_stats, bn_stats, fold_conv_bn_weights
-from fqn.quant.observers import make_activation_observer, refresh_after_load
+from fqn.quant.observers import make_activation_observer
+from fqn.quant.qparams import bias_scale_floor, quantize_bias
 
 GRID_PRESERVING = (nn.ReLU, nn.ReLU6)
 
@@ -25,7 +27,9 @@ def act_quantizer(cfg: QuantConfig) -> FakeQuantize:
     """An activation quantizer (asymmetric, per tensor) with the observer the config asks for."""
     obs = make_activation_observer(cfg.activation_observer, gamma=cfg.gamma, momentum=cfg.ema_momentum,
                                    bits=cfg.bits_a, bins=cfg.histogram_bins)
-    return FakeQuantize(obs, cfg.bits_a, symmetric=False, role="act", learnable=cfg.learn_ranges)
+    if cfg.learn_ranges:
+        return LearnedFakeQuantize(obs, cfg.bits_a)
+    return FakeQuantize(obs, cfg.bits_a, symmetric=False, role="act")
 
 
 def _maybe(fq_on: bool, cfg: QuantConfig) -> FakeQuantize | None:
@@ -99,6 +103,16 @@ class _QuantLayerMixin:
         """
         object.__setattr__(self, "_input_grid", fq)
 
+    @property
+    def input_grid(self) -> FakeQuantize | None:
+        """The bound upstream quantizer; None where float glue feeds the layer or it was never bound."""
+        return self.__dict__.get("_input_grid")
+
+    @property
+    def grid_bound(self) -> bool:
+        """Whether `bind_input_grids` has seen this layer (bound it to a quantizer, or to none)."""
+        return "_input_grid" in self.__dict__
+
     def grid_inputs(self, args: tuple) -> list[Tensor]:
         return [args[0]]
 
@@ -110,7 +124,7 @@ class _QuantLayerMixin:
 
     def _input_step(self, grid: FakeQuantize | None) -> Tensor | None:
         """``s_in``: of this layer's own input quantizer, else of ``grid`` (given by the caller) or the bound one."""
-        fq = next((q for q in (self.input_fq, grid, getattr(self, "_input_grid", None)) if q is not None), None)
+        fq = next((q for q in (self.input_fq, grid, self.input_grid) if q is not None), None)
         return fq.scale if fq is not None and fq.quantizing else None
 
     def _q_weight(self, w: Tensor, bias: Tensor | None, s_in: Tensor | None) -> Tensor:
@@ -136,6 +150,24 @@ class _QuantLayerMixin:
 
     def _q_input(self, x: Tensor) -> Tensor:
         return self.input_fq(x) if self.input_fq is not None else x
+
+    def effective_weight(self) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias this layer quantizes and applies (a conv+BN's: folded with its EMA statistics)."""
+        return self.weight, self.bias
+
+    def quantized_weight(self) -> Tensor:
+        """`effective_weight` as the layer's eval forward quantizes it: its own ranges, the int32-bias floor."""
+        w, b = self.effective_weight()
+        was_training = self.training
+        self.eval()
+        try:
+            return self._q_weight(w, b, self._input_step(None))
+        finally:
+            self.train(was_training)
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        """``x`` as the layer reads it: through its own input quantizer, if it has one."""
+        return self._q_input(x)
 
     def _q_output(self, y: Tensor) -> Tensor:
         if self.activation is not None:
@@ -191,7 +223,7 @@ class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
         return self._q_output(self._conv_forward(x, w, self._q_bias(self.bias, s_in)))
 
 
-class QuantConvBn2d(QuantConv2d):
+class QuantConvBn2d(SavedFlags, QuantConv2d):
     """Conv + BN whose trained parameter stays ``W``, folded with the BN statistics at every step.
 
     **F** (``freeze_bn=True``, paper Fig. 3): the EMA statistics are frozen; each forward folds
@@ -207,6 +239,9 @@ class QuantConvBn2d(QuantConv2d):
     variant: frozen for the last N steps), or in eval mode, the layer computes as under F.
     """
 
+    FLAGS = ("_frozen",)
+    LEGACY_BUFFERS = {"bn_frozen": "_frozen"}
+
     def float_layers(self) -> list[nn.Module]:
         """Conv (trained ``W``), the BN it folds (its class, trained gamma/beta, EMA statistics), the activation."""
         conv = self._float_conv(self.bias is not None)
@@ -214,11 +249,14 @@ class QuantConvBn2d(QuantConv2d):
                       self.bn_momentum, self.bn_weight.requires_grad)
         return [conv, bn] + ([self.activation] if self.activation is not None else [])
 
-    def folded_weight(self) -> Tensor:
-        """The weight folded with the EMA statistics: what is quantized in training and inference alike."""
-        w, _ = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean,
+    def effective_weight(self) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias folded with the EMA statistics: what is quantized in training and inference alike."""
+        return fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean,
                                     self.running_var, self.bn_eps)
-        return w
+
+    def folded_weight(self) -> Tensor:
+        """The weight of `effective_weight`."""
+        return self.effective_weight()[0]
 
     @classmethod
     def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, cfg: QuantConfig, **kw) -> QuantConvBn2d:
@@ -231,9 +269,7 @@ class QuantConvBn2d(QuantConv2d):
         q.bn_bias = nn.Parameter(beta.detach().clone(), requires_grad=trainable)
         q.register_buffer("running_mean", mean.detach().clone())
         q.register_buffer("running_var", var.detach().clone())
-        q.register_buffer("bn_frozen", torch.tensor(0, dtype=torch.uint8))
-        q._frozen = False  # mirror of bn_frozen, read without a device sync
-        q.register_load_state_dict_post_hook(refresh_after_load)
+        q._frozen = False  # saved with the model (`SavedFlags`), read without a device sync
         q.bn_eps = eps
         q.bn_type = type(bn)
         q.last_batch_stats = None
@@ -245,19 +281,18 @@ class QuantConvBn2d(QuantConv2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn_eps={self.bn_eps}, bn_momentum={self.bn_momentum}, frozen={self._frozen}"
 
-    def _refresh(self) -> None:
-        self._frozen = bool(self.bn_frozen)
-
     def freeze_bn(self, frozen: bool = True) -> None:
         """Fold the EMA statistics from now on and stop updating them (F, or the [18] schedule's last N steps)."""
-        self.bn_frozen.fill_(int(frozen))
         self._frozen = bool(frozen)
+
+    @property
+    def bn_frozen(self) -> bool:
+        return self._frozen
 
     def forward(self, x: Tensor, grid: FakeQuantize | None = None) -> Tensor:
         x = self._q_input(x)
         s_in = self._input_step(grid)
-        w, b = fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean,
-                                    self.running_var, self.bn_eps)
+        w, b = self.effective_weight()
         w = self._q_weight(w, b, s_in)
         if not self.training or self._frozen:
             return self._q_output(self._conv_forward(x, w, self._q_bias(b, s_in)))

@@ -14,30 +14,33 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fqn.quant.flags import SavedFlags
+from fqn.quant.qparams import calc_qparams, quant_range
+
 
 def dist_ready() -> bool:
     """True under an initialised process group of more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def refresh_after_load(module: nn.Module, incompatible_keys: object) -> None:
-    """load_state_dict post-hook: re-read the Python mirrors of a module's flag buffers (picklable, unlike a lambda)."""
-    module._refresh()
-
-
-class Observer(nn.Module):
+class Observer(SavedFlags, nn.Module):
     """Base class: ``forward(x)`` records statistics, ``compute_range()`` proposes [lb, ub]."""
+
+    # Whether any data was seen: a saved Python flag (`SavedFlags`), since reading a GPU buffer would sync at every
+    # step. A flag, not a count: a Python int that changes at every call fails torch.compile's guards,
+    # recompiling the graph each step. Older checkpoints counted the calls in a buffer.
+    FLAGS = ("_has_data",)
+    LEGACY_BUFFERS = {"num_seen": "_has_data"}
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("num_seen", torch.zeros((), dtype=torch.int64))
-        # Python mirror of num_seen > 0: reading a GPU buffer would sync at every step. A flag, not a count: a
-        # Python int that changes at every call fails torch.compile's guards, recompiling the graph each step
         self._has_data = False
-        self.register_load_state_dict_post_hook(refresh_after_load)
 
-    def _refresh(self) -> None:
-        self._has_data = int(self.num_seen) > 0
+    def _sync_has_data(self, device: torch.device) -> None:
+        """Seen data on any rank: seen data (``dist_ready`` only)."""
+        seen = torch.tensor(int(self._has_data), device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        self._has_data = bool(seen)
 
     @property
     def has_data(self) -> bool:
@@ -46,7 +49,6 @@ class Observer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() > 0:
             self._update(x.detach())
-            self.num_seen += 1
             self._has_data = True
         return x
 
@@ -57,7 +59,6 @@ class Observer(nn.Module):
         raise NotImplementedError
 
     def reset(self) -> None:
-        self.num_seen.zero_()
         self._has_data = False
 
     def sync(self) -> None:
@@ -103,8 +104,7 @@ class MinMaxObserver(Observer):
         if dist_ready():
             dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN)
             dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX)
-            dist.all_reduce(self.num_seen, op=dist.ReduceOp.MAX)
-            self._refresh()
+            self._sync_has_data(self.min_val.device)
 
 
 class EMAMinMaxObserver(Observer):
@@ -143,8 +143,7 @@ class EMAMinMaxObserver(Observer):
             for t in (self.min_val, self.max_val):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 t.div_(ws)
-            dist.all_reduce(self.num_seen, op=dist.ReduceOp.MAX)
-            self._refresh()
+            self._sync_has_data(self.min_val.device)
 
 
 class HistogramObserver(Observer):
@@ -234,11 +233,11 @@ class HistogramObserver(Observer):
     def sync(self) -> None:
         if not dist_ready():
             return
-        state = (int(self.num_seen), int(self.exponent), int(self.kmin), self.counts.cpu(),
+        state = (self._has_data, int(self.exponent), int(self.kmin), self.counts.cpu(),
                  float(self.min_val), float(self.max_val))
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, state)
-        gathered = [g for g in gathered if g[0] > 0]
+        gathered = [g for g in gathered if g[0]]
         if not gathered:
             return
         lo = min(g[4] for g in gathered)
@@ -253,8 +252,7 @@ class HistogramObserver(Observer):
         self.kmin.fill_(kmin)
         self.min_val.fill_(lo)
         self.max_val.fill_(hi)
-        self.num_seen.fill_(sum(g[0] for g in gathered))
-        self._refresh()
+        self._has_data = True
 
 
 class PercentileObserver(HistogramObserver):
@@ -371,8 +369,6 @@ class SearchObserver(HistogramObserver):
 
     def quant_error(self, lb: float, ub: float) -> float:
         """Mean squared error of quantizing everything seen with the asymmetric ``bits`` grid of [lb, ub]."""
-        from fqn.quant.fake_quant import calc_qparams, quant_range
-
         counts = self.counts.cpu().numpy()
         occupied = np.nonzero(counts)[0]
         if occupied.size == 0:

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from fqn.config import QuantConfig
-from fqn.quant.fake_quant import FakeQuantize
+from fqn.quant.fake_quant import FakeQuantize, Phase, phase_of
 from fqn.quant.fold import BN_TYPES, fold_bn
 from fqn.quant.modules import QuantAdd, QuantConv2d, QuantConvBn2d, QuantLinear, QuantMul
+from fqn.quant.state import quant_state
 
 log = logging.getLogger(__name__)
 
@@ -214,26 +215,48 @@ def bind_input_grids(model: nn.Module, probe: Callable[[], object]) -> int:
             handles.append(m.register_forward_hook(on_grid_op))
         if hasattr(m, "grid_inputs"):
             handles.append(m.register_forward_pre_hook(on_reader))
-    flags = [(q, q.observing, q.quantizing) for q in model.modules() if isinstance(q, FakeQuantize)]
     modes = [(m, m.training) for m in model.modules()]
     try:
-        for q, _, _ in flags:
-            q.enable_observer(False)
-            q.enable_fake_quant(False)
-        model.eval()
-        with torch.no_grad():
+        with phase_of(model, Phase.FLOAT), torch.no_grad():
+            model.eval()
             probe()
     finally:
         for h in handles:
             h.remove()
-        for q, observe, quantize in flags:
-            q.enable_observer(observe)
-            q.enable_fake_quant(quantize)
         for m, training in modes:
             m.training = training
+    for m in model.modules():
+        if hasattr(m, "bind_input_grid") and m not in calls:
+            m.bind_input_grid(None)  # present, but the probe did not reach it: float glue feeds it, if anything
     for m, seen in calls.items():
         m.bind_grids(seen)
     return sum(1 for seen in calls.values() if any(s is not None for c in seen for s in c))
+
+
+def check_input_grids(model: nn.Module) -> None:
+    """Raise, naming the layer, where a quantized layer's input grid binding no longer describes ``model``.
+
+    `bind_input_grids` records, per layer, the quantizer upstream whose step puts the bias on the int32
+    grid. Replacing a submodule after `prepare_qat` can leave a layer bound to a quantizer that is no longer
+    in the model (its ranges then never move again) or add a quantized layer that was never bound: both
+    would make the bias grid, and so the int8 file, silently wrong. Calibration and conversion check.
+    An unbound layer is an error in a model `prepare_qat` prepared (it binds every layer there); layers
+    quantized by hand, without it, read their inputs as float glue.
+    """
+    prepared = quant_state(model) is not None
+    present = {id(m) for m in model.modules()}
+    for name, m in model.named_modules():
+        if not isinstance(m, (QuantConv2d, QuantLinear)) or not m.is_quantized:
+            continue
+        grid = m.input_grid
+        if prepared and not m.grid_bound:
+            raise RuntimeError(f"quantized layer {name} was never bound to its input quantizer (added after "
+                               "prepare_qat?): prepare the model again, or call "
+                               "fqn.quant.prepare.bind_input_grids(model, probe)")
+        if grid is not None and id(grid) not in present:
+            raise RuntimeError(f"quantized layer {name} is bound to an input quantizer that is no longer in the "
+                               "model (a submodule was replaced after prepare_qat): prepare the model again, or "
+                               "call fqn.quant.prepare.bind_input_grids(model, probe)")
 
 
 def scope_summary(model: nn.Module) -> dict[str, int]:

@@ -5,11 +5,13 @@ The maths stays in `fqn.quant`; this only decides *when* each phase applies.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytorch_lightning as pl
 
 from fqn.config import QuantConfig
 from fqn.quant.calibrate import sync_ema_observers
-from fqn.quant.fake_quant import Phase, current_phase, set_phase
+from fqn.quant.fake_quant import Phase, ranges_fixed, set_phase
 from fqn.quant.modules import freeze_bn_stats
 
 
@@ -26,6 +28,7 @@ class QuantPhaseScheduler(pl.Callback):
 
     def __init__(self) -> None:
         self._train_phase: Phase | None = None
+        self._evaluating = contextlib.ExitStack()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_phase = training_phase(pl_module.qcfg)
@@ -43,9 +46,7 @@ class QuantPhaseScheduler(pl.Callback):
             sync_ema_observers(pl_module.model)  # every rank keeps identical EMA ranges (no-op on one rank)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if current_phase(pl_module.model) == Phase.OBSERVE_QUANTIZE:
-            set_phase(pl_module.model, Phase.QUANTIZE)  # evaluation must not move the ranges
+        self._evaluating.enter_context(ranges_fixed(pl_module.model))  # evaluation must not move the ranges
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._train_phase is not None and trainer.training:
-            set_phase(pl_module.model, self._train_phase)
+        self._evaluating.close()  # the modes training had

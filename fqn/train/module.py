@@ -7,10 +7,8 @@ build (and prepare) the detector, calibrate once, log the PTQ mAP, optimise, eva
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -19,39 +17,16 @@ from torch import Tensor
 
 from fqn.config import QuantConfig
 from fqn.evaluation import detections_for_metric, evaluate_map, make_map_metric, map_columns
-from fqn.models.checkpoint import pretrained
+from fqn.models.checkpoint import detector_for_run
 from fqn.models.distill import DistillConfig, Distiller
-from fqn.models.faster_rcnn import build_detector, fast_roi_pool, prepare_qat
 from fqn.quant.calibrate import calibrate
-from fqn.quant.fake_quant import quantizers
-from fqn.quant.prepare import scope_summary
+from fqn.quant.fake_quant import LearnedFakeQuantize, quantizers
+from fqn.quant.state import quant_config
 from fqn.train.callbacks import QuantPhaseScheduler
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
-
-
-def load_float_state(path: str | Path) -> tuple[dict[str, Tensor], bool]:
-    """The detector weights of a float checkpoint (a Lightning ``.ckpt`` of this module or a plain state dict),
-    and whether its architecture has torchvision's ``FrozenBatchNorm2d`` (it was fine-tuned from pretrained
-    weights), read off its hyper-parameters or, for a plain state dict, off its keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from checkpoint {path} does not exist; train the float model first "
-                                "(e.g. fqn fit --config synthetic_float) or pass the right path")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" in state:
-        hparams = state.get("hyper_parameters", {})
-        if hparams.get("quant"):
-            raise ValueError(f"init_from {path} is a quantized (QAT) checkpoint; QAT starts from a float one")
-        state = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-        frozen = pretrained(hparams)
-    else:  # BatchNorm2d counts its batches; FrozenBatchNorm2d has no such buffer
-        frozen = not any(k.endswith("num_batches_tracked") for k in state)
-    if not state:
-        raise ValueError(f"init_from {path} holds no detector weights")
-    return state, frozen
 
 
 class DetectionModule(pl.LightningModule):
@@ -105,38 +80,23 @@ class DetectionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["quant"])
         # saved, not assigned into self.hparams: what the logger records is the copy save_hyperparameters takes
         self.save_hyperparameters({"quant": quant.to_dict() if quant is not None else None})
-        self.qcfg = quant
-        state, frozen = load_float_state(init_from) if init_from else (None, None)
-        if frozen_bn is None:  # the architecture of what it starts from: torchvision weights freeze BN
-            frozen_bn = frozen if frozen is not None else bool(weights or weights_backbone)
-        self.save_hyperparameters({"frozen_bn": frozen_bn})  # so a checkpoint rebuilds the same architecture
-        self.model = build_detector(backbone, num_classes, weights=weights, weights_backbone=weights_backbone,
-                                    min_size=min_size, max_size=max_size, frozen_bn=frozen_bn,
-                                    box_roi_pool=fast_roi_pool(), **(detector or {}))
-        if state is not None:
-            self._load_float(state, init_from, backbone, num_classes)
-        elif quant is not None and weights is None:
-            log.warning("QAT without init_from or weights starts from random weights")
         if distill is not None and quant is None:
             raise ValueError("distill needs a quantized student: set model.quant (distillation is a QAT option)")
-        teacher = copy.deepcopy(self.model) if distill is not None else None  # the float model QAT starts from
-        if quant is not None:
-            prepare_qat(self.model, quant)
-            log.info("quantized scope: %s", scope_summary(self.model))
+        run = detector_for_run(backbone, num_classes, quant=quant, init_from=init_from, weights=weights,
+                               weights_backbone=weights_backbone, min_size=min_size, max_size=max_size,
+                               frozen_bn=frozen_bn, detector=detector, keep_float_copy=distill is not None)
+        self.model, teacher = run.model, run.float_copy
+        self.save_hyperparameters({"frozen_bn": run.frozen_bn})  # so a checkpoint rebuilds the same architecture
         self.distiller = (Distiller(teacher, self.model, DistillConfig(**distill))
                           if teacher is not None else None)
         self.val_map = make_map_metric()
         self.test_map = make_map_metric()
         self.ptq_metrics: dict[str, float] | None = None
 
-    def _load_float(self, state: dict[str, Tensor], path: str, backbone: str, num_classes: int) -> None:
-        hint = f"init_from {path} does not fit a {backbone} detector with {num_classes} classes"
-        try:
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # shape mismatches: torch's message lists them after its first line
-            raise ValueError(f"{hint}: {str(err).strip().splitlines()[-1].strip()}") from None
-        if missing or unexpected:
-            raise ValueError(f"{hint}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    @property
+    def qcfg(self) -> QuantConfig | None:
+        """The model's QuantConfig, read from the model (`fqn.quant.state`), where it is saved with the weights."""
+        return quant_config(self.model)
 
     # -- training -------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -200,8 +160,10 @@ class DetectionModule(pl.LightningModule):
         total = batch * self.trainer.accumulate_grad_batches
         lr = hp.lr * total / hp.base_batch_size  # linear scaling rule (the paper: 0.004 at 16x2 images)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        ranges = [p for n, p in named if ".lsq_" in f".{n}"]  # learned ranges (LSQ+): no decay towards 0
-        groups = [{"params": [p for n, p in named if ".lsq_" not in f".{n}"]}]
+        # learned ranges (LSQ+): their own learning rate, no decay towards 0
+        learned = {id(p) for m in self.model.modules() if isinstance(m, LearnedFakeQuantize) for p in m.parameters()}
+        ranges = [p for _, p in named if id(p) in learned]
+        groups = [{"params": [p for _, p in named if id(p) not in learned]}]
         if ranges:
             groups.append({"params": ranges, "weight_decay": 0.0, "lr": lr * hp.range_lr_scale})
         # torch's fused kernels: one pass over all parameters (measured on the R18 detector's 28M parameters,
@@ -262,8 +224,7 @@ class DetectionModule(pl.LightningModule):
 
     # -- checkpoints ----------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["fqn"] = {"quant_config": self.qcfg.to_dict() if self.qcfg else None,
-                             "ptq_metrics": self.ptq_metrics}
+        checkpoint["fqn"] = {"ptq_metrics": self.ptq_metrics}  # the QuantConfig is in the state dict (QuantState)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.ptq_metrics = checkpoint.get("fqn", {}).get("ptq_metrics")

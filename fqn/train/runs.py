@@ -3,10 +3,18 @@ the ablation grid run many of. A finished run is reused; an interrupted one resu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from fqn.config import QuantConfig
+from fqn.train.module import DetectionModule
+from fqn.train.monitor import QuantMonitor
 
 
 def stored_run(ckpt: Path) -> dict[str, Any]:
@@ -19,10 +27,6 @@ def stored_run(ckpt: Path) -> dict[str, Any]:
 
 def _plain(value: Any) -> str:
     """A comparable form of a setting (QuantConfig, tuple/list, dict, path) as a checkpoint stores it."""
-    import json
-
-    from fqn.config import QuantConfig
-
     if isinstance(value, QuantConfig):
         value = value.to_dict()
     return json.dumps(value, sort_keys=True, default=str)
@@ -32,8 +36,6 @@ def changed_settings(stored: dict[str, Any], module_kw: dict[str, Any]) -> list[
     """The settings in ``module_kw`` that a run (its `stored_run` record) was trained with differently: reusing
     or resuming such a run would silently mix two experiments (or fail later, when a changed architecture
     meets it)."""
-    from fqn.config import QuantConfig
-
     hparams = dict(stored.get("hyper_parameters", {}))
     if isinstance(hparams.get("quant"), dict):  # an older checkpoint lacks newer fields: compare with defaults
         hparams["quant"] = QuantConfig.from_dict(hparams["quant"])
@@ -47,13 +49,6 @@ def train_run(name: str, out: str | Path, steps: int, data: Any, module_kw: dict
     TensorBoard logs go to ``out/tensorboard/name``; ``last.ckpt`` is written every 25 steps and at the
     end, so a crash loses at most 25 steps; validation runs once, at the end.
     """
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-    from pytorch_lightning.loggers import TensorBoardLogger
-
-    from fqn.train.module import DetectionModule
-    from fqn.train.monitor import QuantMonitor
-
     out = Path(out)
     ckpt_dir = out / name
     last = ckpt_dir / "last.ckpt"

@@ -9,7 +9,7 @@ import torch
 
 from fqn import QuantConfig, calibrate, prepare_qat
 from fqn.config import QuantConfig as QC
-from fqn.quant.fake_quant import FakeQuantize, Phase, quantizers, set_phase
+from fqn.quant.fake_quant import LearnedFakeQuantize, Phase, quantizers, set_phase
 from fqn.quant.observers import PercentileObserver
 
 
@@ -28,7 +28,7 @@ def _hand(x: torch.Tensor, s: float, z: float, qmin: int, qmax: int) -> tuple[to
 @pytest.mark.parametrize("bits", [4, 8])
 def test_learned_quantizer_matches_the_hand_computed_lsq_plus(bits):
     torch.manual_seed(0)
-    fq = FakeQuantize(PercentileObserver(gamma=0.99), bits, role="act", learnable=True)
+    fq = LearnedFakeQuantize(PercentileObserver(gamma=0.99), bits)
     x = torch.randn(4000) * 2 + 0.5
     fq(x)  # observe
     fq.update_qparams()
@@ -49,7 +49,7 @@ def test_learned_quantizer_matches_the_hand_computed_lsq_plus(bits):
     torch.testing.assert_close(fq.lsq_zero_point.grad, torch.tensor([dz]), rtol=1e-3, atol=1e-6)
     inside = (torch.round(x / s) + round(z) >= fq.qmin) & (torch.round(x / s) + round(z) <= fq.qmax)
     assert torch.equal(xg.grad, inside.float())  # eq. 8: zero gradient outside the range
-    # the buffers conversion reads mirror the parameters: clamped scale, rounded zero point
+    # the range conversion reads is the parameters': clamped scale, rounded zero point
     assert float(fq.scale) == pytest.approx(s) and int(fq.zero_point) == min(max(round(z), fq.qmin), fq.qmax)
 
 
@@ -72,8 +72,6 @@ def test_learned_ranges_train_and_survive_a_checkpoint(float_detector, scenes):
         opt.step()
     assert sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in lsq) > 0.8 * len(lsq)
     model.eval()
-    with torch.no_grad():
-        model(list(scenes[:1]))  # the buffers follow the parameters at the next forward
     moved = sum(not torch.equal(fq.scale, before[n][0]) for n, fq in acts)
     assert moved >= 0.8 * len(acts)  # measured: 48 of 60 on an AVX2 EPYC (more on an AVX-512 Xeon)
     restored = prepare_qat(float_detector(), cfg)

@@ -65,7 +65,7 @@ def test_ema_matches_hand_computed_sequence():
     got_lo, got_hi = obs.compute_range()
     assert float(got_lo) == pytest.approx(lo, abs=1e-6)
     assert float(got_hi) == pytest.approx(hi, abs=1e-6)
-    assert int(obs.num_seen) == 3
+    assert obs.has_data
 
 
 @pytest.mark.parametrize("make", [MinMaxObserver, EMAMinMaxObserver, PercentileObserver, L2HistogramObserver])
@@ -80,7 +80,10 @@ def test_empty_tensors_are_ignored(make):
     obs(torch.empty(0, 256, 7, 7))
     after = obs.compute_range()
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert int(obs.num_seen) == 1
+    assert obs.has_data
+    empty = make()
+    empty(torch.empty(0))
+    assert not empty.has_data  # an empty tensor is not data: the quantizer keeps no range from it
 
 
 def test_minmax_per_channel_matches_torch():
