@@ -59,7 +59,7 @@ class QuantConfig:
             ``fnmatch`` pattern quantized at that bit-width (weights and the activations the
             layer produces) instead of ``bits_w``/``bits_a``; the first matching pattern wins.
             ``fqn ablate --table beyond`` picks them from a measured layer sensitivity
-            (`fqn.commands.analyze.choose_layer_bits`).
+            (`fqn.models.sensitivity.choose_layer_bits`).
 
     Example:
         >>> cfg = QuantConfig(bits_w=4, bits_a=4)

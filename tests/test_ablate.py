@@ -95,7 +95,7 @@ def test_a_grid_folder_refuses_rows_made_with_other_settings(tmp_path):
     claim_grid(tmp_path, first, rows)
     claim_grid(tmp_path, first, rows[:2])  # the same settings, fewer rows: resumes
     second = grid_spec("float.ckpt", str(tmp_path), _config(), bits=4, seed=1)
-    assert second.data["seed"] == 1 and "seed" not in first.data
+    assert second.data["data_seed"] == 1 and "data_seed" not in first.data
     with pytest.raises(ValueError, match=r"other settings \(data\).*another --out"):
         claim_grid(tmp_path, second, rows)
     with pytest.raises(ValueError, match=r"other settings \(steps\)"):
@@ -103,7 +103,7 @@ def test_a_grid_folder_refuses_rows_made_with_other_settings(tmp_path):
     with pytest.raises(ValueError, match="seed must be an integer"):
         grid_spec("float.ckpt", str(tmp_path), _config(), bits=4, seed=-1)
     claim_grid(tmp_path / "seed1", second, rows)
-    assert json.loads((tmp_path / "seed1" / "grid.json").read_text())["spec"]["data"]["seed"] == 1
+    assert json.loads((tmp_path / "seed1" / "grid.json").read_text())["spec"]["data"]["data_seed"] == 1
 
 
 def test_ablate_cli_rejects_unknown_rows(float_ckpt, tmp_path):

@@ -9,16 +9,8 @@ import pytest
 import torch
 
 from fqn import QuantConfig, calibrate, prepare_qat
-from fqn.commands.analyze import (
-    analyze_layers,
-    comparable_points,
-    error_stats,
-    keep_float_patterns,
-    layer_of,
-    layer_sensitivity,
-    relative_error,
-    write_report,
-)
+from fqn.commands.analyze import analyze_layers, comparable_points, error_stats, relative_error, write_report
+from fqn.models.sensitivity import layer_sensitivity
 from fqn.quant.fake_quant import set_phase
 
 
@@ -40,14 +32,6 @@ def test_relative_error_is_against_the_float_value_and_guards_zeros():
     assert s.mse == pytest.approx(float(diff.square().mean()))
     assert s.sqnr_db == pytest.approx(10 * math.log10(float(ref.double().square().sum() / diff.square().sum())))
     assert s.abs_max == pytest.approx(1.0) and s.rel_mean == pytest.approx(0.25)
-
-
-def test_layer_names():
-    assert layer_of("backbone.body.layer1.0.conv1.act_fq") == "backbone.body.layer1.0.conv1"
-    assert layer_of("rpn.head.cls_fq.0.3") == "rpn.head.cls_logits"
-    assert layer_of("rpn.head.conv_fq.1.4") == "rpn.head.conv.1.0"
-    assert layer_of("rpn.head.conv.0.0.act_fq") == "rpn.head.conv.0.0"
-    assert keep_float_patterns([{"layer": "a", "cost_db": 2.0}, {"layer": "b", "cost_db": -1.0}]) == ["a"]
 
 
 def test_known_layer_matches_a_hand_computation(quantized, scenes):

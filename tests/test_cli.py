@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fqn.commands.cli import error_line, main
+from fqn.commands.cli import main
 from fqn.commands.config_files import ConfigError
+from fqn.commands.errors import error_line
 from fqn.data.sanitize import DataError
 from tests.data.files import kitti_line, write_garbage, write_kitti
 from tests.test_configs import CUSTOM, REPO, SIZE, coco_args, coco_files, fqn

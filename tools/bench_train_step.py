@@ -19,6 +19,7 @@ size, batch, precision and pooler. ``peak_MB`` is the GPU's peak allocated memor
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -153,7 +154,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _device_name(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
 
     return f"CPU ({platform.processor() or platform.machine()})"
 

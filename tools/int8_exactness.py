@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -72,8 +73,6 @@ def measure(run: Any, x: np.ndarray, ref: np.ndarray, step: float, runs: int) ->
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    import onnxruntime as ort
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="JSON file for the results")
     parser.add_argument("--channels", type=int, default=256)

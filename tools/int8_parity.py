@@ -19,6 +19,7 @@ from pathlib import Path
 from fqn.data.synthetic import SyntheticConfig, render
 from fqn.int8.convert import export_part, head_parity
 from fqn.models.checkpoint import load_detector
+from fqn.quant.state import quant_config
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     images = [render(i, syn, "val")[0] for i in range(args.images)]
     with tempfile.TemporaryDirectory() as tmp:
         path = export_part(model, "heads", Path(tmp) / "heads.onnx", images[0])
-        result = {"checkpoint": args.checkpoint, "images": args.images, "bits": model.fqn_config.bits_a,
+        result = {"checkpoint": args.checkpoint, "images": args.images, "bits": quant_config(model).bits_a,
                   "int8_kernels": head_parity(model, path, images),
                   "float_qdq": head_parity(model, path, images, integer_kernels=False)}
     print(json.dumps(result, indent=2))

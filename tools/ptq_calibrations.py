@@ -23,6 +23,7 @@ from fqn.commands.report import columns, markdown_table, write_json
 from fqn.evaluation import evaluate_map
 from fqn.models.checkpoint import load_detector
 from fqn.ptq import CALIBRATIONS, post_training_quantize, ptq_config, ranges_summary
+from fqn.quant.state import quant_config
 
 TABLE = columns("model", "ranges", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "gap_AP", "minutes")
 
@@ -36,7 +37,7 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
         raise ValueError(f"unknown range rules {sorted(unknown)}; choose from {CALIBRATIONS}")
     torch.set_num_threads(threads)
     model, hp = load_detector(float_ckpt)
-    if getattr(model, "fqn_config", None) is not None:
+    if quant_config(model) is not None:
         raise ValueError(f"{float_ckpt} is a quantized checkpoint; PTQ starts from the FP32 one")
     data = data_for(float_ckpt, config, **({"num_val": num_val} if num_val is not None else {}))
     data.setup("validate")

@@ -20,16 +20,31 @@ Tables (``--table``):
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from fqn.commands.common import command_line, provenance
 from fqn.commands.config_files import load_config
 from fqn.commands.report import Column, markdown_table, write_json, write_report
 from fqn.config import QuantConfig
+from fqn.data.datamodule import DetectionDataModule
+from fqn.data.synthetic import synthetic_scenes
+from fqn.evaluation import evaluate_map
+from fqn.int8 import convert_int8, load_int8
+from fqn.models.checkpoint import load_detector
+from fqn.models.sensitivity import choose_layer_bits, layer_sensitivity
+from fqn.ptq import post_training_quantize
+from fqn.quant.calibrate import batch_images
+from fqn.quant.prepare import weight_bits
+from fqn.train.runs import train_run
 
 METRICS = ("AP", "AP50", "AP75")
 TABLES = ("fpc", "bn", "gamma", "calibration", "beyond")
@@ -44,7 +59,7 @@ class Row:
     """One run of a grid: QuantConfig overrides on top of the bit-width, QAT or PTQ only.
 
     ``module``: training-module overrides (e.g. ``distill``); ``mixed_budget``: pick ``layer_bits`` by
-    layer sensitivity within this weight-storage budget (`fqn.commands.analyze.choose_layer_bits`).
+    layer sensitivity within this weight-storage budget (`fqn.models.sensitivity.choose_layer_bits`).
     """
 
     name: str
@@ -118,7 +133,8 @@ def grid_spec(float_ckpt: str, out: str, config: dict[str, Any], *, bits: int, s
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        data["seed"] = seed
+        data.pop("seed", None)  # the data module's deprecated name of the same setting
+        data["data_seed"] = seed
     steps = steps or int(trainer.get("max_steps", 400))
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -135,23 +151,11 @@ def _row_config(spec: GridSpec, row: Row) -> QuantConfig:
 
 def grid_data(spec: GridSpec) -> Any:
     """The grid's data module (training, calibration and validation data of every row), e.g. for `tools/`."""
-    from fqn.data.datamodule import DetectionDataModule
-
     return DetectionDataModule.from_config({"data": spec.data, "model": spec.model})
 
 
 def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
     """Train (QAT) or calibrate (PTQ) one row, evaluate it fake-quant and as int8, save ``rows/ROW.json``."""
-    import torch
-
-    from fqn.data.synthetic import synthetic_scenes
-    from fqn.evaluation import evaluate_map
-    from fqn.int8 import convert_int8, load_int8
-    from fqn.models.checkpoint import load_detector
-    from fqn.ptq import post_training_quantize
-    from fqn.quant.prepare import weight_bits
-    from fqn.train.runs import train_run
-
     out = Path(spec.out)
     cfg = _row_config(spec, row)
     data = grid_data(spec)
@@ -188,11 +192,6 @@ def mixed_precision_config(float_ckpt: str, cfg: QuantConfig, data: Any, budget:
     """``cfg`` with the `layer_bits` that layer sensitivity picks: the float model calibrated at ``cfg``'s
     bit-width, each layer quantized alone on ``images`` calibration images (`layer_sensitivity`,
     ``mode="only"``), the noisiest per weight bit raised to 8 bits within ``budget``."""
-    from fqn.commands.analyze import choose_layer_bits, layer_sensitivity
-    from fqn.models.checkpoint import load_detector
-    from fqn.ptq import post_training_quantize
-    from fqn.quant.calibrate import batch_images
-
     model, _ = load_detector(float_ckpt)
     model = post_training_quantize(model, data.calibration_batches(cfg.n_cal), cfg, progress=False)
     pictures: list[Any] = []
@@ -206,9 +205,6 @@ def mixed_precision_config(float_ckpt: str, cfg: QuantConfig, data: Any, budget:
 
 
 def _fp32_row(spec: GridSpec) -> dict[str, Any]:
-    from fqn.evaluation import evaluate_map
-    from fqn.models.checkpoint import load_detector
-
     path = Path(spec.out) / "rows" / "fp32.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -222,8 +218,6 @@ def _fp32_row(spec: GridSpec) -> dict[str, Any]:
 
 
 def _worker(args: tuple[GridSpec, Row, int]) -> dict[str, Any]:
-    import torch
-
     spec, row, threads = args
     torch.set_num_threads(threads)
     return run_row(spec, row)
@@ -249,8 +243,6 @@ def claim_grid(out: Path, spec: GridSpec, rows: list[Row]) -> None:
 
 def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2) -> list[dict[str, Any]]:
     """Run the rows not yet done (``jobs`` at a time, ``threads`` torch threads each); returns all rows' results."""
-    import torch
-
     if jobs < 1 or threads < 1:
         raise ValueError("jobs and threads must be >= 1")
     out = Path(spec.out)
@@ -265,9 +257,6 @@ def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2
             print(f"[fqn ablate] row {done + i + 1}/{len(rows)}: {row.name}", flush=True)
             run_row(spec, row)
     elif todo:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             for result in pool.map(_worker, [(spec, r, threads) for r in todo]):
                 print(f"[fqn ablate] done: {result['row']} AP={result['AP']:.4f}", flush=True)
@@ -299,7 +288,6 @@ def write_outputs(out: Path, results: list[dict[str, Any]], command: str | None 
     fields = ["row", "qat", "bits", *METRICS, *(f"int8_{k}" for k in METRICS), "weight_MB", "file_MB"]
     write_report(out, "table", _display(results), TABLE, meta={"command": command, "provenance": provenance()},
                  footer=footer, csv_keys=fields)
-    from torch.utils.tensorboard import SummaryWriter
 
     for r in results:
         hparams = {"row": r["row"], "qat": bool(r.get("qat")), "bits": r.get("bits", 32)}

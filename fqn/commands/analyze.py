@@ -9,25 +9,37 @@ out, so values near 0 do not explode it), MSE and SQNR. Layers are processed a f
 
 Only image-aligned layers (backbone, FPN, RPN head) are compared layer by layer: the box head sees
 different proposals in the two runs, so its activations are not element-wise comparable. The layer
-sensitivity ranking runs the box head on the float model's proposals in every run instead.
+sensitivity ranking and the mixed-precision layer choice (`fqn.models.sensitivity`) run the box head on the float
+model's proposals in every run instead; this module reports them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import torch
+import yaml
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
-from fqn.commands.report import Column, markdown_table
+from fqn.commands.common import data_for, fresh_file, provenance, quantized_model
+from fqn.commands.report import Column, markdown_table, write_json
 from fqn.evaluation import sqnr_db
-from fqn.quant.fake_quant import FakeQuantize, Phase, current_phase, phase_of, quantizers
+from fqn.int8 import convert_int8, load_int8
+from fqn.int8.taps import Int8Taps
+from fqn.models.sensitivity import choose_layer_bits, keep_float_patterns, layer_sensitivity
+from fqn.quant.fake_quant import Phase, current_phase, phase_of, quantizers
+from fqn.quant.state import quant_config
 from fqn.viz import draw_detections, plot_average_maps, plot_hexbin, plot_maps
 
 SAMPLES_PER_LAYER = 50_000  # (float, error) pairs kept per layer for the hexbin plots
@@ -45,23 +57,6 @@ class LayerError:
     abs_max: float
     rel_mean: float
     rel_p99: float
-
-
-_LEVEL_TABLES = {"conv_fq": "conv.{row}.0", "cls_fq": "cls_logits", "bbox_fq": "bbox_pred"}
-"""The RPN head's per-level output quantizers (``rpn.head.cls_fq.ROW.LEVEL``) and the layer each follows."""
-
-
-def layer_of(quantizer_name: str) -> str:
-    """The layer a quantizer belongs to, as `QuantConfig.keep_float`/``layer_bits`` name it: ``a.conv1.act_fq`` ->
-    ``a.conv1``; the RPN head's per-level outputs ``rpn.head.cls_fq.0.2`` -> ``rpn.head.cls_logits``."""
-    parts = quantizer_name.split(".")
-    for i, part in enumerate(parts):
-        if part.endswith("_fq"):
-            owner = ".".join(parts[:i]) or quantizer_name
-            if part in _LEVEL_TABLES and len(parts) == i + 3 and parts[i + 1].isdigit():
-                return f"{owner}.{_LEVEL_TABLES[part].format(row=parts[i + 1])}"
-            return owner
-    return quantizer_name
 
 
 def comparable_points(model: nn.Module) -> list[str]:
@@ -149,8 +144,6 @@ def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[
     gen = torch.Generator().manual_seed(0)
     chunks = [names[i:i + chunk] for i in range(0, len(names), chunk)]
     if progress:
-        from tqdm.auto import tqdm
-
         chunks = tqdm(chunks, desc="layers", unit="chunk")
     taps = _int8_taps(int8, names) if int8 is not None else None  # one ORT session; each chunk reads its layers
     for part in chunks:
@@ -175,9 +168,7 @@ def analyze_layers(model: nn.Module, images: Sequence[Tensor], layers: Sequence[
     return stats, pictures
 
 
-def _int8_taps(path: str | Path, names: list[str]) -> Any:
-    from fqn.int8.taps import Int8Taps
-
+def _int8_taps(path: str | Path, names: list[str]) -> Int8Taps:
     taps = Int8Taps(path, names)
     if len(taps.missing) == len(names):
         raise ValueError(f"{path} holds none of this model's quantizers ({names[0]}, ...): convert this checkpoint "
@@ -186,7 +177,7 @@ def _int8_taps(path: str | Path, names: list[str]) -> Any:
 
 
 def _int8_pair(model: nn.Module, images: list[Tensor], names: list[str],
-               taps: Any) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
+               taps: Int8Taps) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
     """Float-phase activations (hooks) and int8 ones (graph outputs of the ONNX file), image by image."""
     test: dict[str, list[Tensor]] = {}
     with _capture(model, names) as ref, phase_of(model, Phase.FLOAT):
@@ -197,102 +188,11 @@ def _int8_pair(model: nn.Module, images: list[Tensor], names: list[str],
     return ref, test
 
 
-def _noise_of_heads(ref: dict[str, Tensor], out: dict[str, Tensor]) -> float:
-    """Mean over the outputs of noise power / signal power: 0 when every output is exact."""
-    return sum(float((ref[k].double() - out[k].double()).square().sum() / ref[k].double().square().sum().clamp_min(
-        1e-300)) for k in ref) / len(ref)
-
-
-def _db(noise: float) -> float:
-    return math.inf if noise <= 0 else -10 * math.log10(noise)
-
-
-@torch.no_grad()
-def layer_sensitivity(model: nn.Module, images: Sequence[Tensor], mode: str = "keep_float",
-                      progress: bool = False) -> list[dict[str, Any]]:
-    """Rank layers by how much they cost, in SQNR (dB) of the detector's outputs against float.
-
-    The outputs: FPN levels, RPN head outputs and the box head's class logits and box deltas on the
-    float model's proposals (so every run sees the same RoIs); the SQNR is of their mean relative
-    noise power. ``keep_float``: the whole model quantized except one layer at a time (the gain of
-    keeping it float); ``only``: one layer at a time quantized, the rest float (its own damage, what
-    `choose_layer_bits` ranks by). Each row: ``layer``, ``sqnr_db``, ``cost_db``, ``noise`` (the
-    relative noise power), ``weights`` (the layer's weight count, 0 for an add). Most costly first.
-    """
-    from fqn.models.faster_rcnn import float_proposals, head_outputs
-
-    if mode not in ("keep_float", "only"):
-        raise ValueError(f"mode must be keep_float or only, got {mode!r}")
-    groups: dict[str, list[FakeQuantize]] = {}
-    for name, q in quantizers(model):
-        groups.setdefault(layer_of(name), []).append(q)
-    modules = dict(model.named_modules())
-    images = list(images)
-    with phase_of(model, Phase.FLOAT):
-        proposals = float_proposals(model, images)
-        ref = head_outputs(model, images, proposals)
-    with phase_of(model, Phase.QUANTIZE):
-        full = _noise_of_heads(ref, head_outputs(model, images, proposals))
-    rows = []
-    items = list(groups.items())
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(items, desc=f"sensitivity ({mode})", unit="layer")
-    for layer, qs in items:
-        with phase_of(model, Phase.QUANTIZE if mode == "keep_float" else Phase.FLOAT):
-            for q in qs:
-                q.enable_fake_quant(mode == "only")
-                q.enable_observer(mode == "only" and q.role == "weight")  # a weight quantizes its current value
-            noise = _noise_of_heads(ref, head_outputs(model, images, proposals))
-        sqnr = _db(noise)
-        cost = sqnr - _db(full) if mode == "keep_float" else -sqnr
-        weight = getattr(modules.get(layer), "weight", None)
-        rows.append({"layer": layer, "sqnr_db": sqnr, "cost_db": cost, "noise": noise, "mode": mode,
-                     "weights": int(weight.numel()) if isinstance(weight, Tensor) else 0})
-    rows.sort(key=lambda r: r["cost_db"], reverse=True)
-    return rows
-
-
-def choose_layer_bits(ranking: Sequence[dict[str, Any]], *, low: int = 4, high: int = 8,
-                      budget: float = 0.25) -> dict[str, int]:
-    """Mixed precision: the layers of a ``mode="only"`` ranking raised to ``high`` bits (`QuantConfig.layer_bits`).
-
-    Most output noise per added weight bit first, while the added bits stay within ``budget`` times the
-    weight bits of the all-``low`` model. Layers without weights (adds) stay at ``low``.
-    """
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0:
-        raise ValueError(f"budget must be >= 0 (a fraction of the low-bit weight storage), got {budget!r}")
-    if low >= high:
-        raise ValueError(f"mixed precision raises layers from low to high bits; got low={low}, high={high}")
-    if any(r.get("mode") != "only" for r in ranking):
-        raise ValueError("choose_layer_bits needs the one-layer-at-a-time ranking: layer_sensitivity(mode='only')")
-    weighted = [r for r in ranking if r["weights"] > 0]
-    allowance = budget * low * sum(r["weights"] for r in weighted)
-    spent, chosen = 0, {}
-    for r in sorted(weighted, key=lambda r: -r["noise"] / r["weights"]):
-        cost = r["weights"] * (high - low)
-        if r["noise"] > 0 and spent + cost <= allowance:
-            chosen[r["layer"]] = high
-            spent += cost
-    return chosen
-
-
-def keep_float_patterns(sensitivity: list[dict[str, Any]], top: int = 3) -> list[str]:
-    """The ``keep_float`` patterns (QuantConfig) of the ``top`` most costly layers of a keep_float ranking."""
-    return [r["layer"] for r in sensitivity[:top] if r["cost_db"] > 0]
-
-
 def write_report(out: str | Path, stats: list[LayerError], pictures: dict[str, LayerCapture], image: Tensor,
                  target: dict[str, Tensor] | None, prediction: dict[str, Tensor] | None,
                  sensitivity: list[dict[str, Any]] | None = None, class_names: Sequence[str] | None = None,
                  source: str = "fake-quant model") -> Path:
     """PNG files, ``layers.json``, ``report.md`` and TensorBoard images under ``out``; returns ``out``."""
-    import matplotlib.pyplot as plt
-    from torch.utils.tensorboard import SummaryWriter
-    from torchvision.utils import save_image
-
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out / "tensorboard"))
@@ -310,9 +210,6 @@ def write_report(out: str | Path, stats: list[LayerError], pictures: dict[str, L
         writer.add_figure(f"analyze/{key}", fig, 0)
         plt.close(fig)
     writer.close()
-    from fqn.commands.common import provenance
-    from fqn.commands.report import write_json
-
     write_json(out / "layers.json", {"layers": [asdict(s) for s in stats], "sensitivity": sensitivity,
                                      "source": source, "provenance": provenance()})
     (out / "report.md").write_text(report_markdown(stats, sensitivity, source=source))
@@ -356,10 +253,6 @@ def run_analyze(checkpoint: str | Path, out: str | Path, *, ptq_bits: int | None
                 int8: str | None = None) -> Path:
     """``fqn analyze``: the report of `analyze_layers` (and, if asked, of `layer_sensitivity` and the mixed-precision
     layer choice) for a QAT checkpoint, or a float one post-training quantized at ``ptq_bits``, on its own data."""
-    import itertools
-
-    from fqn.commands.common import data_for, fresh_file, quantized_model
-
     out = Path(out)
     fresh_file(out / "report.md")
     data = data_for(checkpoint, config)
@@ -369,8 +262,6 @@ def run_analyze(checkpoint: str | Path, out: str | Path, *, ptq_bits: int | None
     pairs = list(itertools.islice(((img, t) for b in data.val_dataloader() for img, t in zip(*b)), max(1, images)))
     pictured = [p[0] for p in pairs]
     if int8 == "":
-        from fqn.int8 import convert_int8
-
         int8 = str(convert_int8(model, fresh_file(out / "model_int8.onnx"), pictured[:1]))
         print(f"int8 model: {int8}")
     stats, pictures = analyze_layers(model, pictured, keep=plot_layers or None, progress=True, int8=int8)
@@ -379,8 +270,6 @@ def run_analyze(checkpoint: str | Path, out: str | Path, *, ptq_bits: int | None
         pictures = {k: pictures[k] for k in worst}
     ranking = layer_sensitivity(model, pictured, progress=True) if sensitivity else None
     if int8:  # the boxes drawn come from the model whose activations were compared
-        from fqn.int8 import load_int8
-
         prediction = load_int8(int8)([pictured[0]])[0]
     else:
         prediction = model.eval()([pictured[0]])[0]
@@ -395,9 +284,7 @@ def run_analyze(checkpoint: str | Path, out: str | Path, *, ptq_bits: int | None
 
 def write_layer_bits(model: nn.Module, images: Sequence[Tensor], budget: float, out: Path) -> dict[str, int]:
     """`choose_layer_bits` on a one-layer-at-a-time ranking, as a ``layer_bits:`` block to paste into a config."""
-    import yaml
-
-    cfg = model.fqn_config
+    cfg = quant_config(model)
     if min(cfg.bits_w, cfg.bits_a) >= 8:
         raise ValueError("--layer-bits: this model is already 8-bit; mixed precision raises the layers of a "
                          "lower-bit (e.g. w4a4) model to 8 bits")

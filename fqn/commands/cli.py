@@ -18,6 +18,10 @@ One vocabulary across commands (docs/cli.md lists every option; a test keeps it 
 
 A data or config error (a bad label, a missing image, ``bits_w: 3.5``) ends the command with one line naming the file
 and what is wrong, exit status 1. ``fqn --debug ...`` (or ``FQN_DEBUG=1``) shows the full traceback instead.
+
+The shared options are built in `fqn.commands.options`; each command's work is in ``fqn/commands/<command>.py``.
+Those modules are imported inside the parser builders and runners, not here: they pull in Lightning, ONNX Runtime,
+matplotlib and the rest, which ``fqn --help`` and every other command would otherwise wait for at start-up.
 """
 
 from __future__ import annotations
@@ -25,17 +29,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
+import fqn
 from fqn.commands.config_files import ConfigError, expand_config_bases, load_config, read_config_chain
+from fqn.commands.errors import USER_ERRORS, error_line
+from fqn.commands.options import (
+    PEERS,
+    add_bits,
+    add_config,
+    add_model,
+    add_num_val,
+    add_out,
+    add_peers,
+    add_ptq_options,
+    add_runtime,
+    add_threads,
+    command_parser,
+)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-RUNTIMES = ("onnxruntime", "openvino")
-PEERS = ("onnxruntime", "torchao")
-BITS = range(2, 9)
 __all__ = ["main", "parsers", "ConfigError", "expand_config_bases", "load_config", "read_config_chain"]
 
 
@@ -46,106 +60,35 @@ def lightning_main(argv: list[str]) -> None:
     run_lightning(argv)
 
 
-# ---- shared options: one name and one meaning each ----------------------------------------------------------------
-
-def _parser(name: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"fqn {name}", description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-
-def _model(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("model", metavar="MODEL", help=what)
-
-
-def _out(p: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
-    p.add_argument("--out", metavar="DIR", required=default is None, default=default,
-                   help=f"output folder: {what}; an earlier result there is never overwritten")
-
-
-def _config(p: argparse.ArgumentParser, what: str = "data") -> None:
-    p.add_argument("--config", metavar="NAME|FILE",
-                   help=f"training config whose {what} to use: a config fqn ships (e.g. synthetic_w4a4) or a YAML "
-                   "file (default: the data the model was trained on, as its checkpoint records it)")
-
-
-def _bits(p: argparse.ArgumentParser, flag: str, what: str, default: list[int] | int | None, many: bool = True,
-          none: str | None = None) -> None:
-    """``--ptq-bits`` / ``--qat-bits``; ``none``: the help of its ``--no-ptq`` / ``--no-qat`` switch."""
-    p.add_argument(flag, type=int, choices=BITS, metavar="BITS", nargs="+" if many else None, default=default,
-                   help=f"{what} (weights and activations, 2-8)")
-    if none:
-        p.add_argument(f"--no-{flag[2:].removesuffix('-bits')}", dest=flag[2:].replace("-", "_"),
-                       action="store_const", const=[], help=none)
-
-
-def _ptq_options(p: argparse.ArgumentParser) -> None:
-    """How fqn's PTQ quantizes: the activation-range rule, bias correction, calibration batches."""
-    from fqn.ptq import CALIBRATIONS
-
-    p.add_argument("--calibration", default="search", choices=CALIBRATIONS,
-                   help="PTQ activation ranges: search (per layer, the least measured error of min/max, percentile "
-                   "and L2), or one rule for every layer")
-    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
-                   help="PTQ: remove each layer's weight-rounding shift of its output mean")
-    p.add_argument("--n-cal", type=int, default=20, metavar="N", help="calibration batches (training images, "
-                   "un-augmented, drawn with the data seed)")
-
-
-def _threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's, one per core)")
-
-
-def _runtime(p: argparse.ArgumentParser, many: bool) -> None:
-    if many:
-        p.add_argument("--runtime", nargs="+", choices=RUNTIMES, metavar="RUNTIME",
-                       help="where the .onnx files run: onnxruntime, openvino (default: both, where OpenVINO is "
-                       "installed)")
-    else:
-        p.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES, help="runtime of an .onnx model "
-                       "(a checkpoint runs in PyTorch)")
-
-
-def _peers(p: argparse.ArgumentParser, default: list[str]) -> None:
-    p.add_argument("--peers", nargs="+", choices=PEERS, default=default, metavar="PEER",
-                   help="other PTQ tools on the same float model: onnxruntime (its quantize_static), torchao (pt2e "
-                   "X86InductorQuantizer)")
-    p.add_argument("--no-peers", dest="peers", action="store_const", const=[], help="no peer rows")
-
-
-def _num_val(p: argparse.ArgumentParser, default: int | None = None) -> None:
-    p.add_argument("--num-val", type=int, metavar="N", default=default,
-                   help="validation images of the synthetic set (default: the data settings')")
-
-
 # ---- the commands: a parser and the one call it makes ---------------------------------------------------------------
 
 def convert_parser() -> argparse.ArgumentParser:
-    p = _parser("convert", "write a quantized model as one int8 ONNX file that ONNX Runtime and OpenVINO run on "
-                "integer kernels as they open it (at <= 4 bits, also a packed-INT4 copy for storage)")
-    _model(p, "a QAT checkpoint, or a float checkpoint with --ptq-bits")
-    _out(p, "qat_wXaX.onnx or ptq_wXaX.onnx per model, each with a .json record of how it was made")
-    _bits(p, "--ptq-bits", "post-training quantize a float checkpoint at these bit-widths: one file each", None)
-    _ptq_options(p)
-    _config(p, "data: section calibrates the PTQ")
+    p = command_parser("convert", "write a quantized model as one int8 ONNX file that ONNX Runtime and OpenVINO run "
+                       "on integer kernels as they open it (at <= 4 bits, also a packed-INT4 copy for storage)")
+    add_model(p, "a QAT checkpoint, or a float checkpoint with --ptq-bits")
+    add_out(p, "qat_wXaX.onnx or ptq_wXaX.onnx per model, each with a .json record of how it was made")
+    add_bits(p, "--ptq-bits", "post-training quantize a float checkpoint at these bit-widths: one file each", None)
+    add_ptq_options(p)
+    add_config(p, "data: section calibrates the PTQ")
     return p
 
 
 def convert_main(a: argparse.Namespace) -> None:
     from fqn.commands.convert import run_convert
 
-    run_convert(a.model, a.out, ptq_bits=a.ptq_bits or [], config=a.config, calibration=a.calibration,
+    run_convert(a.model, a.out, ptq_bits=a.ptq_bits, config=a.config, calibration=a.calibration,
                 bias_correction=a.bias_correction, n_cal=a.n_cal)
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = _parser("evaluate", "score one model on validation data: COCO mAP (AP, AP50, ... AR100) and images/s; "
-                "an int8 .onnx file in either runtime, or a checkpoint in PyTorch (float or fake-quant)")
-    _model(p, "an .onnx file written by fqn convert, or a checkpoint (.ckpt)")
-    _out(p, "metrics.json")
-    _config(p)
-    _runtime(p, many=False)
-    _threads(p)
-    _num_val(p)
+    p = command_parser("evaluate", "score one model on validation data: COCO mAP (AP, AP50, ... AR100) and images/s; "
+                       "an int8 .onnx file in either runtime, or a checkpoint in PyTorch (float or fake-quant)")
+    add_model(p, "an .onnx file written by fqn convert, or a checkpoint (.ckpt)")
+    add_out(p, "metrics.json")
+    add_config(p)
+    add_runtime(p, many=False)
+    add_threads(p)
+    add_num_val(p)
     return p
 
 
@@ -156,13 +99,13 @@ def evaluate_main(a: argparse.Namespace) -> None:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    p = _parser("predict", "run a model on an image, a folder of images or a video: detections as COCO-style "
-                "JSON, drawn images (or a drawn video), images/s")
-    _model(p, "an .onnx file written by fqn convert, or a checkpoint (.ckpt)")
+    p = command_parser("predict", "run a model on an image, a folder of images or a video: detections as COCO-style "
+                       "JSON, drawn images (or a drawn video), images/s")
+    add_model(p, "an .onnx file written by fqn convert, or a checkpoint (.ckpt)")
     p.add_argument("source", metavar="SOURCE", help="an image, a folder of images, or a video (.mp4, .avi, ...)")
-    _out(p, "detections.json and drawn/")
-    _runtime(p, many=False)
-    _threads(p)
+    add_out(p, "detections.json and drawn/")
+    add_runtime(p, many=False)
+    add_threads(p)
     p.add_argument("--min-score", type=float, default=0.05, metavar="S",
                    help="detections below are left out of the JSON")
     p.add_argument("--draw-score", type=float, default=0.5, metavar="S", help="detections below are not drawn")
@@ -173,33 +116,28 @@ def predict_parser() -> argparse.ArgumentParser:
 
 
 def predict_main(a: argparse.Namespace) -> None:
-    from fqn.commands.predict import run_predict
+    from fqn.commands.predict import run_predict_command
 
-    r = run_predict(a.model, a.source, a.out, runtime=a.runtime, threads=a.threads, min_score=a.min_score,
-                    draw_score=a.draw_score, draw=not a.no_draw, class_names=a.class_names)
-    print(f"{r.images} image(s), {r.detections} detections >= {a.min_score}; {r.images_per_second:.2f} images/s in "
-          f"the detector ({r.images / r.total_seconds:.2f} images/s with reading and drawing)")
-    if r.skipped:
-        print(f"skipped {len(r.skipped)}: " + "; ".join(s["reason"] for s in r.skipped[:5]))
-    print(f"detections: {r.json_path}" + (f"; drawn: {r.drawn}" if r.drawn else ""))
+    run_predict_command(a.model, a.source, a.out, runtime=a.runtime, threads=a.threads, min_score=a.min_score,
+                        draw_score=a.draw_score, draw=not a.no_draw, class_names=a.class_names)
 
 
 def compare_parser() -> argparse.ArgumentParser:
-    p = _parser("compare", "FP32 vs fqn PTQ vs fqn QAT vs the peers' PTQ, on the same validation and calibration "
-                "images: mAP, file size, CPU latency, each int8 file in each runtime")
+    p = command_parser("compare", "FP32 vs fqn PTQ vs fqn QAT vs the peers' PTQ, on the same validation and "
+                       "calibration images: mAP, file size, CPU latency, each int8 file in each runtime")
     p.add_argument("--float", dest="float_ckpt", metavar="CKPT", help="the FP32 checkpoint (default: the float "
                    "model the first --qat checkpoint was fine-tuned from)")
     p.add_argument("--qat", nargs="+", default=[], metavar="CKPT", help="QAT checkpoints (any bit-widths); each "
                    "row is named after its run")
-    _out(p, "compare.json, the .onnx files, tensorboard/")
-    _config(p, "data: section gives the validation and calibration images")
-    _bits(p, "--ptq-bits", "fqn PTQ rows at these bit-widths", [8, 4], none="no fqn PTQ rows")
-    _ptq_options(p)
-    _peers(p, list(PEERS))
-    _runtime(p, many=True)
+    add_out(p, "compare.json, the .onnx files, tensorboard/")
+    add_config(p, "data: section gives the validation and calibration images")
+    add_bits(p, "--ptq-bits", "fqn PTQ rows at these bit-widths", [8, 4], none="no fqn PTQ rows")
+    add_ptq_options(p)
+    add_peers(p, list(PEERS))
+    add_runtime(p, many=True)
     p.add_argument("--runs", type=int, default=20, metavar="N", help="timed runs per model (median reported)")
-    _threads(p)
-    _num_val(p)
+    add_threads(p)
+    add_num_val(p)
     return p
 
 
@@ -215,56 +153,56 @@ def quickstart_parser() -> argparse.ArgumentParser:
     from fqn.commands.quickstart import QuickstartConfig
 
     d = QuickstartConfig()
-    p = _parser("quickstart", "the whole job on the embedded synthetic data, on a CPU, with no download (its time "
-                "on 2 cores is in docs/quickstart.md): float training, fqn QAT at 4 bits with learned ranges, fqn PTQ "
-                "at 8 and 4 bits, int8 ONNX files, and the comparison with FP32 and the peers")
-    _out(p, "checkpoints, TensorBoard runs, compare/ (a finished run there with the same settings is reused)",
-         default=d.out)
+    p = command_parser("quickstart", "the whole job on the embedded synthetic data, on a CPU, with no download (its "
+                       "time on 2 cores is in docs/quickstart.md): float training, fqn QAT at 4 bits with learned "
+                       "ranges, fqn PTQ at 8 and 4 bits, int8 ONNX files, and the comparison with FP32 and the peers")
+    add_out(p, "checkpoints, TensorBoard runs, compare/ (a finished run there with the same settings is reused)",
+            default=d.out)
     p.add_argument("--backbone", default=d.backbone, choices=["resnet18", "resnet34", "resnet50",
                                                                "mobilenet_v3_large"], help="the detector's backbone")
     p.add_argument("--size", type=int, default=d.size, metavar="PX", help="image side in pixels")
     p.add_argument("--float-steps", type=int, default=d.float_steps, metavar="N",
                    help="float training steps (from scratch, AdamW, 4 images a step)")
     p.add_argument("--qat-steps", type=int, default=d.qat_steps, metavar="N", help="QAT steps per bit-width")
-    _bits(p, "--qat-bits", "QAT runs at these bit-widths: `--qat-bits 8 4` adds the 8-bit one", list(d.qat_bits),
-          none="no QAT run")
-    _bits(p, "--ptq-bits", "fqn PTQ rows at these bit-widths", list(d.ptq_bits), none="no fqn PTQ rows")
-    _num_val(p, d.num_val)
+    add_bits(p, "--qat-bits", "QAT runs at these bit-widths: `--qat-bits 8 4` adds the 8-bit one", list(d.qat_bits),
+             none="no QAT run")
+    add_bits(p, "--ptq-bits", "fqn PTQ rows at these bit-widths", list(d.ptq_bits), none="no fqn PTQ rows")
+    add_num_val(p, d.num_val)
     p.add_argument("--n-cal", type=int, default=d.n_cal, metavar="N", help="calibration batches")
-    _peers(p, list(d.peers))
+    add_peers(p, list(d.peers))
     p.add_argument("--runs", type=int, default=d.runs, metavar="N", help="timed runs per model (median reported)")
-    _threads(p)
+    add_threads(p)
     return p
 
 
 def quickstart_main(a: argparse.Namespace) -> None:
-    from fqn.commands.quickstart import QuickstartConfig, run_quickstart
+    from fqn.commands.quickstart import run_quickstart_command
 
-    run_quickstart(QuickstartConfig(out=a.out, backbone=a.backbone, size=a.size, float_steps=a.float_steps,
-                                    qat_steps=a.qat_steps, qat_bits=tuple(a.qat_bits), ptq_bits=tuple(a.ptq_bits),
-                                    num_val=a.num_val, n_cal=a.n_cal, peers=tuple(a.peers), runs=a.runs,
-                                    threads=a.threads))
+    run_quickstart_command(out=a.out, backbone=a.backbone, size=a.size, float_steps=a.float_steps,
+                           qat_steps=a.qat_steps, qat_bits=a.qat_bits, ptq_bits=a.ptq_bits, num_val=a.num_val,
+                           n_cal=a.n_cal, peers=a.peers, runs=a.runs, threads=a.threads)
 
 
 def ablate_parser() -> argparse.ArgumentParser:
     from fqn.commands.ablate import TABLES
 
-    p = _parser("ablate", "the FQN paper's ablation tables as resumable grids of QAT/PTQ runs from one float model")
+    p = command_parser("ablate", "the FQN paper's ablation tables as resumable grids of QAT/PTQ runs from one float "
+                       "model")
     p.add_argument("--table", required=True, choices=TABLES)
     p.add_argument("--float", dest="float_ckpt", required=True, metavar="CKPT",
                    help="the FP32 checkpoint every row starts from")
-    _out(p, "rows/, runs/, table.md, table.csv, grid.json; re-running resumes the rows not yet done")
+    add_out(p, "rows/, runs/, table.md, table.csv, grid.json; re-running resumes the rows not yet done")
     p.add_argument("--config", metavar="NAME|FILE", required=True,
                    help="training config (model, data, trainer sections), e.g. synthetic_w4a4")
-    _bits(p, "--qat-bits", "the table's bit-width, every row's (the PTQ rows of --table calibration too)", 4,
-          many=False)
+    add_bits(p, "--qat-bits", "the table's bit-width, every row's (the PTQ rows of --table calibration too)", 4,
+             many=False)
     p.add_argument("--steps", type=int, metavar="N", help="QAT steps per row (default: the config's "
                    "trainer.max_steps)")
     p.add_argument("--rows", nargs="+", metavar="ROW", help="run only these rows (names as in the table)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="rows in parallel processes")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads per row (default: the cores / --jobs)")
     p.add_argument("--seed", type=int, metavar="N", help="data seed (shuffle, augmentation, calibration batches) "
-                   "instead of the config's data.seed: a second seed of a table, in its own --out folder")
+                   "instead of the config's data.data_seed: a second seed of a table, in its own --out folder")
     return p
 
 
@@ -276,13 +214,13 @@ def ablate_main(a: argparse.Namespace) -> None:
 
 
 def analyze_parser() -> argparse.ArgumentParser:
-    p = _parser("analyze", "per-layer activation error of a quantized model against its float phase: ranked table, "
-                "channel-max / error maps, hexbin plots, layer sensitivity, mixed-precision layer choice")
-    _model(p, "a QAT checkpoint, or a float checkpoint with --ptq-bits")
-    _out(p, "PNGs, report.md, layers.json, tensorboard/")
-    _bits(p, "--ptq-bits", "post-training quantize a float checkpoint at this bit-width first", None, many=False)
-    _ptq_options(p)
-    _config(p)
+    p = command_parser("analyze", "per-layer activation error of a quantized model against its float phase: ranked "
+                       "table, channel-max / error maps, hexbin plots, layer sensitivity, mixed-precision layer choice")
+    add_model(p, "a QAT checkpoint, or a float checkpoint with --ptq-bits")
+    add_out(p, "PNGs, report.md, layers.json, tensorboard/")
+    add_bits(p, "--ptq-bits", "post-training quantize a float checkpoint at this bit-width first", None, many=False)
+    add_ptq_options(p)
+    add_config(p)
     p.add_argument("--images", type=int, default=4, metavar="N", help="validation images to analyse")
     p.add_argument("--plot-layers", nargs="+", metavar="LAYER", help="layers to draw (default: the 4 worst)")
     p.add_argument("--sensitivity", action="store_true", help="also rank layers by keeping each one float")
@@ -307,10 +245,11 @@ def analyze_main(a: argparse.Namespace) -> None:
 def bench_parser() -> argparse.ArgumentParser:
     from fqn.commands.bench import PARTS, SIZES
 
-    p = _parser("bench", "latency and peak memory of every way to run a Faster R-CNN on this CPU, at the image sizes "
-                "users run: FP32 eager, FP32 ONNX, fqn's w8a8 and w4a4 files in ONNX Runtime and OpenVINO, the "
-                "packed-INT4 file, ONNX Runtime's quantize_static (random weights: latency, not accuracy)")
-    _out(p, "bench.json, bench.md, the .onnx files")
+    p = command_parser("bench", "latency and peak memory of every way to run a Faster R-CNN on this CPU, at the image "
+                       "sizes users run: FP32 eager, FP32 ONNX, fqn's w8a8 and w4a4 files in ONNX Runtime and "
+                       "OpenVINO, the packed-INT4 file, ONNX Runtime's quantize_static (random weights: latency, not "
+                       "accuracy)")
+    add_out(p, "bench.json, bench.md, the .onnx files")
     p.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50"], metavar="BACKBONE",
                    help="random-weight R-CNNs to build (resnet18, resnet34, resnet50, mobilenet_v3_large)")
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES),
@@ -319,7 +258,7 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="the whole detector and/or the backbone+FPN alone")
     p.add_argument("--runs", type=int, default=5, metavar="N", help="timed runs per path (median reported)")
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per path first")
-    _threads(p)
+    add_threads(p)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     return p
 
@@ -332,8 +271,8 @@ def bench_main(a: argparse.Namespace) -> None:
 
 
 def demo_parser() -> argparse.ArgumentParser:
-    p = _parser("demo", "one-minute API demo: prepare, calibrate and compare w8a8/w4a4 detectors against a random "
-                "float one (no training, no data; SQNR, not accuracy)")
+    p = command_parser("demo", "one-minute API demo: prepare, calibrate and compare w8a8/w4a4 detectors against a "
+                       "random float one (no training, no data; SQNR, not accuracy)")
     p.add_argument("--backbone", default="resnet18", help="the detector's backbone")
     p.add_argument("--size", type=int, default=256, metavar="PX", help="image side in pixels")
     p.add_argument("--n-cal", type=int, default=4, metavar="N", help="calibration images")
@@ -341,9 +280,9 @@ def demo_parser() -> argparse.ArgumentParser:
 
 
 def demo_main(a: argparse.Namespace) -> None:
-    from fqn.commands.demo import print_demo, run_demo
+    from fqn.commands.demo import run_demo_command
 
-    print_demo(run_demo(a.backbone, a.size, a.n_cal))
+    run_demo_command(a.backbone, a.size, a.n_cal)
 
 
 #: name -> (parser builder, runner); the order is the one `fqn --help` and docs/cli.md list them in
@@ -380,9 +319,12 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def usage() -> str:
-    """What ``fqn --help`` prints."""
-    import fqn
+    """What ``fqn --help`` prints: every command with its one-line summary.
 
+    Example:
+        >>> usage().splitlines()[2]
+        'usage: fqn [--debug] COMMAND [options]     fqn COMMAND --help     fqn --version'
+    """
     width = max(map(len, SUMMARIES))
     lines = [f"fqn {fqn.__version__}: fully quantized Faster R-CNN (FQN QAT, PTQ, int8 CPU files)", "",
              "usage: fqn [--debug] COMMAND [options]     fqn COMMAND --help     fqn --version", "",
@@ -392,47 +334,6 @@ def usage() -> str:
               "and any --section.key value;", "  fqn fit --config NAME --print_config prints the resolved config.",
               "--debug (or FQN_DEBUG=1): show the traceback of a data or config error"]
     return "\n".join(lines)
-
-
-#: What a person can fix from one line: bad data or config values, missing files, bad command-line arguments, an
-#: optional package not installed.
-USER_ERRORS = (ValueError, OSError, ImportError, argparse.ArgumentError)
-_NOISE = ("Subtypes:", "Given value", "Errors:", "Does not validate against any of the Union subtypes",
-          "- Expected a <class 'NoneType'>")
-
-
-def error_line(err: BaseException) -> str:
-    r"""One line of ``err``'s message: a DataLoader worker's re-raise keeps the original message, jsonargparse's
-    nested type errors keep their reasons, and an error raised outside fqn points to ``--debug``.
-
-    Example:
-        >>> error_line(ValueError("Parser key 'model.quant':\n  Errors:\n    - bits_w must be an integer"))
-        "Parser key 'model.quant': bits_w must be an integer (fqn --debug shows the traceback)"
-    """
-    text, raised_in_fqn = str(err), _raised_in_fqn(err)
-    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the last line is "module.Error: message"
-        files = re.findall(r'File "([^"]+)"', text)
-        raised_in_fqn = bool(files) and _in_fqn(files[-1])
-        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-    lines = [line.strip().removeprefix("- ") for line in text.splitlines()]
-    line = " ".join(x for x in lines if x and not x.startswith(_NOISE)) or type(err).__name__
-    if isinstance(err, argparse.ArgumentError):
-        return f"{line} (--help lists the options)"
-    return line if raised_in_fqn else f"{line} (fqn --debug shows the traceback)"
-
-
-def _raised_in_fqn(err: BaseException) -> bool:
-    """Whether ``err`` was raised by fqn's own code, whose messages say what to do (not by a library below it)."""
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return _in_fqn(tb.tb_frame.f_code.co_filename)
-
-
-def _in_fqn(filename: str) -> bool:
-    return Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1])  # the fqn package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     while argv and argv[0] == "--debug":
         debug, argv = True, argv[1:]
     if argv[:1] == ["--version"]:
-        import fqn
-
         print(f"fqn {fqn.__version__}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -20,26 +20,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx
+import onnxruntime
 import torch
+import torchvision
 
+import fqn
 from fqn.commands.config_files import load_config
 from fqn.data.datamodule import DetectionDataModule
+from fqn.models.checkpoint import load_detector, read_checkpoint
+from fqn.ptq import post_training_quantize, ptq_config
+from fqn.quant.state import quant_config
 
 ONNX_DATA_KEY = "fqn.data"  # the data settings an int8 file was converted with (JSON), for `fqn evaluate`
 
 
 def checkpoint_data_settings(path: str | Path) -> dict[str, Any] | None:
     """The data module's hyper-parameters a trainer checkpoint logged, or None (a file fqn did not train)."""
-    from fqn.models.checkpoint import read_checkpoint
-
     hp = read_checkpoint(path).get("datamodule_hyper_parameters")
     return dict(hp) if hp else None
 
 
 def onnx_data_settings(path: str | Path) -> dict[str, Any] | None:
     """The data settings `fqn convert` stored in an int8 file's metadata, or None."""
-    import onnx
-
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     value = meta.get(ONNX_DATA_KEY)
     return json.loads(value) if value else None
@@ -60,7 +63,7 @@ def data_for(model: str | Path | None, config: str | None = None, **overrides: A
     if settings is None:
         raise ValueError(f"{model} does not record the data it was trained on; pass --config with the training "
                          "config whose data: section gives the images (e.g. --config my_coco.yaml)")
-    # only the data module's own arguments: LightningCLI adds its "_instantiator", and `seed` is logged as data_seed
+    # only the data module's own arguments: LightningCLI adds its "_instantiator"; `seed` is data_seed's deprecated name
     known = set(inspect.signature(DetectionDataModule.__init__).parameters) - {"self", "seed"}
     settings = {k: v for k, v in settings.items() if k in known}
     try:
@@ -76,18 +79,14 @@ def quantized_model(checkpoint: str | Path, ptq_bits: int | None, data: Detectio
 
     ``ptq_bits`` must be given for a float checkpoint and not for a QAT one; ``data`` gives the calibration batches.
     """
-    from fqn.models.checkpoint import load_detector
-
     model, _ = load_detector(checkpoint)
-    quantized = getattr(model, "fqn_config", None) is not None
+    quantized = quant_config(model) is not None
     if quantized and ptq_bits:
         raise ValueError(f"{checkpoint} is already quantized (QAT); --ptq-bits is for a float checkpoint")
     if not quantized and not ptq_bits:
         raise ValueError(f"{checkpoint} is a float checkpoint: give --ptq-bits (e.g. --ptq-bits 8) to post-training "
                          "quantize it, or pass a QAT checkpoint")
     if ptq_bits:
-        from fqn.ptq import post_training_quantize, ptq_config
-
         if data is None:
             raise ValueError("post-training quantization needs calibration data")
         cfg = ptq_config(ptq_bits, calibration, n_cal=n_cal)
@@ -163,11 +162,6 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     """What a measurement ran on: CPU, threads, and the versions of Python, torch and the runtimes."""
-    import onnxruntime
-    import torchvision
-
-    import fqn
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -178,7 +172,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
             "python": platform.python_version(), "fqn": fqn.__version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "onnxruntime": onnxruntime.__version__}
     try:
-        import openvino
+        import openvino  # optional (pip install fqn[openvino]): recorded where it is installed
 
         info["openvino"] = openvino.__version__
     except ImportError:

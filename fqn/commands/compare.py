@@ -20,13 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from fqn.commands.common import data_for, fresh_file, provenance, unique_labels
+from fqn.commands.peers import ort_quantize_static
 from fqn.commands.report import Column, RoundRobinTimer, Timed, log_scalars, markdown_table, write_json
 from fqn.evaluation import MAP_COLUMNS, evaluate_map
 from fqn.int8.convert import BackboneFPN, convert_int8, export_float, export_part, load_int8, normalize, resized_batch
-from fqn.int8.runtime import make_session
+from fqn.int8.runtime import available_runtimes, make_session
 from fqn.models.checkpoint import load_detector, load_float_reference
 from fqn.ptq import post_training_quantize, ptq_config, ranges_summary
 from fqn.quant.calibrate import batch_images
+from fqn.quant.state import quant_config
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ def quantized_rows(bench: Bench, name: str, method: str, model: nn.Module, examp
     The file timed is the deployable one, ``stem.onnx``, opened as a deployer opens it; at <= 4 bits the
     packed-INT4 storage file is written beside it and its size given as ``packed_mb``.
     """
-    cfg = model.fqn_config
+    cfg = quant_config(model)
     fake = bench.evaluate(model)
     path = convert_int8(model, bench.out / f"{stem}.onnx", [example])
     part = export_part(model, "backbone_fpn", bench.out / f"{stem}_backbone_fpn.onnx", example)
@@ -156,8 +158,6 @@ def quantized_rows(bench: Bench, name: str, method: str, model: nn.Module, examp
 
 def ort_peer_row(bench: Bench, model: nn.Module, calibration_images: list[Tensor], files: FloatFiles) -> Row:
     """ONNX Runtime's ``quantize_static`` of the FP32 files, calibrated on the same images as fqn's PTQ."""
-    from fqn.commands.peers import ort_quantize_static
-
     path = ort_quantize_static(files.detector, bench.out / "ort_quantize_static.onnx",
                                [{"image": img.numpy()} for img in calibration_images])
     part = ort_quantize_static(files.backbone_fpn, bench.out / "ort_quantize_static_bb.onnx",
@@ -265,8 +265,6 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
     (``fqn QAT w4a4 (synthetic_w4a4)``). ``runtimes``: where the ONNX files run (default: ONNX Runtime, and
     OpenVINO when it is installed); ``threads``: default torch's. ``settings`` are recorded in ``compare.json``.
     """
-    from fqn.int8.runtime import available_runtimes
-
     if runtimes is None:
         runtimes = available_runtimes()
         if "openvino" not in runtimes:
@@ -277,12 +275,12 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
     if float_ckpt is None and not qat_ckpts:
         raise ValueError("give the FP32 checkpoint (--float), QAT checkpoints (--qat), or both")
     float_model, hp = load_detector(float_ckpt) if float_ckpt else load_float_reference(qat_ckpts[0])
-    if getattr(float_model, "fqn_config", None) is not None:
+    if quant_config(float_model) is not None:
         raise ValueError(f"{float_ckpt} is a quantized checkpoint; --float needs the FP32 one")
     qat = []
     for path in qat_ckpts:
         model, qhp = load_detector(path)
-        if getattr(model, "fqn_config", None) is None:
+        if quant_config(model) is None:
             raise ValueError(f"{path} is a float checkpoint; --qat needs QAT checkpoints")
         qat.append((Path(path), model))
     labels = unique_labels([p for p, _ in qat])
@@ -314,7 +312,7 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
         for row in quantized_rows(bench, f"fqn PTQ w{bits}a{bits}", "ptq", model, example, f"fqn_ptq_w{bits}a{bits}"):
             cmp.add(*row)
     for (path, model), label in zip(qat, labels):
-        cfg = model.fqn_config
+        cfg = quant_config(model)
         wa = f"w{cfg.bits_w}a{cfg.bits_a}"
         print(f"[fqn compare] fqn QAT {wa} ({path})", flush=True)
         stem = f"fqn_qat_{wa}_{label.replace('/', '-')}"

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
+from fqn.config import QuantConfig
+
 #: The configs shipped with fqn (package data).
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -53,8 +57,6 @@ def expand_config_bases(argv: list[str], tmp_dir: str) -> list[str]:
     overrides, stripped of ``__base__``, are written to ``tmp_dir``. The chain is checked first (see
     :func:`read_config_chain`), so a bad value is reported with the file it is in.
     """
-    import yaml
-
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -91,8 +93,6 @@ def read_config_chain(path: str | Path) -> list[tuple[Path, dict]]:
     over the files before it, must be a valid :class:`~fqn.config.QuantConfig`. Otherwise :class:`ConfigError`
     (or FileNotFoundError) names the file that made it wrong.
     """
-    import yaml
-
     chain: list[tuple[Path, dict]] = []
     current = resolve_config(path)
     while True:
@@ -124,8 +124,6 @@ def read_config_chain(path: str | Path) -> list[tuple[Path, dict]]:
 
 def _check_quant_sections(chain: list[tuple[Path, dict]]) -> None:
     """Build ``model.quant`` after each file of the chain (base first), blaming the first file that breaks it."""
-    from fqn.config import QuantConfig
-
     quant: dict | None = None
     for file, data in chain:
         model = data.get("model")

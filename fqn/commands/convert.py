@@ -17,6 +17,8 @@ from fqn.commands.common import ONNX_DATA_KEY, data_for, fresh_file, provenance,
 from fqn.commands.report import write_json
 from fqn.data.synthetic import synthetic_scenes
 from fqn.int8 import convert_int8
+from fqn.models.checkpoint import read_checkpoint
+from fqn.quant.state import quant_config
 
 
 def _file_metadata(checkpoint: Path, data: Any) -> dict[str, Any]:
@@ -38,11 +40,13 @@ def _data_or_none(checkpoint: Path, config: str | None, needed: bool) -> Any:
         return None
 
 
-def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[int] = (), config: str | None = None,
-                calibration: str = "search", bias_correction: bool = False, n_cal: int = 20) -> list[Path]:
-    """Write the int8 file(s) of ``checkpoint`` into ``out``; returns the files to deploy."""
-    from fqn.models.checkpoint import read_checkpoint
+def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[int] | None = (),
+                config: str | None = None, calibration: str = "search", bias_correction: bool = False,
+                n_cal: int = 20) -> list[Path]:
+    """Write the int8 file(s) of ``checkpoint`` into ``out``; returns the files to deploy.
 
+    ``ptq_bits``: post-training quantize a float checkpoint at each bit-width; empty or None converts a QAT one.
+    """
     checkpoint, out = Path(checkpoint), Path(out)
     hp = read_checkpoint(checkpoint)["hyper_parameters"]
     data = _data_or_none(checkpoint, config, needed=bool(ptq_bits))
@@ -51,7 +55,7 @@ def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[i
     for bits in ptq_bits or [None]:
         model = quantized_model(checkpoint, bits, data, calibration=calibration, bias_correction=bias_correction,
                                 n_cal=n_cal)
-        cfg = model.fqn_config
+        cfg = quant_config(model)
         stem = f"{'ptq' if bits else 'qat'}_w{cfg.bits_w}a{cfg.bits_a}"
         meta = _file_metadata(checkpoint, data)
         path = convert_int8(model, fresh_file(out / f"{stem}.onnx"), example, metadata=meta)

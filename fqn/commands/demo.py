@@ -43,7 +43,15 @@ def run_demo(backbone: str = "resnet18", size: int = 256, n_cal: int = 4, seed: 
     return rows
 
 
+def run_demo_command(backbone: str = "resnet18", size: int = 256, n_cal: int = 4) -> list[dict]:
+    """``fqn demo``: `run_demo`, printed as a table; returns its rows."""
+    rows = run_demo(backbone, size, n_cal)
+    print_demo(rows)
+    return rows
+
+
 def print_demo(rows: list[dict]) -> None:
+    """The SQNR of each quantized detector's outputs, one row per bit-width, and the quantized scope."""
     keys = list(rows[0]["sqnr_db"])
     print("\nSQNR (dB) of the fake-quantized detector against the float one (higher is closer):")
     table = [{"config": r["config"], **r["sqnr_db"]} for r in rows]

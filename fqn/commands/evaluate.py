@@ -17,6 +17,9 @@ import torch
 from fqn.commands.common import data_for, fresh_file, provenance
 from fqn.commands.report import Column, markdown_table, write_json
 from fqn.evaluation import MAP_COLUMNS, evaluate_map
+from fqn.int8 import load_int8
+from fqn.models.checkpoint import load_detector
+from fqn.quant.state import quant_config
 
 TABLE = [Column("model"), Column("runtime"), *(Column(k) for k in MAP_COLUMNS.values()),
          Column("images_per_second", "images/s", 2)]
@@ -53,14 +56,11 @@ def load_model(model: str | Path, runtime: str = "onnxruntime", threads: int | N
     if not model.is_file():
         raise FileNotFoundError(f"model {model} does not exist")
     if model.suffix.lower() == ".onnx":
-        from fqn.int8 import load_int8
-
         detector = load_int8(model, threads, runtime=runtime)
         return detector, detector.metadata.get("fqn.bits", "float"), runtime
-    from fqn.models.checkpoint import load_detector
 
     net, _ = load_detector(model)
-    cfg = getattr(net, "fqn_config", None)
+    cfg = quant_config(net)
     return net.cpu().eval(), "float" if cfg is None else f"fake-quant w{cfg.bits_w}a{cfg.bits_a}", "pytorch"
 
 

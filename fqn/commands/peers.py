@@ -17,12 +17,18 @@ These are callers of the two libraries and nothing else: fqn's quantizers are no
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from fqn.quant.fold import fold_bn
 
 ORT_OPS = ("Conv", "Gemm", "MatMul", "Add", "Resize", "MaxPool", "Relu")
 # ONNX node-name scopes (torch.onnx names nodes by module path) of the network proper: anchors, box decoding
@@ -37,22 +43,12 @@ def glue_nodes(model: Any) -> list[str]:
 
 def ort_quantize_static(float_onnx: str | Path, out_path: str | Path, inputs: Sequence[dict[str, Any]]) -> Path:
     """ONNX Runtime PTQ of ``float_onnx``: calibrated on ``inputs`` (feeds of the model), written to ``out_path``."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self._it = iter(list(inputs))
 
         def get_next(self) -> dict[str, Any] | None:
             return next(self._it, None)
-
-    import onnx
 
     out_path = Path(out_path)
     quantize_static(str(float_onnx), str(out_path), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -68,8 +64,6 @@ def fold_batchnorm(model: nn.Module) -> int:
     pt2e's X86InductorQuantizer expects BN already folded: exported with BN, its conv+add+ReLU pattern
     matcher fails ("Input partition has more than one output node"). Returns how many were folded.
     """
-    from fqn.quant.fold import fold_bn
-
     count = 0
     for module in list(model.modules()):
         children = list(module.named_children())
@@ -104,8 +98,6 @@ def unshare_relus(model: nn.Module) -> int:
     torchvision's blocks call one ``relu`` module two or three times; pt2e's X86InductorQuantizer
     then fails ("Input partition has more than one output node").
     """
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
     count = 0
     for m in model.modules():
         if isinstance(m, (BasicBlock, Bottleneck)):
@@ -120,6 +112,9 @@ def unshare_relus(model: nn.Module) -> int:
 
 def _pt2e_quantize(module: nn.Module, example: Tensor, calibration: Sequence[Tensor],
                    dynamic_batch: bool = False) -> nn.Module:
+    # torchao is imported only when its peer runs (--peers torchao): its import takes about a second and logs
+    # torch warnings, which every other command and `--no-peers` would pay for
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
@@ -131,8 +126,6 @@ def _pt2e_quantize(module: nn.Module, example: Tensor, calibration: Sequence[Ten
     with torch.no_grad():
         for x in calibration:
             prepared(x)
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
-
     converted = convert_pt2e(prepared)
     allow_exported_model_train_eval(converted)  # the detector's .eval() reaches it
     return converted
@@ -167,7 +160,7 @@ def torchao_pt2e(float_model: nn.Module, calibration_images: Sequence[Tensor]) -
     Returns the detector and ``{"backbone": compiled backbone+FPN (normalised batch in), "bytes": tensor bytes
     of the deployable weights}``.
     """
-    import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config  # Inductor, like torchao, only for the torchao peer
 
     inductor_config.freezing = True  # constant weights: what lets Inductor fuse the int8 conv/linear patterns
     model = copy.deepcopy(float_model).eval()
@@ -197,8 +190,6 @@ def torchao_pt2e(float_model: nn.Module, calibration_images: Sequence[Tensor]) -
 
 def _saved_bytes(module: nn.Module) -> int:
     """Bytes of the module's weights as ``torch.save`` writes them (pt2e modules keep int8 weights as constants)."""
-    import io
-
     tensors = dict(module.state_dict())
     if isinstance(module, torch.fx.GraphModule):  # only what the graph reads (the float originals stay attached)
         tensors = {}

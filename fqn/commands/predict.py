@@ -21,9 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+from tqdm import tqdm
+
+from fqn.commands.common import fresh_file
+from fqn.int8.convert import load_int8
+from fqn.models.checkpoint import load_detector
+from fqn.quant.state import quant_config
+from fqn.viz import draw_detections
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".gif"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -59,8 +68,6 @@ class Frame:
 
 def _to_rgb_array(img: Any) -> np.ndarray:
     """An HxWx3 float32 array in [0, 1] from any PIL mode: 16/32-bit and float images scaled, alpha dropped."""
-    from PIL import Image
-
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         arr = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
     elif img.mode == "I":  # 32-bit integer: PNG 16-bit greyscale is read as "I" by some PIL versions
@@ -82,8 +89,6 @@ def _to_rgb_array(img: Any) -> np.ndarray:
 
 def read_image(path: str | Path) -> Frame:
     """The image at ``path`` as a `Frame`, or `InputError` saying why it cannot be run."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
@@ -108,8 +113,6 @@ def read_image(path: str | Path) -> Frame:
 
 
 def _frame(name: str, img: Any, frame_index: int | None = None) -> Frame:
-    from PIL import Image
-
     width, height = img.size
     if min(width, height) < MIN_SIDE:
         raise InputError(name, f"{width}x{height} is too small to detect anything (need >= {MIN_SIDE} px a side)")
@@ -125,9 +128,6 @@ def _frame(name: str, img: Any, frame_index: int | None = None) -> Frame:
 
 def video_frames(path: str | Path) -> tuple[Iterator[Frame], dict[str, Any]]:
     """The frames of a video (OpenCV), and its fps / size / frame count; `InputError` if it cannot be opened."""
-    import cv2
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
@@ -177,21 +177,18 @@ def load_predictor(model: str | Path, runtime: str = "onnxruntime", threads: int
         raise FileNotFoundError(f"model {model} does not exist")
     names = ["background", *class_names] if class_names else []
     if model.suffix.lower() == ".onnx":
-        from fqn.int8.convert import load_int8
-
         detector = load_int8(model, threads, runtime)
         if not names and detector.metadata.get("fqn.class_names"):  # recorded by `fqn convert`
             names = ["background", *json.loads(detector.metadata["fqn.class_names"])]
         num = int(detector.metadata.get("fqn.num_classes", 0)) or len(names)
         return Predictor(detector, f"{model.name} ({detector.metadata.get('fqn.bits', 'float')}, {runtime})", num,
                          names)
-    from fqn.models.checkpoint import load_detector
 
     if threads:
         torch.set_num_threads(threads)
     net, _ = load_detector(model)
     net = net.cpu().eval()
-    cfg = getattr(net, "fqn_config", None)
+    cfg = quant_config(net)
     kind = "float" if cfg is None else f"fake-quant w{cfg.bits_w}a{cfg.bits_a}"
 
     def detect(images: list[Tensor]) -> list[dict[str, Tensor]]:
@@ -240,13 +237,10 @@ def run_predict(model: str | Path, source: str | Path, out: str | Path, *, runti
     ``min_score``: detections kept in the JSON; ``draw_score``: those drawn. Nothing is lost on a
     crash of one input: it is skipped with its reason, and the JSON is written at the end of every run.
     """
-    from tqdm import tqdm
-
     if not 0.0 <= min_score <= 1.0 or not 0.0 <= draw_score <= 1.0:
         raise ValueError("--min-score and --draw-score must be within [0, 1]")
     source, out = Path(source), Path(out)
     kind, files = _sources(source)
-    from fqn.commands.common import fresh_file
 
     fresh_file(out / "detections.json")  # an earlier run's detections stay as they are
     predictor = load_predictor(model, runtime, threads, class_names)
@@ -295,8 +289,6 @@ def run_predict(model: str | Path, source: str | Path, out: str | Path, *, runti
                                                      picture.shape[1], picture.shape[0])
                     writer.write(np.ascontiguousarray(picture[..., ::-1]))
                 else:
-                    from PIL import Image
-
                     Image.fromarray(picture).save(drawn / f"{Path(item.name).stem}.jpg", quality=90)
             bar.set_postfix(img_per_s=f"{len(images) / in_detector:.1f}" if in_detector else "-")
     finally:
@@ -312,6 +304,19 @@ def run_predict(model: str | Path, source: str | Path, out: str | Path, *, runti
     return result
 
 
+def run_predict_command(model: str | Path, source: str | Path, out: str | Path, *, min_score: float = 0.05,
+                        **options: Any) -> PredictResult:
+    """``fqn predict``: `run_predict`, then what a person at the terminal wants to know: how many images and
+    detections, how fast, what was skipped, and where the outputs are."""
+    r = run_predict(model, source, out, min_score=min_score, **options)
+    print(f"{r.images} image(s), {r.detections} detections >= {min_score}; {r.images_per_second:.2f} images/s in "
+          f"the detector ({r.images / r.total_seconds:.2f} images/s with reading and drawing)")
+    if r.skipped:
+        print(f"skipped {len(r.skipped)}: " + "; ".join(s["reason"] for s in r.skipped[:5]))
+    print(f"detections: {r.json_path}" + (f"; drawn: {r.drawn}" if r.drawn else ""))
+    return r
+
+
 def _read_or_error(path: Path) -> Frame | InputError:
     try:
         return read_image(path)
@@ -321,16 +326,12 @@ def _read_or_error(path: Path) -> Frame | InputError:
 
 def _drawn(item: Frame, det: dict[str, Tensor], predictor: Predictor, draw_score: float) -> np.ndarray:
     """HxWx3 uint8: the image the detector saw (shrunk if it was huge) with the detections above ``draw_score``."""
-    from fqn.viz import draw_detections
-
     names = [predictor.name_of(i) for i in range(max(predictor.num_classes, 1))]
     picture = draw_detections(item.image, None, det, names, score_threshold=draw_score)
     return picture.permute(1, 2, 0).numpy()
 
 
 def _video_writer(path: Path, info: dict[str, Any], width: int, height: int) -> Any:
-    import cv2
-
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(info["fps"]), (width, height))
     if not writer.isOpened():
         raise OSError(f"cannot write the drawn video {path} (OpenCV has no mp4v encoder here); use --no-draw")

@@ -16,23 +16,27 @@ The training runs skip their own end-of-run validation: the comparison evaluates
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fqn.commands.compare import Comparison, run_compare
+from fqn.commands.config_files import load_config
 from fqn.config import QuantConfig
 from fqn.data.datamodule import DetectionDataModule
+from fqn.data.synthetic import SyntheticConfig
+from fqn.train.runs import train_run
 
 log = logging.getLogger(__name__)
 
 def base_config() -> dict[str, Any]:
     """The packaged ``base.yaml``: the detector and data settings every run starts from, the quickstart's too."""
-    from fqn.commands.config_files import load_config
-
     return load_config("base")
 
 
@@ -60,8 +64,6 @@ class QuickstartConfig:
 
 
 def _data(cfg: QuickstartConfig) -> DetectionDataModule:
-    from fqn.data.synthetic import SyntheticConfig
-
     base = base_config()
     synthetic = SyntheticConfig(image_size=cfg.size, num_classes=base["data"]["synthetic"]["num_classes"],
                                 max_size=min(80, cfg.size // 2))
@@ -84,8 +86,6 @@ QAT_TRAINING = {"optimizer": "adamw", "lr": 0.0004, "warmup_steps": 10, "range_l
 
 
 def _train(name: str, cfg: QuickstartConfig, steps: int, **module_kw: Any) -> Path:
-    from fqn.train.runs import train_run
-
     model = base_config()["model"]
     module_kw = {"backbone": cfg.backbone, "num_classes": model["num_classes"], "min_size": cfg.size,
                  "max_size": cfg.size, "detector": {**model["detector"], **HEAD},
@@ -97,10 +97,6 @@ def _train(name: str, cfg: QuickstartConfig, steps: int, **module_kw: Any) -> Pa
 def finished_comparison(folder: Path, settings: dict[str, Any]) -> Any:
     """The comparison an earlier quickstart left in ``folder``: reused when made with ``settings``, else an error
     (a quickstart never overwrites an earlier result); None when there is none, or it did not finish."""
-    import json
-
-    from fqn.commands.compare import Comparison
-
     path = folder / "compare.json"
     if not path.is_file():
         return None
@@ -115,10 +111,17 @@ def finished_comparison(folder: Path, settings: dict[str, Any]) -> Any:
     return cmp
 
 
+def run_quickstart_command(*, qat_bits: Sequence[int], ptq_bits: Sequence[int], peers: Sequence[str],
+                           **settings: Any) -> Path:
+    """``fqn quickstart``: `run_quickstart` with the `QuickstartConfig` of the command's options (``out``,
+    ``backbone``, ``size``, ``float_steps``, ``qat_steps``, ``num_val``, ``n_cal``, ``runs``, ``threads``); the
+    lists become the config's tuples, so a finished quickstart is recognised by its settings."""
+    return run_quickstart(QuickstartConfig(qat_bits=tuple(qat_bits), ptq_bits=tuple(ptq_bits), peers=tuple(peers),
+                                           **settings))
+
+
 def run_quickstart(cfg: QuickstartConfig | None = None) -> Path:
     """Run the pipeline; returns the comparison folder. A finished quickstart in ``cfg.out`` is printed, not redone."""
-    from fqn.commands.compare import run_compare
-
     cfg = cfg or QuickstartConfig()
     t0 = time.perf_counter()
     if cfg.threads:

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
 MISSING = "–"
 
 
@@ -111,8 +115,6 @@ def write_report(out: Path, stem: str, rows: Sequence[dict[str, Any]], cols: Seq
 def log_scalars(log_dir: Path, rows: Sequence[dict[str, Any]], name_key: str, keys: Sequence[str],
                 prefix: str, text: str | None = None) -> None:
     """One TensorBoard scalar per row and key (``prefix/key/row``), and the table as text."""
-    from torch.utils.tensorboard import SummaryWriter
-
     with SummaryWriter(str(log_dir)) as writer:
         for r in rows:
             tag = str(r[name_key]).replace(" ", "_")
@@ -146,8 +148,6 @@ class RoundRobinTimer:
 
     def run(self, timed: dict[Any, Timed]) -> dict[Any, float]:
         """Milliseconds per call (median) for each key of ``timed``."""
-        import torch
-
         samples: dict[Any, list[float]] = {k: [] for k in timed}
         with torch.no_grad():
             for i in range(self.warmup):
@@ -155,8 +155,6 @@ class RoundRobinTimer:
                     t.fn(t.inputs[i % len(t.inputs)])
             rounds: Any = range(self.runs)
             if self.progress:
-                from tqdm.auto import tqdm
-
                 rounds = tqdm(rounds, desc=f"timing {len(timed)} models", unit="round", leave=False)
             for i in rounds:
                 for key, t in timed.items():

@@ -1,4 +1,5 @@
-"""Mixed precision: per-layer bit-widths (``QuantConfig.layer_bits``), the sensitivity that picks them, the file."""
+"""Mixed precision: per-layer bit-widths (``QuantConfig.layer_bits``) in the model and the int8 file; the sensitivity
+that picks them is tested in tests/models/test_sensitivity.py."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ import torch
 from onnx import numpy_helper
 
 from fqn import QuantConfig, calibrate, prepare_qat
-from fqn.commands.analyze import choose_layer_bits, layer_sensitivity
 from fqn.int8 import convert_int8, load_int8
 from fqn.int8.convert import export_part, head_parity
-from fqn.models.faster_rcnn import float_proposals, head_outputs
-from fqn.quant.fake_quant import Phase, phase_of, quantizers
+from fqn.quant.fake_quant import quantizers
 from fqn.quant.prepare import quantized_layers, weight_bits
+from fqn.quant.state import quant_config
 
 HIGH = {"backbone.body.conv1": 8, "rpn.head.cls_logits": 8, "roi_heads.box_predictor.*": 8}
 
@@ -42,7 +42,7 @@ def test_matching_layers_and_their_outputs_take_the_high_bit_width(mixed):
     assert weight_bits(mixed) == sum(m.weight.numel() * (8 if n in ("backbone.body.conv1", "rpn.head.cls_logits")
                                                          or n.startswith("roi_heads.box_predictor") else 4)
                                      for n, m in quantized_layers(mixed))
-    assert QuantConfig.from_dict(mixed.fqn_config.to_dict()) == mixed.fqn_config
+    assert QuantConfig.from_dict(quant_config(mixed).to_dict()) == quant_config(mixed)
 
 
 @pytest.mark.slow
@@ -73,50 +73,6 @@ def test_int8_file_keeps_each_layer_at_its_own_width(mixed, scenes, tmp_path):
     path = export_part(mixed, "heads", tmp_path / "heads.onnx", scenes[0])
     parity = head_parity(mixed, path, scenes[6:8], threads=1)
     assert parity["within_1_step"] > 0.85, parity
-
-
-def test_sensitivity_measures_each_layer_alone_and_the_choice_fits_the_budget(float_detector, scenes):
-    model = calibrate(prepare_qat(float_detector(), QuantConfig(bits_w=4, bits_a=4)), [[s] for s in scenes[:2]], 2,
-                      progress=False)
-    images = list(scenes[2:3])
-    ranking = layer_sensitivity(model, images, mode="only")
-    rows = {r["layer"]: r for r in ranking}
-    assert {n for n, _ in quantized_layers(model)} <= set(rows)
-    assert all(r["noise"] > 0 for r in ranking) and ranking == sorted(ranking, key=lambda r: -r["cost_db"])
-    # the last layer by hand: only the class logits change (float proposals, float box features); the weight
-    # per-channel symmetric 4-bit, the bias float (its input grid is float here), the output on its own range
-    pred = model.roi_heads.box_predictor.cls_score
-    with torch.no_grad(), phase_of(model, Phase.FLOAT):
-        props = float_proposals(model, images)
-        n_outputs = len(head_outputs(model, images, props))
-        batch, _ = model.transform(images)
-        feats = model.backbone(batch.tensors)
-        heads = model.roi_heads
-        x = heads.box_head(heads.box_roi_pool(feats, props, batch.image_sizes))
-        y = x @ pred.weight.T + pred.bias
-        s_w = (pred.weight.abs().amax(1) / 7).clamp_min(torch.finfo(torch.float32).eps)
-        wq = torch.fake_quantize_per_channel_affine(pred.weight, s_w, torch.zeros(len(s_w), dtype=torch.int32), 0,
-                                                    -7, 7)
-        out = pred.act_fq
-        yq = torch.fake_quantize_per_tensor_affine(x @ wq.T + pred.bias, out.scale.item(),
-                                                   int(out.zero_point.item()), out.qmin, out.qmax)
-    hand = float((yq - y).pow(2).sum() / y.pow(2).sum()) / n_outputs  # the other outputs are exact
-    assert rows["roi_heads.box_predictor.cls_score"]["noise"] == pytest.approx(hand, rel=1e-3)
-    assert rows["roi_heads.box_predictor.cls_score"]["weights"] == pred.weight.numel()
-    bits = choose_layer_bits(ranking, budget=0.1)
-    total = sum(r["weights"] for r in ranking) * 4
-    assert bits and sum(rows[n]["weights"] * 4 for n in bits) <= 0.1 * total
-    assert choose_layer_bits(ranking, budget=0.0) == {}
-    with pytest.raises(ValueError, match="low"):
-        choose_layer_bits(ranking, low=8)
-    toy = [{"layer": "a", "weights": 100, "noise": 1.0, "mode": "only"},
-           {"layer": "b", "weights": 10, "noise": 0.5, "mode": "only"},
-           {"layer": "c", "weights": 10, "noise": 0.01, "mode": "only"},
-           {"layer": "add", "weights": 0, "noise": 0.2, "mode": "only"}]
-    assert choose_layer_bits(toy, budget=40 / 480) == {"b": 8}  # most noise per added bit first: b
-    assert choose_layer_bits(toy, budget=1.0) == {"a": 8, "b": 8, "c": 8}
-    with pytest.raises(ValueError, match="only"):
-        choose_layer_bits([{**toy[0], "mode": "keep_float"}])  # a keep_float ranking ranks by another measure
 
 
 def test_layer_bits_are_validated():

@@ -16,6 +16,7 @@ from fqn.commands.compare import ROW_FIELDS, run_compare
 from fqn.int8 import load_int8
 from fqn.models import build_detector
 from fqn.models.checkpoint import load_detector
+from fqn.quant.state import quant_config
 
 from ..train.tiny import DETECTOR, SIZE, tiny_data
 
@@ -168,7 +169,7 @@ def test_analyze_cli_writes_its_report(checkpoints, tmp_path, capsys):
     model, _ = load_detector(qat_ckpt)  # the file is a valid config value naming real layers
     modules = dict(model.named_modules())
     assert layer_bits and all(modules[n].weight_fq is not None and b == 8 for n, b in layer_bits.items())
-    QuantConfig(**{**model.fqn_config.to_dict(), "layer_bits": layer_bits})
+    QuantConfig(**{**quant_config(model).to_dict(), "layer_bits": layer_bits})
     # against the int8 model: converted on the fly, every image-aligned layer found in the file
     assert main(["analyze", str(qat_ckpt), "--out", str(tmp_path / "i8"), "--images", "1", "--int8"]) == 0
     assert (tmp_path / "i8" / "model_int8.onnx").is_file()
