@@ -25,7 +25,8 @@ NOTHING = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch
 def cocoeval_stats(targets: list[dict], preds: list[dict]) -> list[float]:
     """pycocotools' 12 summary numbers for xyxy targets and predictions, built by hand (no torchmetrics)."""
     images = [{"id": i, "width": 100, "height": 100} for i in range(len(targets))]
-    categories = [{"id": c} for c in (1, 2)]
+    labels = {int(c) for item in [*targets, *preds] for c in item["labels"]}
+    categories = [{"id": c} for c in sorted(labels)]  # a class detected but absent from the targets scores -1: left out
 
     def anns(items: list[dict], scored: bool) -> list[dict]:
         out = []

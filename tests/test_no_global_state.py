@@ -36,6 +36,7 @@ def quantized(float_detector, scenes):
     return calibrate(model, [[s] for s in scenes[:2]], 2, progress=False).eval()
 
 
+@pytest.mark.slow  # converts a whole detector
 def test_no_module_attribute_changes_during_a_forward_or_a_conversion(quantized, scenes, tmp_path):
     before = _module_attributes()
     during: list[dict] = []

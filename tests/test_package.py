@@ -60,6 +60,7 @@ def test_commands_live_in_one_place():
         p.stem for p in (root / "commands").glob("*.py")}
 
 
+@pytest.mark.slow  # a subprocess CLI, end to end
 def test_api_demo_runs_from_the_console_script():
     exe = Path(sys.executable).with_name("fqn")
     cmd = [str(exe) if exe.exists() else "fqn", "demo", "--size", "128", "--n-cal", "1"]
@@ -75,7 +76,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["model"].fqn_scope["float"] == []
+    assert namespace["model"].fqn_state.scope["float"] == []
     assert set(namespace["detections"][0]) == {"boxes", "scores", "labels"}
     assert set(namespace["int8_detections"][0]) == {"boxes", "scores", "labels"}
     assert not [type(m) for m in namespace["float_again"].modules() if type(m).__module__.startswith("fqn")]

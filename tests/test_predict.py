@@ -57,6 +57,7 @@ def _folder(root):
     return d
 
 
+@pytest.mark.slow  # fqn predict end to end on a converted detector (models)
 def test_folder_of_mixed_images_gives_coco_json_drawn_images_and_reasons(models, tmp_path, capsys):
     _, onnx_path = models
     folder = _folder(tmp_path)
@@ -98,6 +99,7 @@ def test_conversions_to_rgb_in_0_1():
     assert float(opaque.image[0].mean()) == pytest.approx(200 / 255) and float(opaque.image[1:].max()) == 0
 
 
+@pytest.mark.slow  # fqn predict end to end on a converted detector (models)
 def test_huge_image_is_shrunk_and_boxes_come_back_in_its_pixels(models, tmp_path, monkeypatch):
     ckpt, onnx_path = models
     monkeypatch.setattr(predict, "SHRINK_SIDE", 200)
@@ -115,6 +117,7 @@ def test_huge_image_is_shrunk_and_boxes_come_back_in_its_pixels(models, tmp_path
         predict.read_image(tmp_path / "big.png")
 
 
+@pytest.mark.slow  # fqn predict end to end on a converted detector (models)
 def test_video_in_both_kinds_of_model_and_openvino(models, tmp_path):
     import cv2
 
@@ -132,6 +135,7 @@ def test_video_in_both_kinds_of_model_and_openvino(models, tmp_path):
     assert ov.images == 3 and ov.images_per_second > 0 and not (tmp_path / "ov" / "drawn").exists()
 
 
+@pytest.mark.slow  # fqn predict end to end on a converted detector (models)
 def test_bad_sources_and_values_are_one_line_errors(models, tmp_path):  # the message names the file
     _, onnx_path = models
     (tmp_path / "empty").mkdir()
@@ -148,7 +152,9 @@ def test_bad_sources_and_values_are_one_line_errors(models, tmp_path):  # the me
         main(["predict", str(onnx_path), str(tmp_path / "bad.png"), "--out", str(tmp_path / "o2")])
 
 
-def test_unknown_runtime_is_refused_by_the_parser(models, tmp_path, capsys):
+def test_unknown_runtime_is_refused_by_the_parser(tmp_path, capsys):
+    """Refused while parsing, before the model file is read: no model needed."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", str(models[1]), str(tmp_path), "--out", str(tmp_path / "o"), "--runtime", "tensorrt"])
+        main(["predict", str(tmp_path / "w8.onnx"), str(tmp_path), "--out", str(tmp_path / "o"), "--runtime",
+              "tensorrt"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err

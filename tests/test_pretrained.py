@@ -19,6 +19,7 @@ import yaml
 
 from fqn.models.checkpoint import load_detector
 from fqn.models.faster_rcnn import recalibrate_bn
+from fqn.quant.state import quant_config
 from tests.test_configs import COCO_IDS, REPO, coco_files, fqn, qat_checkpoint
 
 
@@ -53,14 +54,14 @@ def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tm
     assert fit.returncode == 0, fit.stderr[-3000:]
     ckpt = qat_checkpoint(tmp_path)
     model, hp = load_detector(ckpt)
-    assert hp["weights"] == "DEFAULT" and hp["frozen_bn"] is True and model.fqn_config.flags == "FPC"
+    assert hp["weights"] == "DEFAULT" and hp["frozen_bn"] is True and quant_config(model).flags == "FPC"
     pretrained = torch.load(next(torch_home.glob("hub/checkpoints/*.pth")), weights_only=True)
     head = model.roi_heads.box_predictor.cls_score.weight.detach()
     assert head.shape == (91, 1024)  # the 91-way head stayed: it was fine-tuned, not replaced
     assert torch.allclose(head, pretrained["roi_heads.box_predictor.cls_score.weight"], atol=1e-2)
     conv1 = model.backbone.body.layer1[0].conv1
     assert not conv1.bn_weight.requires_grad  # FrozenBatchNorm2d's affine stays frozen under QAT
-    # `fqn convert`'s CLI is tested on tiny models (tests/int8/test_compare.py); here compare converts this
+    # `fqn convert`'s CLI is tested on tiny models (tests/commands/test_compare.py); here compare converts this
     # checkpoint with the same convert_int8, so the R50 recipe's int8 file is checked below without a second export.
     # no peer rows (ORT quantize_static and torchao are tested on tiny models there); the data: the checkpoint's own
     assert ckpt == tmp_path / "runs" / "coco_tiny" / "checkpoints" / "last.ckpt"  # the run folder of its config

@@ -176,6 +176,7 @@ def tiny_files(tiny_quantized, scenes, tmp_path_factory):
     return files
 
 
+@pytest.mark.slow  # converts whole detectors (the tiny_files fixture, export_part)
 def test_whole_detector_round_trips_from_disk(tiny_quantized, tiny_files, scenes):
     for key, path in tiny_files.items():
         bits = 4 if key == "4-packed" else key
@@ -206,6 +207,7 @@ def _weight_readers(proto: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow  # converts whole detectors (the tiny_files fixture, export_part)
 def test_each_call_site_of_a_shared_weight_has_its_own_initializer(tiny_files):
     """The RPN head's conv runs on 5 levels; OpenVINO runs a conv whose weight DQ is shared in float."""
     from fqn.int8.runtime import _unpack_int4, unshare_weights
@@ -223,6 +225,7 @@ def test_each_call_site_of_a_shared_weight_has_its_own_initializer(tiny_files):
     assert unshare_weights(packed) == 4 + 4 + 4 and max(_weight_readers(packed).values()) == 1
 
 
+@pytest.mark.slow  # converts whole detectors (the tiny_files fixture, export_part)
 def test_packed_four_bit_file_is_smaller_and_detects_the_same(tiny_files, scenes):
     s8, s4, packed = (tiny_files[k].stat().st_size for k in (8, 4, "4-packed"))
     assert packed < 0.6 * s8 and abs(s4 - s8) < 0.05 * s8  # packed int4 weights; the deployable file holds int8
@@ -231,6 +234,7 @@ def test_packed_four_bit_file_is_smaller_and_detects_the_same(tiny_files, scenes
         assert all(torch.equal(da[k], db[k]) for k in ("boxes", "scores", "labels"))
 
 
+@pytest.mark.slow  # converts whole detectors (the tiny_files fixture, export_part)
 def test_head_outputs_track_the_fake_quant_model(tiny_quantized, scenes, tmp_path):
     """4 bits: the same codes. 8 bits, on a random (BN-calibrated) network: rounding ties compound through ~20 layers;
     measured 41% of the head outputs on the same code, 88% within one step, the farthest 7 steps off."""
@@ -268,6 +272,7 @@ def test_scope_of_names_the_quantizer_module():
     assert scope_of("/a/act_fq/DequantizeLinear", root="model") == "a.act_fq"
 
 
+@pytest.mark.slow  # converts whole detectors (the tiny_files fixture, export_part)
 def test_int8_taps_read_the_integer_activations(tiny_quantized, tiny_files, scenes, tmp_path):
     """Each tapped activation is the fake-quant one (torch hooks) as the integer kernels computed it; fusion intact."""
     from fqn.commands.analyze import comparable_points

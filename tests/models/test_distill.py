@@ -84,6 +84,7 @@ def test_bad_distill_settings_are_refused(bad):
         DistillConfig(**bad)
 
 
+@pytest.mark.slow  # trains
 def test_trainer_adds_the_distillation_losses(tmp_path):
     from ..train.tiny import tiny_data, tiny_module, tiny_trainer
 

@@ -7,6 +7,7 @@ import torch
 
 from fqn import QuantConfig, prepare_qat, strip_quantizers
 from fqn.quant.modules import QuantConvBn2d
+from fqn.quant.state import quant_config
 
 
 def _types(model):
@@ -30,7 +31,7 @@ def test_prepare_then_strip_is_the_float_model(float_detector, scenes, backbone,
     for x, y in zip(a, b):
         for key in ("boxes", "scores", "labels"):
             torch.testing.assert_close(y[key], x[key], rtol=0, atol=0)
-    assert getattr(prepared, "fqn_config", None) is not None  # not in place by default
+    assert quant_config(prepared) is not None  # not in place by default
 
 
 def test_stripped_model_holds_the_trained_weights(float_detector, scenes):

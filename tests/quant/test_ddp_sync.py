@@ -6,6 +6,7 @@ import os
 import pickle
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -46,6 +47,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # spawns two processes (DDP on gloo)
 def test_ranks_hold_identical_ranges_after_sync(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = pickle.loads((tmp_path / "rank0.pkl").read_bytes())

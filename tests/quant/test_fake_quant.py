@@ -157,14 +157,6 @@ def test_disabled_is_identity_and_uncalibrated_is_an_error():
         set_phase(torch.nn.Sequential(fq), "bogus")
 
 
-def test_half_precision_input_round_trips():
-    scale, zp = calc_qparams(torch.tensor([-1.0]), torch.tensor([1.0]), 8, False)
-    x = torch.randn(100).half()
-    y = fake_quantize(x, scale, zp, 0, 255)
-    assert y.dtype == torch.float16
-    assert torch.allclose(y.float(), fake_quantize(x.float(), scale, zp, 0, 255), atol=1e-3)
-
-
 def test_bias_goes_onto_the_int32_accumulator_grid_with_a_straight_through_gradient():
     """QuantConv2d's bias is round(b / (s_in * s_w)) * s_in * s_w, as integer kernels add it; the gradient passes."""
     from torch import nn
@@ -200,21 +192,53 @@ def test_bias_goes_onto_the_int32_accumulator_grid_with_a_straight_through_gradi
     assert torch.allclose(conv.bias.grad, torch.full((5,), 2 * 6 * 6.0))  # d(sum)/d(bias) = N*H*W, unmasked
 
 
+def hand_fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
+                    axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantizer written out in float64: codes q = clamp(round(x / s) + z, qmin, qmax), values (q - z) * s."""
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = -1
+    s, z = scale.double().reshape(shape), zp.double().reshape(shape)
+    q = torch.clamp(torch.round(x.double() / s) + z, qmin, qmax)
+    return q, (q - z) * s
+
+
+@pytest.mark.parametrize("qmin, qmax", [(0, 15), (-7, 7)])
 @pytest.mark.parametrize("axis", [None, 1])
-def test_the_no_grad_path_quantizes_exactly_as_the_training_path(axis):
-    """Evaluation skips the backward's mask; its output must be the training forward's, bit for bit."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 5) * 3
-    scale = torch.tensor([0.05, 0.2, 0.5]) if axis is not None else torch.tensor(0.1)
-    zp = torch.tensor([3, 7, 12], dtype=torch.int32) if axis is not None else torch.tensor(5, dtype=torch.int32)
-    trained = fake_quantize(x.clone().requires_grad_(), scale, zp, 0, 15, axis=axis)
-    assert trained.grad_fn is not None  # the STE
+def test_with_and_without_autograd_and_in_half_precision_the_output_is_the_hand_quantizers(axis, qmin, qmax):
+    """Training (autograd records the straight-through backward), evaluation (no_grad, nothing recorded) and a
+    float16 input all give the codes and values of `hand_fake_quant`, per tensor and per channel."""
+    g = torch.Generator().manual_seed(10 * (axis or 0) + qmax)
+    symmetric = qmin < 0
+    if axis is None:
+        scale, zp = torch.tensor(0.1), torch.tensor(0 if symmetric else 5, dtype=torch.int32)
+    else:
+        scale = torch.tensor([0.05, 0.2, 0.5])
+        zp = torch.tensor([0, 0, 0] if symmetric else [3, 7, 12], dtype=torch.int32)
+    view = [1, -1, 1, 1] if axis is not None else []
+    # on each channel's grid, 3 steps beyond both ends (clipped codes too), at most 0.4 steps off a level:
+    # never near a rounding tie, where float32 x * (1 / s) and float64 x / s could round apart
+    steps = torch.randint(qmin - 3, qmax + 4, (2, 3, 5, 5), generator=g) - zp.reshape(view)
+    x = ((steps + (torch.rand(2, 3, 5, 5, generator=g) - 0.5) * 0.8) * scale.reshape(view)).float()
+    ref_codes, _ = hand_fake_quant(x, scale, zp, qmin, qmax, axis)
+    assert (ref_codes == qmin).any() and (ref_codes == qmax).any() and (ref_codes == zp.reshape(view)).any()
+
+    def check(out: torch.Tensor, inp: torch.Tensor, rtol: float) -> None:
+        codes_ref, values_ref = hand_fake_quant(inp, scale, zp, qmin, qmax, axis)
+        s, z = scale.double().reshape(view or [1]), zp.double().reshape(view or [1])
+        assert torch.equal(torch.round(out.double() / s) + z, codes_ref)
+        assert torch.allclose(out.double(), values_ref, rtol=rtol, atol=0)
+
+    trained = fake_quantize(x.clone().requires_grad_(), scale, zp, qmin, qmax, axis=axis)
+    assert trained.grad_fn is not None and trained.dtype == torch.float32  # the straight-through backward
+    check(trained.detach(), x, 1e-6)
     with torch.no_grad():
-        evaluated = fake_quantize(x.clone().requires_grad_(), scale, zp, 0, 15, axis=axis)
-    plain = fake_quantize(x, scale, zp, 0, 15, axis=axis)
-    assert evaluated.grad_fn is None and torch.equal(evaluated, trained.detach()) and torch.equal(plain, evaluated)
-    half = fake_quantize(x.half(), scale, zp, 0, 15, axis=axis)
-    assert half.dtype == torch.float16 and torch.equal(half, trained.detach().half())
+        evaluated = fake_quantize(x.clone().requires_grad_(), scale, zp, qmin, qmax, axis=axis)
+    assert evaluated.grad_fn is None
+    check(evaluated, x, 1e-6)
+    half = fake_quantize(x.half(), scale, zp, qmin, qmax, axis=axis)
+    assert half.dtype == torch.float16
+    check(half, x.half(), 2**-10)  # float16 keeps 11 significant bits
 
 
 @needs_cuda

@@ -13,6 +13,7 @@ from ..train.tiny import DETECTOR, SIZE
 from . import load_tool
 
 
+@pytest.mark.slow  # the PTQ pipeline end to end, every row
 def test_rows_for_every_rule_and_correction_with_their_gap_to_fp32(tmp_path, capsys):
     torch.manual_seed(0)
     model = build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **DETECTOR).eval()

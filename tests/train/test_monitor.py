@@ -102,6 +102,7 @@ def quant_run(tmp_path_factory):
     return dict(model=model, events=events, calibrated=calibrated, step0_input=step0_input, step0_range=step0_range)
 
 
+@pytest.mark.slow  # trains (the quant_run fixture fits a QAT model)
 def test_activation_ranges_are_logged_for_every_calibrated_quantizer_and_contain_zero(quant_run):
     lbs, ubs = _scalars(quant_run["events"], "quant/act_lb/"), _scalars(quant_run["events"], "quant/act_ub/")
     assert quant_run["calibrated"] and set(lbs) == set(ubs) == set(quant_run["calibrated"])
@@ -111,6 +112,7 @@ def test_activation_ranges_are_logged_for_every_calibrated_quantizer_and_contain
             assert lbs[name][step] <= 0.0 <= ubs[name][step] and lbs[name][step] < ubs[name][step], name
 
 
+@pytest.mark.slow  # trains (the quant_run fixture fits a QAT model)
 def test_clip_fractions_are_fractions_and_match_a_hand_count_on_the_network_input(quant_run):
     clip = _scalars(quant_run["events"], "quant/clip_frac/")
     assert set(clip) == set(quant_run["calibrated"])  # every quantizer runs in training and gets a hook
@@ -138,6 +140,7 @@ def _hand_folded_weight(layer: QuantConvBn2d) -> torch.Tensor:
     return layer.weight.double() * factor.reshape(-1, 1, 1, 1)
 
 
+@pytest.mark.slow  # trains (the quant_run fixture fits a QAT model)
 def test_weight_sqnr_is_finite_and_matches_a_hand_computed_quantizer(quant_run):
     model, events = quant_run["model"], quant_run["events"]
     sqnr = _scalars(events, "quant/weight_sqnr_db/")
@@ -156,6 +159,7 @@ def test_weight_sqnr_is_finite_and_matches_a_hand_computed_quantizer(quant_run):
     assert sqnr["roi_heads.box_head.fc6"][1] == pytest.approx(expected, abs=SQNR_TOL_DB)
 
 
+@pytest.mark.slow  # trains (the quant_run fixture fits a QAT model)
 def test_bn_batch_statistics_histograms_for_the_first_unfrozen_layers(quant_run):
     model, events = quant_run["model"], quant_run["events"]
     tags = events.Tags()["histograms"]
@@ -176,6 +180,7 @@ def _decode(event) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
 
 
+@pytest.mark.slow  # trains (the quant_run fixture fits a QAT model)
 def test_validation_images_show_the_ground_truth_boxes(quant_run):
     events = quant_run["events"]
     assert sorted(events.Tags()["images"]) == ["val/image_0", "val/image_1"]  # one val batch of 2 images
@@ -197,6 +202,7 @@ def test_weight_sqnr_leaves_the_quantizer_untouched_even_with_fake_quant_off():
     assert all(torch.equal(before[k], after[k]) for k in before) and not fq.quantizing and not fq.observing
 
 
+@pytest.mark.slow  # trains
 def test_float_model_logs_only_images(tmp_path):
     events = _fit(_float_model(), tmp_path, QuantMonitor(log_every_n_steps=1, num_images=1))
     tags = events.Tags()
@@ -204,6 +210,7 @@ def test_float_model_logs_only_images(tmp_path):
     assert tags["images"] == ["val/image_0"]
 
 
+@pytest.mark.slow  # trains
 def test_quantities_are_logged_only_on_logging_steps_and_hooks_are_removed(tmp_path):
     model = _quant_model()
     events = _fit(model, tmp_path, QuantMonitor(log_every_n_steps=2, num_images=0))

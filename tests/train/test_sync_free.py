@@ -110,6 +110,7 @@ def float_sites(batch):
     ("EMA ranges updated every step", QuantConfig(bits_w=4, bits_a=4, n_cal=1, percentile=False)),
     ("learned ranges", QuantConfig(bits_w=4, bits_a=4, n_cal=1, learn_ranges=True)),
 ])
+@pytest.mark.slow  # trains: float and QAT training steps of a detector
 def test_a_qat_step_reads_the_device_no_more_than_a_float_step(name, cfg, batch, float_sites):
     """Forward and backward of a QAT step: no host read from the quantization code, and no more in all than the
     float model's own (torchvision's proposal sampling and NMS read data-dependent sizes in both)."""
@@ -158,6 +159,7 @@ def test_on_a_gpu_no_quantizer_synchronizes(batch):
         torch.cuda.synchronize()
 
 
+@pytest.mark.slow  # compiles and trains a backbone
 def test_a_compiled_qat_backbone_is_one_graph_that_never_recompiles():
     """`torch.compile` of the quantized backbone (EMA ranges, so every quantizer observes at every step): one
     graph, no graph break, and no recompilation from one step to the next (a Python counter an observer bumped

@@ -1,219 +1,52 @@
-"""The Lightning trainer on tiny real models: float and QAT fits, checkpoints, resume, CLI."""
+"""DetectionModule's checks and its validation metric, without training: argument and checkpoint errors, the
+refusal to validate an uncalibrated model, the run-folder reuse rule, and `val/*` against pycocotools.
+
+The training runs (float and QAT fits, checkpoints, precisions) are in test_training_runs.py; the kill-and-resume
+and CLI resume runs in test_resume.py.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
 
 from fqn import QuantConfig
-from fqn.evaluation import evaluate_map
-from fqn.models.checkpoint import load_detector
-from fqn.quant.fake_quant import current_phase, quantizers
-from fqn.quant.modules import QuantConvBn2d
-from fqn.train.module import DetectionModule
+from fqn.evaluation import MAP_COLUMNS
 
-from ..devices import needs_cuda
+from ..test_evaluation import cocoeval_stats
 from .tiny import tiny_data, tiny_module, tiny_trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def float_ckpt(tmp_path_factory) -> Path:
-    """A float checkpoint after 2 training steps (the QAT starting point)."""
-    root = tmp_path_factory.mktemp("float")
-    model, data = tiny_module(), tiny_data()
-    trainer = tiny_trainer(str(root), max_steps=2)
-    trainer.fit(model, data)
-    path = root / "float.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+def test_init_from_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        tiny_module(quant=QuantConfig(), init_from=str(tmp_path / "missing.ckpt"))
+    plain = tmp_path / "float.pth"  # a plain state dict of a 4-class detector
+    torch.save(tiny_module().model.state_dict(), plain)
+    with pytest.raises(ValueError, match="does not fit a resnet18 detector with 7 classes"):
+        tiny_module(quant=QuantConfig(), init_from=str(plain), num_classes=7)
 
 
-def test_float_fast_dev_run(tmp_path):
-    trainer = tiny_trainer(str(tmp_path), fast_dev_run=1)
-    trainer.fit(tiny_module(), tiny_data())
-    assert "val/mAP" in trainer.callback_metrics
-
-
-@pytest.mark.slow
-def test_a_second_data_seed_trains_and_is_logged(tmp_path):
-    """A second seed of a run varies the data's shuffle, augmentation and calibration batches (`data.seed`):
-    with a logger, Lightning merges the data's and the model's hyper-parameters and refuses a key both hold
-    with different values, which the model's own RoI-sampling `seed` once was."""
-    import yaml
-    from pytorch_lightning.loggers import TensorBoardLogger
-
-    trainer = tiny_trainer(str(tmp_path), max_steps=1, limit_val_batches=0,
-                           logger=TensorBoardLogger(str(tmp_path), name="run", version=0))
-    trainer.fit(tiny_module(seed=0, quant=QuantConfig(bits_w=4, bits_a=8, n_cal=1)), tiny_data(seed=1))
-    assert trainer.global_step == 1
-    logged = yaml.safe_load((tmp_path / "run" / "version_0" / "hparams.yaml").read_text())
-    assert logged["data_seed"] == 1 and logged["seed"] == 0
-    # the settings a reader of the logs compares runs by, also those the constructors complete
-    assert logged["quant"]["bits_w"] == 4 and logged["quant"]["bits_a"] == 8 and logged["frozen_bn"] is False
-    assert logged["synthetic"]["num_classes"] == 3
-
-
-def test_qat_4bit_calibrates_logs_ptq_and_trains(float_ckpt, tmp_path):
-    cfg = QuantConfig(bits_w=4, bits_a=4, n_cal=2)
-    model = tiny_module(quant=cfg, init_from=str(float_ckpt))
-    trainer = tiny_trainer(str(tmp_path), max_steps=2, val_check_interval=2)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer.fit(model, tiny_data())
-    assert model.ptq_metrics is not None and set(model.ptq_metrics) >= {"AP", "AP50", "AP75", "AR100"}
-    assert all(fq.is_calibrated for _, fq in quantizers(model.model, "act"))
-    assert current_phase(model.model) == "quantize"  # P: ranges fixed after calibration
-    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert len(changed) > 10
-    assert "val/AP50" in trainer.callback_metrics
-
-
-def test_learned_ranges_train_at_their_own_learning_rate_without_decay(float_ckpt, tmp_path):
-    """With AdamW too (`optimizer: adamw`): the same groups, decoupled weight decay, the scaled LR."""
-    cfg = QuantConfig(bits_w=4, bits_a=4, n_cal=2, learn_ranges=True)
-    model = tiny_module(quant=cfg, init_from=str(float_ckpt), ptq_eval=False, range_lr_scale=50.0,
-                        optimizer="adamw", lr=0.004, warmup_steps=0)
-    trainer = tiny_trainer(str(tmp_path), max_steps=2, limit_val_batches=0)
-    data = tiny_data()
-    trainer.fit(model, data)
-    opt = trainer.optimizers[0]
-    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True  # one kernel for all parameters
-    weights, ranges = opt.param_groups
-    assert weights["lr"] == pytest.approx(0.004 * data.batch_size / model.hparams.base_batch_size)
-    assert ranges["lr"] == pytest.approx(50.0 * weights["lr"]) and ranges["weight_decay"] == 0.0
-    assert weights["weight_decay"] > 0
-    lsq = {id(p) for n, p in model.named_parameters() if ".lsq_" in n}
-    assert {id(p) for p in ranges["params"]} == lsq and not lsq & {id(p) for p in weights["params"]}
-    # the buffers mirror the ranges of the last forward: the last optimizer step moved most ranges after it
-    mirrored = [fq.scale.clone() for _, fq in quantizers(model.model, "act")]
-    learned = [fq.lsq_scale.detach() for _, fq in quantizers(model.model, "act")]
-    assert sum(not torch.equal(a, b) for a, b in zip(mirrored, learned)) > len(learned) // 2
+def test_bad_optimizer_settings_are_rejected():
     with pytest.raises(ValueError, match="range_lr_scale"):
         tiny_module(range_lr_scale=0)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         tiny_module(optimizer="adam")
 
 
-def test_qat_without_p_updates_ema_in_training_and_not_in_validation(float_ckpt, tmp_path):
-    cfg = QuantConfig(bits_w=8, bits_a=8, n_cal=1, percentile=False, freeze_bn=False)
-    model = tiny_module(quant=cfg, init_from=str(float_ckpt))
-    assert any(isinstance(m, QuantConvBn2d) for m in model.modules())
-    trainer = tiny_trainer(str(tmp_path), max_steps=2, limit_val_batches=0)
-    trainer.fit(model, tiny_data())
-    assert current_phase(model.model) == "observe_quantize"  # [17]: EMA ranges keep moving while fine-tuning
-    # evaluating outside the trainer must not move them either (they are what the int8 file gets)
-    scales = {n: fq.scale.clone() for n, fq in quantizers(model.model, "act")}
-    data = tiny_data()
-    data.setup("validate")
-    evaluate_map(model.model, data.val_dataloader(), progress=False)
-    assert current_phase(model.model) == "observe_quantize"
-    assert all(torch.equal(fq.scale, scales[n]) for n, fq in quantizers(model.model, "act"))
-    # and a checkpoint loaded for inference comes back with the ranges fixed
-    trainer.save_checkpoint(tmp_path / "ema.ckpt")
-    loaded, _ = load_detector(tmp_path / "ema.ckpt")
-    assert current_phase(loaded) == "quantize"
-    assert all(torch.equal(fq.scale, scales[n]) for n, fq in quantizers(loaded, "act"))
-
-
-def test_init_from_errors_are_clear(tmp_path, float_ckpt):
-    with pytest.raises(FileNotFoundError, match="init_from"):
-        tiny_module(quant=QuantConfig(), init_from=str(tmp_path / "missing.ckpt"))
-    with pytest.raises(ValueError, match="does not fit"):
-        tiny_module(quant=QuantConfig(), init_from=str(float_ckpt), num_classes=7)
-
-
-def test_checkpoint_alone_rebuilds_the_quantized_model(float_ckpt, tmp_path):
-    cfg = QuantConfig(bits_w=4, bits_a=4, n_cal=2)
-    model = tiny_module(quant=cfg, init_from=str(float_ckpt))
-    trainer = tiny_trainer(str(tmp_path), max_steps=1, limit_val_batches=0)
-    trainer.fit(model, tiny_data())
-    path = tmp_path / "qat.ckpt"
-    trainer.save_checkpoint(path)
-    raw = torch.load(path, weights_only=True)  # loadable without unpickling code
-    assert raw["fqn"]["quant_config"] == cfg.to_dict()
-    rebuilt = DetectionModule.load_from_checkpoint(path, init_from=None)
-    assert rebuilt.qcfg == cfg
-    images = [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    model.eval()
-    rebuilt.eval()
-    with torch.no_grad():
-        a, b = model.model(images), rebuilt.model(images)
-    for x, y in zip(a, b):
-        assert torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["scores"], y["scores"])
-
-
-class _Killed(RuntimeError):
-    pass
-
-
-class _Crash(pl.Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at_step:
-            raise _Killed("simulated kill")
-
-
-def _qat_run(root: Path, float_ckpt: Path, *, crash_at: int | None = None, resume: Path | None = None):
-    cfg = QuantConfig(bits_w=4, bits_a=4, n_cal=2, percentile=False, freeze_bn=False)  # EMA + BN stats: stateful
-    model = tiny_module(quant=cfg, init_from=str(float_ckpt), seed=3)
-    data = tiny_data(seed=5)  # 12 images / batch 2 = 6 batches per epoch: step 3 is mid-epoch
-    ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=1)
-    callbacks = [ckpt] + ([_Crash(crash_at)] if crash_at is not None else [])
-    pl.seed_everything(0)
-    trainer = tiny_trainer(str(root), max_steps=5, limit_val_batches=0, callbacks=callbacks,
-                           enable_checkpointing=True)
-    trainer.fit(model, data, ckpt_path=str(resume) if resume else None)
-    return model, trainer
-
-
-@pytest.mark.slow
-def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(float_ckpt, tmp_path):
-    full, _ = _qat_run(tmp_path / "full", float_ckpt)
-    with pytest.raises(_Killed):
-        _qat_run(tmp_path / "killed", float_ckpt, crash_at=3)
-    last = tmp_path / "killed" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 3
-    resumed, trainer = _qat_run(tmp_path / "resumed", float_ckpt, resume=last)
-    assert trainer.global_step == 5
-    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
-
-
-def _fqn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("fqn")
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-@pytest.mark.slow
-def test_cli_fit_resumes_and_rejects_bad_input(tmp_path):
-    tiny = ["--data.num_train", "4", "--data.num_val", "2", "--data.synthetic.image_size", "96",
-            "--data.synthetic.max_size", "48", "--model.min_size", "96", "--model.max_size", "96",
-            "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1"]
-    result = _fqn("fit", "--config", str(REPO / "configs/synthetic_float.yaml"), *tiny, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    last = tmp_path / "runs" / "synthetic_float" / "checkpoints" / "last.ckpt"
-    assert last.is_file()
-    two_steps = [("2" if a == "1" and tiny[i - 1] == "--trainer.max_steps" else a) for i, a in enumerate(tiny)]
-    resumed = _fqn("fit", "--config", str(REPO / "configs/synthetic_float.yaml"), *two_steps,
-                   "--ckpt_path", str(last), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert torch.load(last, weights_only=True)["global_step"] == 2
-    # printing every config: tests/test_configs.py; bad input fails while parsing, so in this process
+def test_cli_fit_rejects_bad_input_while_parsing():
+    """Bad input fails while parsing, before any training, so in this process; printing every config:
+    tests/test_configs.py; a fit and its resume through the CLI: test_resume.py."""
     from fqn.commands.cli import main
 
     with pytest.raises(SystemExit, match="unrecognized arguments: --model.bogus"):
         main(["fit", "--config", str(REPO / "configs/synthetic_float.yaml"), "--model.bogus", "1"])
     with pytest.raises(SystemExit, match="bits_w must be an integer"):
-        main(["fit", "--config", str(REPO / "configs/synthetic_w4a4.yaml"), "--model.quant.bits_w", "12", *tiny])
+        main(["fit", "--config", str(REPO / "configs/synthetic_w4a4.yaml"), "--model.quant.bits_w", "12"])
 
 
 def test_validating_an_uncalibrated_qat_model_is_a_clear_error(tmp_path):
@@ -222,28 +55,45 @@ def test_validating_an_uncalibrated_qat_model_is_a_clear_error(tmp_path):
         tiny_trainer(str(tmp_path)).validate(model, tiny_data())
 
 
-def test_float_reference_is_the_model_a_qat_run_started_from(float_ckpt, tmp_path):
-    """`fqn compare` without --float: the init_from checkpoint (trainer .ckpt or plain state dict), or an error."""
-    from fqn.models.checkpoint import load_float_reference
+class _NoisyTruth(nn.Module):
+    """A stand-in detector with an AP between 0 and 1: each known image's ground-truth boxes moved by up to 2 px,
+    plus a false positive, with seeded scores. Images are looked up by content: an unknown one raises KeyError."""
 
-    float_model, _ = load_detector(float_ckpt)
-    plain = tmp_path / "float.pth"
-    torch.save(float_model.state_dict(), plain)
-    for i, source in enumerate((float_ckpt, plain)):
-        model = tiny_module(quant=QuantConfig(n_cal=1), init_from=str(source))
-        assert model.hparams.frozen_bn is False  # trained from scratch: BatchNorm2d, read off the source
-        trainer = tiny_trainer(str(tmp_path / str(i)), max_steps=1, limit_val_batches=0)
-        trainer.fit(model, tiny_data())
-        trainer.save_checkpoint(tmp_path / f"qat{i}.ckpt")
-        ref, _ = load_float_reference(tmp_path / f"qat{i}.ckpt")
-        assert getattr(ref, "fqn_config", None) is None
-        for (name, a), b in zip(float_model.state_dict().items(), ref.state_dict().values()):
-            assert torch.equal(a, b), name
-    plain.unlink()
-    with pytest.raises(FileNotFoundError, match="--float"):
-        load_float_reference(tmp_path / "qat1.ckpt")
-    with pytest.raises(ValueError, match="float checkpoint"):
-        load_float_reference(float_ckpt)
+    def __init__(self, pairs: list[tuple[torch.Tensor, dict]]) -> None:
+        super().__init__()
+        self.truth = {image.numpy().tobytes(): (i, target) for i, (image, target) in enumerate(pairs)}
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for image in images:
+            i, target = self.truth[image.numpy().tobytes()]
+            g = torch.Generator().manual_seed(i)
+            n = len(target["boxes"])
+            boxes = target["boxes"] + (torch.rand(n, 4, generator=g) - 0.5) * 4
+            out.append({"boxes": torch.cat([boxes, torch.tensor([[0.0, 0.0, 12.0, 12.0]])]),
+                        "scores": torch.rand(n + 1, generator=g),
+                        "labels": torch.cat([target["labels"], torch.tensor([1])])})
+        return out
+
+
+def test_logged_validation_map_is_pycocotools_on_the_same_detections(tmp_path):
+    """Every batch of the validation set goes into `val/*` once: the logged columns are what pycocotools' own
+    COCOeval gives for the same detections of all validation images."""
+    data = tiny_data()
+    data.setup("validate")
+    pairs = [(image, target) for images, targets in data.val_dataloader() for image, target in zip(images, targets)]
+    assert len(pairs) == 4 and len({len(t["boxes"]) for _, t in pairs}) > 1
+    module = tiny_module()
+    module.model = _NoisyTruth(pairs)
+    [logged] = tiny_trainer(str(tmp_path), limit_val_batches=1.0).validate(module, data, verbose=False)
+    with torch.no_grad():
+        preds = module.model([image for image, _ in pairs])
+    expected = dict(zip(MAP_COLUMNS.values(), cocoeval_stats([t for _, t in pairs], preds)))
+    assert 0.1 < expected["AP"] < 0.9  # neither nothing nor everything found: the comparison can tell
+    assert logged["val/mAP"] == pytest.approx(expected["AP"], abs=1e-6)
+    got = {k: logged[f"val/{k}"] for k in expected if f"val/{k}" in logged}
+    assert set(got) >= {"AP", "AP50", "AP75", "AR1", "AR10", "AR100"}
+    assert got == pytest.approx({k: expected[k] for k in got}, abs=1e-6)
 
 
 def test_a_run_folder_trained_with_other_settings_is_not_reused(tmp_path):
@@ -267,54 +117,3 @@ def test_a_run_folder_trained_with_other_settings_is_not_reused(tmp_path):
     assert changed_settings(stored_run(last), other) == ["quant", "detector"]
     with pytest.raises(ValueError, match=r"other settings \(quant, detector\).*delete"):
         train_run("float", tmp_path, 5, None, other)
-
-
-def _qat_precisions():
-    """CPU: bf16-mixed (32-true is every other test here). CUDA: the three precisions Lightning offers, 8 and 4 bits."""
-    cases = [pytest.param("cpu", "bf16-mixed", 4, id="cpu-bf16-mixed-w4")]
-    for precision in ("32-true", "16-mixed", "bf16-mixed"):
-        cases += [pytest.param("cuda", precision, bits, marks=needs_cuda, id=f"cuda-{precision}-w{bits}")
-                  for bits in (8, 4)]
-    return cases
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("device, precision, bits", _qat_precisions())
-def test_qat_trains_at_each_precision_and_its_checkpoint_converts_on_a_cpu(device, precision, bits, float_ckpt,
-                                                                            tmp_path):
-    """QAT under autocast (fake quantization runs in float32 whatever the activations' dtype): finite losses,
-    activation ranges those of a float32 CPU calibration of the same batches, and a checkpoint that loads on
-    a CPU and converts to an int8 file that runs."""
-    from fqn.int8.convert import convert_int8, load_int8
-    from fqn.quant import calibrate
-
-    cfg = QuantConfig(bits_w=bits, bits_a=bits, n_cal=2)
-    model, data = tiny_module(init_from=str(float_ckpt), quant=cfg, ptq_eval=False), tiny_data()
-    trainer = tiny_trainer(str(tmp_path), max_steps=2, limit_val_batches=0, accelerator=device,
-                           precision=precision)
-    trainer.fit(model, data)
-    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
-    ckpt = tmp_path / "qat.ckpt"
-    trainer.save_checkpoint(ckpt)
-    ref = tiny_module(init_from=str(float_ckpt), quant=cfg).model  # the same calibration, float32, on the CPU
-    calibrate(ref, tiny_data().calibration_batches(2), 2, progress=False)
-    loaded, _ = load_detector(ckpt)  # on the CPU, wherever it was trained
-    got = dict(quantizers(loaded, "act"))
-    for name, fq in quantizers(ref, "act"):  # P: fixed after calibration, so training did not move them
-        assert torch.allclose(got[name].scale, fq.scale, rtol=1e-5), name
-        assert torch.equal(got[name].zero_point, fq.zero_point), name
-    image = tiny_data().calibration_batches(1)[0][0][:1]
-    path = convert_int8(loaded, tmp_path / "qat.onnx", image)
-    detections = load_int8(path, threads=1)(image)
-    assert len(detections) == 1 and detections[0]["boxes"].shape[1] == 4
-
-
-def test_mixed_precision_training_clips_gradients_with_an_unfused_optimizer(tmp_path):
-    """`precision: bf16-mixed` (CPU here; 16-mixed on a GPU) with gradient clipping, as the configs set it: the
-    fused optimizer kernels would make Lightning refuse to clip, so mixed precision gets the unfused ones."""
-    model = tiny_module(optimizer="adamw")
-    trainer = tiny_trainer(str(tmp_path), max_steps=1, limit_val_batches=0, precision="bf16-mixed",
-                           gradient_clip_val=1.0)
-    trainer.fit(model, tiny_data())
-    assert trainer.global_step == 1 and not trainer.optimizers[0].defaults["fused"]
-    assert all(torch.isfinite(p).all() for p in model.parameters())
