@@ -15,6 +15,10 @@ not depend on training; the whole detector's does a little: a random head scores
 class above the 0.05 threshold, so the final NMS sees more boxes than a trained model's. Accuracy is
 measured by ``fqn compare`` on trained models. Results are printed and
 written to OUT/bench.json and OUT/bench.md after every group, so an interrupted run keeps what it measured.
+
+Imports of fqn and the runtimes are inside the functions on purpose: the memory probe
+(``python -m fqn.commands.bench``) measures a path's peak over a process that imported only what that path
+needs, and an import at the top of this file would count every runtime in every path's baseline.
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ def ort_peer_row(bench: Bench, model: nn.Module, calibration_images: list[Tensor
 
 def torchao_peer_row(bench: Bench, model: nn.Module, calibration_images: list[Tensor]) -> Row:
     """torchao's pt2e X86InductorQuantizer on the backbone+FPN and box head, same calibration images."""
-    from fqn.commands.peers import torchao_pt2e
+    from fqn.commands.peers import torchao_pt2e  # lazy: onnxruntime.quantization and torchao, only for peer rows
 
     peer, extra = torchao_pt2e(model, calibration_images)
     return ({"name": "torchao pt2e X86Inductor w8a8", "method": "peer-torchao", "bits": 8,
