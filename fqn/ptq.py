@@ -22,7 +22,7 @@ from fqn.models.faster_rcnn import prepare_qat
 from fqn.quant.bias_correction import correct_bias
 from fqn.quant.calibrate import calibrate
 from fqn.quant.fake_quant import quantizers
-from fqn.quant.observers import SearchObserver
+from fqn.quant.range_search import SearchObserver
 from fqn.quant.state import quant_config, quant_state
 
 CALIBRATIONS = ("search", "percentile", "histogram", "minmax")

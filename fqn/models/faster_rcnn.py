@@ -23,8 +23,8 @@ from fqn.models.quantizable import CONVERTERS, stable_ties
 from fqn.models.roi_pool import FastMultiScaleRoIAlign
 from fqn.quant.fake_quant import Phase, quantizers, set_phase
 from fqn.quant.modules import QuantConv2d, act_quantizer
-from fqn.quant.observers import SearchObserver
 from fqn.quant.prepare import bind_input_grids, is_prepared, restore_float, scope_summary, swap_modules
+from fqn.quant.range_search import SearchObserver
 from fqn.quant.state import ATTRIBUTE as STATE_ATTRIBUTE
 from fqn.quant.state import QuantState, quant_state
 

@@ -17,8 +17,8 @@ from fqn.config import QuantConfig
 from fqn.quant.fake_quant import FakeQuantize, LearnedFakeQuantize, weight_quantizer
 from fqn.quant.flags import SavedFlags
 from fqn.quant.fold import batch_stats, bn_stats, fold_conv_bn_weights
-from fqn.quant.observers import make_activation_observer
 from fqn.quant.qparams import bias_scale_floor, quantize_bias
+from fqn.quant.range_search import make_activation_observer
 
 GRID_PRESERVING = (nn.ReLU, nn.ReLU6)
 

@@ -11,13 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fqn.quant.observers import (
-    EMAMinMaxObserver,
-    L2HistogramObserver,
-    MinMaxObserver,
-    PercentileObserver,
-    SearchObserver,
-)
+from fqn.quant.observers import EMAMinMaxObserver, MinMaxObserver, PercentileObserver
+from fqn.quant.range_search import L2HistogramObserver, SearchObserver
 
 
 def rank_data(rank: int) -> list[torch.Tensor]:

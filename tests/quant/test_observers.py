@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from fqn.quant.fake_quant import calc_qparams, fake_quantize, quant_range
-from fqn.quant.observers import (
-    EMAMinMaxObserver,
-    HistogramObserver,
-    L2HistogramObserver,
-    MinMaxObserver,
-    PercentileObserver,
-)
+from fqn.quant.observers import EMAMinMaxObserver, HistogramObserver, MinMaxObserver, PercentileObserver
+from fqn.quant.range_search import L2HistogramObserver
 
 
 def calibration_batches(seed: int = 0) -> list[torch.Tensor]:
@@ -138,7 +133,7 @@ def _logit_like(seed: int = 5) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("kind", ["outliers", "logits", "relu"])
 def test_search_measures_the_error_torch_fake_quantize_makes_and_picks_the_least(bits, kind):
-    from fqn.quant.observers import SearchObserver
+    from fqn.quant.range_search import SearchObserver
 
     g = torch.Generator().manual_seed(11)
     x = {"outliers": torch.cat([torch.randn(200000, generator=g), torch.tensor([40.0, -35.0])]),
@@ -160,7 +155,7 @@ def test_search_measures_the_error_torch_fake_quantize_makes_and_picks_the_least
 def test_search_keeps_the_confident_logits_that_percentile_clips():
     """At 8 bits the 0.999 percentile cuts the rare large logits (the top detections). MSE alone still clips
     a fifth of them (they are 0.03% of the values), so head outputs search with ``keep_top``."""
-    from fqn.quant.observers import SearchObserver
+    from fqn.quant.range_search import SearchObserver
 
     x = _logit_like()
     tail = x[x > 5.0]
@@ -176,7 +171,7 @@ def test_search_keeps_the_confident_logits_that_percentile_clips():
 
 
 def test_search_choice_is_saved_and_reset():
-    from fqn.quant.observers import SearchObserver
+    from fqn.quant.range_search import SearchObserver
 
     obs = SearchObserver(8)
     assert obs.chosen is None
