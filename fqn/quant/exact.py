@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from fqn.quant.fake_quant import FakeQuantize
+from fqn.quant.fake_quant import FakeQuantize, LearnedFakeQuantize
 
 
 def float64_simulation(model: nn.Module) -> nn.Module:
@@ -31,12 +31,11 @@ def float64_simulation(model: nn.Module) -> nn.Module:
     """
     sim = copy.deepcopy(model).double()
     for fq in sim.modules():
-        if isinstance(fq, FakeQuantize):
+        if isinstance(fq, LearnedFakeQuantize):  # its range is its parameters; scale is read off them
+            for param in (fq.lsq_scale, fq.lsq_zero_point):
+                param.data = param.data.float()
+        elif isinstance(fq, FakeQuantize):
             fq.scale.data = fq.scale.data.float()
-            for name in ("lsq_scale", "lsq_zero_point"):
-                param = getattr(fq, name, None)
-                if param is not None:
-                    param.data = param.data.float()
     sim.register_forward_pre_hook(_images_to_float64)
     return sim
 

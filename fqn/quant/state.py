@@ -46,8 +46,12 @@ class QuantState(nn.Module):
     def get_extra_state(self) -> Tensor:
         return torch.tensor(list(json.dumps(self.to_dict()).encode()), dtype=torch.uint8)
 
+    @staticmethod
+    def _decode(state: Tensor) -> dict[str, Any]:
+        return json.loads(bytes(state.tolist()).decode())
+
     def set_extra_state(self, state: Tensor) -> None:
-        saved = json.loads(bytes(state.tolist()).decode())
+        saved = self._decode(state)
         self.config = QuantConfig.from_dict(saved["config"])
         self.scope = saved["scope"]
         self.ptq = saved["ptq"]
@@ -63,7 +67,7 @@ class QuantState(nn.Module):
     def read(state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any] | None:
         """The saved settings in a model's ``state_dict`` (keys under ``prefix``), or None for a float model's."""
         state = state_dict.get(f"{prefix}{ATTRIBUTE}._extra_state")
-        return None if state is None else json.loads(bytes(state.tolist()).decode())
+        return None if state is None else QuantState._decode(state)
 
     def extra_repr(self) -> str:
         return f"{self.config.flags}, w{self.config.bits_w}/a{self.config.bits_a}"
