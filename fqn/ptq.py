@@ -11,6 +11,7 @@ or from one rule for all layers (``percentile``, ``histogram``, ``minmax``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Iterable
 from typing import Any
@@ -19,10 +20,12 @@ from torch import nn
 
 from fqn.config import QuantConfig
 from fqn.models.faster_rcnn import prepare_qat
+from fqn.models.reconstruct import reconstruct_detector
 from fqn.quant.bias_correction import correct_bias
 from fqn.quant.calibrate import calibrate
 from fqn.quant.fake_quant import quantizers
 from fqn.quant.range_search import SearchObserver
+from fqn.quant.reconstruction import ReconstructionConfig
 from fqn.quant.state import quant_config, quant_state
 
 CALIBRATIONS = ("search", "percentile", "histogram", "minmax")
@@ -66,6 +69,9 @@ def ranges_summary(model: nn.Module) -> str:
         return "float"
     cfg = state.config
     corrected = " + bias correction" if (state.ptq or {}).get("bias_correction") else ""
+    rec = (state.ptq or {}).get("reconstruction")
+    if rec:
+        corrected = f", {rec['reconstruction']} ({rec['iters']} iterations)" + corrected
     if cfg.learn_ranges:  # QAT: the rule only set where the learning started
         corrected += ", then learned (L)"
     if cfg.activation_observer != "search":
@@ -76,23 +82,43 @@ def ranges_summary(model: nn.Module) -> str:
     return "search: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + corrected
 
 
+def reconstruction_config(reconstruction: str | ReconstructionConfig | None, iters: int | None = None
+                          ) -> ReconstructionConfig | None:
+    """A method name (``adaround``, ``brecq``, ``qdrop``), a `ReconstructionConfig` or None, as a config."""
+    if reconstruction is None or isinstance(reconstruction, ReconstructionConfig):
+        if iters is not None and reconstruction is not None:
+            return dataclasses.replace(reconstruction, iters=iters)
+        return reconstruction
+    return ReconstructionConfig(reconstruction, **({"iters": iters} if iters is not None else {}))
+
+
 def post_training_quantize(float_model: nn.Module, batches: Iterable[Any], cfg: QuantConfig, *,
                            num_batches: int | None = None, bias_correction: bool = False,
+                           reconstruction: str | ReconstructionConfig | None = None,
                            progress: bool = True) -> nn.Module:
     """A calibrated fake-quant copy of ``float_model`` (the float model is left untouched), in eval mode.
 
     ``batches`` are calibration batches (image lists or ``(images, targets)``); ``num_batches``
-    defaults to ``cfg.n_cal``. ``bias_correction``: then remove each layer's weight-rounding shift
-    of its output mean (`fqn.quant.bias_correction`), measured on the same batches; the model
-    remembers it in its `QuantState` (``ptq``).
+    defaults to ``cfg.n_cal``. ``reconstruction``: after calibration, learn the weights' rounding
+    (and, for ``brecq``/``qdrop``, the activation steps) unit by unit on the same batches
+    (`fqn.models.reconstruct`); a method name or a `ReconstructionConfig` (iterations, learning rates).
+    ``bias_correction``: then remove each layer's remaining weight-rounding shift of its output mean
+    (`fqn.quant.bias_correction`), measured on the same batches. The model remembers how it was made
+    in its `QuantState` (``ptq``).
     """
     if quant_state(float_model) is not None:
         raise ValueError("post_training_quantize needs the float model, got an already quantized one")
+    rcfg = reconstruction_config(reconstruction)
     n = num_batches or cfg.n_cal
-    batches = list(itertools.islice(batches, n))  # used twice with bias correction
+    batches = list(itertools.islice(batches, n))  # used again by reconstruction and bias correction
     model = prepare_qat(copy.deepcopy(float_model), cfg)
     calibrate(model, batches, n, progress=progress)
+    record: dict[str, Any] = {"calibration": cfg.activation_observer, "bias_correction": bool(bias_correction),
+                              "reconstruction": None}
+    if rcfg is not None:
+        report = reconstruct_detector(model, batches, rcfg, num_batches=n, progress=progress)
+        record["reconstruction"] = {k: v for k, v in report.items() if k != "per_unit"}
     if bias_correction:
         correct_bias(model, batches, n, progress=progress)
-    quant_state(model).ptq = {"calibration": cfg.activation_observer, "bias_correction": bool(bias_correction)}
+    quant_state(model).ptq = record
     return model.eval()

@@ -110,7 +110,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int, *, pro
 
 
 class _NoBar:
-    def update(self, n: int) -> None:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
         pass
 
     def close(self) -> None:
@@ -147,3 +150,16 @@ def sync_ema_observers(model: nn.Module) -> None:
         fq.observer.min_val.copy_(flat[2 * i:2 * i + 1])
         fq.observer.max_val.copy_(flat[2 * i + 1:2 * i + 2])
         fq.update_qparams()
+
+
+@torch.no_grad()
+def broadcast_state(model: nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer of ``model`` from rank ``src`` to all DDP ranks (a no-op without a process group).
+
+    For state computed on every rank from the same data where the ranks' kernels need not agree to the last bit
+    (learned rounding on GPUs): all ranks then go on from one copy.
+    """
+    if not dist_ready():
+        return
+    for t in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(t.data, src)

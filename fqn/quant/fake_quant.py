@@ -49,7 +49,7 @@ class FakeQuantize(SavedFlags, nn.Module):
             call) or ``"act"`` (range from the observer's accumulated statistics).
     """
 
-    FLAGS = ("_observe", "_quantize", "_calibrated")
+    FLAGS = ("_observe", "_quantize", "_calibrated", "_held")
     LEGACY_BUFFERS = {"observer_enabled": "_observe", "fake_quant_enabled": "_quantize", "calibrated": "_calibrated"}
     learnable = False
 
@@ -63,7 +63,7 @@ class FakeQuantize(SavedFlags, nn.Module):
         self.role = role
         self.qmin, self.qmax = quant_range(bits, symmetric)
         self._register_range(num_channels if ch_axis is not None else 1)
-        self._observe, self._quantize, self._calibrated = True, False, False
+        self._observe, self._quantize, self._calibrated, self._held = True, False, False, False
         self._export_fn: ExportFn | None = None
 
     def _register_range(self, n: int) -> None:
@@ -92,6 +92,23 @@ class FakeQuantize(SavedFlags, nn.Module):
     def enable_fake_quant(self, on: bool = True) -> None:
         self._quantize = bool(on)
 
+    def hold_range(self, on: bool = True) -> None:
+        """Keep the current range whatever the observer sees (a weight's, once its codes were chosen for it).
+
+        A weight quantizer recomputes its range from the weight at every call. Learned rounding
+        (`fqn.quant.reconstruction`) chooses integer codes for one scale and moves the weight onto their
+        grid; recomputed from that weight, min/max would move by a step wherever an extreme weight was
+        rounded inwards, and every code with it. Held, the grid stays the one the codes were learned on,
+        in the fake-quant model, in checkpoints (saved as a flag) and in the exported int8 file.
+        """
+        if on and not self._calibrated:
+            raise RuntimeError(f"this {self.role} quantizer has no range to hold yet")
+        self._held = bool(on)
+
+    @property
+    def range_held(self) -> bool:
+        return self._held
+
     @property
     def observing(self) -> bool:
         return self._observe
@@ -107,7 +124,8 @@ class FakeQuantize(SavedFlags, nn.Module):
     def extra_repr(self) -> str:
         axis = "per-tensor" if self.ch_axis is None else f"per-channel(axis={self.ch_axis})"
         kind = "symmetric" if self.symmetric else "asymmetric"
-        return f"role={self.role}, bits={self.bits}, {kind}, {axis}, q=[{self.qmin},{self.qmax}]"
+        held = ", range held" if self._held else ""
+        return f"role={self.role}, bits={self.bits}, {kind}, {axis}, q=[{self.qmin},{self.qmax}]{held}"
 
     @torch.no_grad()
     def update_qparams(self, min_scale: Tensor | None = None) -> None:
@@ -141,7 +159,7 @@ class FakeQuantize(SavedFlags, nn.Module):
 
     def forward(self, x: Tensor, min_scale: Tensor | None = None) -> Tensor:
         observed = False
-        if self._observe and x.numel() > 0:
+        if self._observe and not self._held and x.numel() > 0:
             self.observer(x.detach())
             observed = True
         if not self._quantize:

@@ -22,7 +22,8 @@ class SavedFlags:
     weights-only loading and torch's TorchScript exporter, which treat every state-dict value as a
     tensor, keep working. ``LEGACY_BUFFERS`` maps the buffers older checkpoints held the flags in (a
     uint8 flag, or a count whose non-zero means true) to the flag they become; a buffer mapped to ``""``
-    held a copy of state kept elsewhere now, and is dropped.
+    held a copy of state kept elsewhere now, and is dropped. A state shorter than ``FLAGS`` was saved before
+    the trailing flags existed: those keep the values the constructor gave them.
     """
 
     FLAGS: ClassVar[tuple[str, ...]] = ()
@@ -33,7 +34,7 @@ class SavedFlags:
 
     def set_extra_state(self, state: Tensor) -> None:
         values = state.tolist()
-        if len(values) != len(self.FLAGS):
+        if not 0 < len(values) <= len(self.FLAGS):
             raise ValueError(f"{type(self).__name__} saves {len(self.FLAGS)} flags {self.FLAGS}, "
                              f"the checkpoint holds {len(values)}")
         for name, value in zip(self.FLAGS, values):

@@ -155,6 +155,11 @@ class _QuantLayerMixin:
         """The weight and bias this layer quantizes and applies (a conv+BN's: folded with its EMA statistics)."""
         return self.weight, self.bias
 
+    @torch.no_grad()
+    def set_effective_weight(self, w: Tensor) -> None:
+        """Make `effective_weight`'s weight ``w`` (e.g. moved onto the integer grid by learned rounding)."""
+        self.weight.copy_(w)
+
     def quantized_weight(self) -> Tensor:
         """`effective_weight` as the layer's eval forward quantizes it: its own ranges, the int32-bias floor."""
         w, b = self.effective_weight()
@@ -253,6 +258,15 @@ class QuantConvBn2d(SavedFlags, QuantConv2d):
         """Weight and bias folded with the EMA statistics: what is quantized in training and inference alike."""
         return fold_conv_bn_weights(self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean,
                                     self.running_var, self.bn_eps)
+
+    @torch.no_grad()
+    def set_effective_weight(self, w: Tensor) -> None:
+        """``W := w / (gamma / sigma_EMA)``, so that the fold gives ``w`` (up to rounding in the last bit).
+
+        A channel whose fold factor is 0 folds to 0 whatever ``W`` is: its ``W`` is kept.
+        """
+        factor = (self.bn_weight / torch.sqrt(self.running_var + self.bn_eps)).reshape(-1, *([1] * (w.dim() - 1)))
+        self.weight.copy_(torch.where(factor != 0, w / torch.where(factor != 0, factor, 1), self.weight))
 
     def folded_weight(self) -> Tensor:
         """The weight of `effective_weight`."""
