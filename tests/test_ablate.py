@@ -153,3 +153,28 @@ def test_beyond_fqn_row_learns_ranges_distills_and_mixes_bit_widths(float_ckpt, 
                                          "--out", str(tmp_path / "gap.json")])
     assert gap["fake32_AP"] == pytest.approx(result["AP"]) and gap["int8_AP"] == result["int8_AP"]
     assert 0 <= gap["fake64_AP"] <= 1 and json.loads((tmp_path / "gap.json").read_text())[0]["row"] == row.name
+
+
+@pytest.mark.slow
+def test_reconstruction_table_rows_reconstruct_ptq_and_start_qat_from_it(float_ckpt, tmp_path):
+    """A PTQ row learns its rounding (the row and the model record it); a QAT row starts from a reconstruction
+    (its checkpoint records it) and trains with the weight ranges following the weights again."""
+    from fqn.models.checkpoint import load_detector
+    from fqn.quant.fake_quant import quantizers
+    from fqn.quant.state import quant_state
+
+    spec = grid_spec(str(float_ckpt), str(tmp_path / "grid"), _config(), bits=4, reconstruction_iters=2)
+    rows = {r.name: r for r in table_rows("reconstruction", spec.steps)}
+    assert list(rows) == ["PTQ nearest", "PTQ adaround", "PTQ brecq", "PTQ qdrop", "QAT from nearest (FQN)",
+                          "QAT from nearest, + learned ranges", "QAT from qdrop", "QAT from qdrop, + learned ranges"]
+    ptq, qat = run_grid(spec, [rows["PTQ brecq"], rows["QAT from qdrop"]], threads=1)[1:]
+    assert ptq["reconstruction"]["reconstruction"] == "brecq" and ptq["reconstruction"]["iters"] == 2
+    assert ptq["config"]["act_observer"] == "search" and ptq["minutes"] > 0
+    assert qat["module"]["reconstruction"] == "qdrop"
+    model, hp = load_detector(qat["checkpoint"])
+    assert hp["reconstruction"] == "qdrop" and hp["reconstruction_iters"] == 2
+    assert quant_state(model).ptq["reconstruction"]["reconstruction"] == "qdrop"
+    assert not any(fq.range_held for _, fq in quantizers(model, "weight"))
+    assert "| PTQ brecq |" in (tmp_path / "grid" / "table.md").read_text()
+    with pytest.raises(ValueError, match="iters"):
+        grid_spec(str(float_ckpt), str(tmp_path / "g2"), _config(), bits=4, reconstruction_iters=-1)

@@ -12,6 +12,9 @@ Tables (``--table``):
 * ``bn``: Table 3, BN frozen for the whole fine-tuning vs only its last N steps;
 * ``gamma``: Table 4, the percentile γ in {0.999, 0.9973, 0.9545};
 * ``calibration``: Table 5's spirit, moving-average vs percentile vs histogram ranges, PTQ and QAT;
+* ``reconstruction``: PTQ by nearest rounding against learned rounding and block reconstruction (AdaRound,
+  BRECQ, QDrop; fqn's PTQ ranges), and QAT from nearest rounding (FQN, + learned ranges) against QAT from a
+  QDrop-reconstructed start;
 * ``beyond``: beyond FQN at the same step budget: FQN (F+P+C), + learned ranges (LSQ+), + distillation
   from the float model, + sensitivity-driven mixed precision (the most sensitive layers at 8 bits
   within a weight-storage budget), and all three together. Every row reports its weight storage.
@@ -23,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,10 +48,13 @@ from fqn.models.sensitivity import choose_layer_bits, layer_sensitivity
 from fqn.ptq import post_training_quantize
 from fqn.quant.calibrate import batch_images
 from fqn.quant.prepare import weight_bits
+from fqn.quant.reconstruction import ReconstructionConfig
+from fqn.quant.state import quant_state
 from fqn.train.runs import train_run
 
 METRICS = ("AP", "AP50", "AP75")
-TABLES = ("fpc", "bn", "gamma", "calibration", "beyond")
+TABLES = ("fpc", "bn", "gamma", "calibration", "reconstruction", "beyond")
+PTQ_RANGES = {"percentile": False, "act_observer": "search"}  # fqn's PTQ (`fqn.ptq.ptq_config`)
 DISTILL = {"fpn": 1.0, "rpn": 1.0, "cls": 1.0, "temperature": 2.0}
 RANGE_LR_SCALE = 100.0  # learned ranges at 100x the QAT learning rate: at 1x they moved < 0.5% in 400 steps
 MIXED_BUDGET = 0.25  # added weight bits of the 8-bit layers, as a fraction of the all-low-bit weights
@@ -58,8 +65,9 @@ TRAINER_KEYS = ("accelerator", "gradient_clip_val", "log_every_n_steps", "precis
 class Row:
     """One run of a grid: QuantConfig overrides on top of the bit-width, QAT or PTQ only.
 
-    ``module``: training-module overrides (e.g. ``distill``); ``mixed_budget``: pick ``layer_bits`` by
-    layer sensitivity within this weight-storage budget (`fqn.models.sensitivity.choose_layer_bits`).
+    ``module``: training-module overrides (e.g. ``distill``, ``reconstruction``: where QAT starts);
+    ``mixed_budget``: pick ``layer_bits`` by layer sensitivity within this weight-storage budget
+    (`fqn.models.sensitivity.choose_layer_bits`); ``reconstruction``: a PTQ row's learned rounding.
     """
 
     name: str
@@ -67,6 +75,7 @@ class Row:
     qat: bool = True
     module: dict[str, Any] = field(default_factory=dict)
     mixed_budget: float | None = None
+    reconstruction: str | None = None
 
     @property
     def slug(self) -> str:
@@ -94,6 +103,12 @@ def table_rows(table: str, steps: int) -> list[Row]:
         ranges = [("moving average", {"percentile": False}), ("percentile", {}),
                   ("histogram", {"percentile": False, "act_observer": "histogram"})]
         return [Row(f"{kind} {name}", q, qat=kind == "QAT") for kind in ("PTQ", "QAT") for name, q in ranges]
+    if table == "reconstruction":
+        lsq, start = {"learn_ranges": True}, {"reconstruction": "qdrop"}
+        return [Row("PTQ nearest", PTQ_RANGES, qat=False),
+                *(Row(f"PTQ {m}", PTQ_RANGES, qat=False, reconstruction=m) for m in ("adaround", "brecq", "qdrop")),
+                Row("QAT from nearest (FQN)"), Row("QAT from nearest, + learned ranges", lsq),
+                Row("QAT from qdrop", module=start), Row("QAT from qdrop, + learned ranges", lsq, module=start)]
     if table == "beyond":
         lsq, distill = {"learn_ranges": True}, {"distill": DISTILL}
         fast = {"range_lr_scale": RANGE_LR_SCALE}
@@ -118,10 +133,11 @@ class GridSpec:
     data: dict[str, Any]
     trainer: dict[str, Any]
     example_size: int
+    reconstruction_iters: int = ReconstructionConfig().iters
 
 
 def grid_spec(float_ckpt: str, out: str, config: dict[str, Any], *, bits: int, steps: int | None = None,
-              seed: int | None = None) -> GridSpec:
+              seed: int | None = None, reconstruction_iters: int | None = None) -> GridSpec:
     """A grid's settings from a training config (``config_files.load_config``): its model, data and trainer sections.
 
     ``seed`` replaces the config's data seed (training shuffle, augmentation, calibration batches; the
@@ -139,9 +155,10 @@ def grid_spec(float_ckpt: str, out: str, config: dict[str, Any], *, bits: int, s
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     QuantConfig(bits_w=bits, bits_a=bits)  # validates the bit-width
+    iters = ReconstructionConfig(iters=reconstruction_iters or ReconstructionConfig().iters).iters  # validated
     return GridSpec(float_ckpt=str(float_ckpt), out=str(out), bits=bits, steps=steps, model=model, data=data,
                     trainer={k: trainer[k] for k in TRAINER_KEYS if k in trainer},
-                    example_size=int(model.get("min_size", 160)))
+                    example_size=int(model.get("min_size", 160)), reconstruction_iters=iters)
 
 
 def _row_config(spec: GridSpec, row: Row) -> QuantConfig:
@@ -156,6 +173,11 @@ def grid_data(spec: GridSpec) -> Any:
 
 def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
     """Train (QAT) or calibrate (PTQ) one row, evaluate it fake-quant and as int8, save ``rows/ROW.json``."""
+    started = time.perf_counter()
+
+    def minutes() -> float:
+        return (time.perf_counter() - started) / 60
+
     out = Path(spec.out)
     cfg = _row_config(spec, row)
     data = grid_data(spec)
@@ -164,14 +186,19 @@ def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
     if row.qat:
         module_kw = {k: v for k, v in spec.model.items() if k not in ("quant", "init_from")}
         module_kw.update(init_from=spec.float_ckpt, quant=cfg, ptq_eval=False, **row.module)
+        if module_kw.get("reconstruction"):
+            module_kw["reconstruction_iters"] = spec.reconstruction_iters
         trainer_kw = {**spec.trainer, "limit_val_batches": 0}  # the row is evaluated below, once, fake-quant and int8
         ckpt = train_run(row.slug, out / "runs", spec.steps, data, module_kw, trainer_kw=trainer_kw,
                          tag="fqn ablate")
         model, _ = load_detector(ckpt)
     else:
         float_model, _ = load_detector(spec.float_ckpt)
-        model = post_training_quantize(float_model, data.calibration_batches(cfg.n_cal), cfg, progress=False)
+        rcfg = ReconstructionConfig(row.reconstruction, iters=spec.reconstruction_iters) if row.reconstruction else None
+        model = post_training_quantize(float_model, data.calibration_batches(cfg.n_cal), cfg, progress=False,
+                                       reconstruction=rcfg)
         ckpt = None
+    made_in = minutes()  # training, or calibration and reconstruction: what the row costs before it is scored
     data.setup("validate")
     val = list(data.val_dataloader())
     fake = evaluate_map(model, val, progress=False)
@@ -180,6 +207,7 @@ def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
     stored = convert_int8(model, out / "int8" / f"{row.slug}.int4.onnx", synthetic_scenes(1, spec.example_size),
                           pack_int4=True) if min([cfg.bits_w, *cfg.layer_bits.values()]) <= 4 else path
     result = {"row": row.name, "qat": row.qat, "bits": spec.bits, "config": cfg.to_dict(), "module": row.module,
+              "reconstruction": (quant_state(model).ptq or {}).get("reconstruction"), "minutes": made_in,
               "weight_MB": weight_bits(model) / 8e6, "file_MB": stored.stat().st_size / 1e6,
               "checkpoint": str(ckpt) if ckpt else None, "int8_file": str(path),
               **{k: fake[k] for k in METRICS}, **{f"int8_{k}": int8[k] for k in METRICS}}
@@ -267,7 +295,7 @@ def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2
 
 TABLE = [Column("#"), Column("row"), Column("F"), Column("P"), Column("C"), *(Column(k) for k in METRICS),
          *(Column(f"int8_{k}", f"int8 {k}") for k in METRICS), Column("weight_MB", "weights MB", 2),
-         Column("file_MB", "file MB", 2)]
+         Column("file_MB", "file MB", 2), Column("minutes", "minutes", 1)]
 _FLAGS = (("F", "freeze_bn"), ("P", "percentile"), ("C", "per_channel"))
 
 
@@ -300,9 +328,10 @@ def write_outputs(out: Path, results: list[dict[str, Any]], command: str | None 
 
 def run_ablate(table: str, float_ckpt: str, out: str, config: str, *, bits: int = 4, steps: int | None = None,
                rows: list[str] | None = None, jobs: int = 1, threads: int | None = None,
-               seed: int | None = None) -> list[dict[str, Any]]:
+               seed: int | None = None, reconstruction_iters: int | None = None) -> list[dict[str, Any]]:
     """``fqn ablate``: the table's rows (all, or those named in ``rows``) run as a resumable grid in ``out``."""
-    spec = grid_spec(float_ckpt, out, load_config(config), bits=bits, steps=steps, seed=seed)
+    spec = grid_spec(float_ckpt, out, load_config(config), bits=bits, steps=steps, seed=seed,
+                     reconstruction_iters=reconstruction_iters)
     chosen = table_rows(table, spec.steps)
     if rows:
         unknown = set(rows) - {r.name for r in chosen}

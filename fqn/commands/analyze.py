@@ -248,8 +248,9 @@ def report_markdown(stats: list[LayerError], sensitivity: list[dict[str, Any]] |
 
 
 def run_analyze(checkpoint: str | Path, out: str | Path, *, ptq_bits: int | None = None, config: str | None = None,
-                calibration: str = "search", bias_correction: bool = False, n_cal: int = 20, images: int = 4,
-                plot_layers: Sequence[str] | None = None, sensitivity: bool = False, layer_bits: float | None = None,
+                calibration: str = "search", bias_correction: bool = False, n_cal: int = 20,
+                reconstruction: Any = None, images: int = 4, plot_layers: Sequence[str] | None = None,
+                sensitivity: bool = False, layer_bits: float | None = None,
                 int8: str | None = None) -> Path:
     """``fqn analyze``: the report of `analyze_layers` (and, if asked, of `layer_sensitivity` and the mixed-precision
     layer choice) for a QAT checkpoint, or a float one post-training quantized at ``ptq_bits``, on its own data."""
@@ -257,7 +258,7 @@ def run_analyze(checkpoint: str | Path, out: str | Path, *, ptq_bits: int | None
     fresh_file(out / "report.md")
     data = data_for(checkpoint, config)
     model = quantized_model(checkpoint, ptq_bits, data, calibration=calibration, bias_correction=bias_correction,
-                            n_cal=n_cal)
+                            n_cal=n_cal, reconstruction=reconstruction)
     data.setup("validate")
     pairs = list(itertools.islice(((img, t) for b in data.val_dataloader() for img, t in zip(*b)), max(1, images)))
     pictured = [p[0] for p in pairs]

@@ -50,6 +50,13 @@ from fqn.commands.options import (
 )
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def _reconstruction(a: argparse.Namespace) -> object:
+    """``--reconstruction`` with ``--reconstruction-iters`` as the `ReconstructionConfig` the library takes."""
+    from fqn.ptq import reconstruction_config
+
+    return reconstruction_config(a.reconstruction, a.reconstruction_iters) if a.reconstruction else None
 __all__ = ["main", "parsers", "ConfigError", "expand_config_bases", "load_config", "read_config_chain"]
 
 
@@ -77,7 +84,7 @@ def convert_main(a: argparse.Namespace) -> None:
     from fqn.commands.convert import run_convert
 
     run_convert(a.model, a.out, ptq_bits=a.ptq_bits, config=a.config, calibration=a.calibration,
-                bias_correction=a.bias_correction, n_cal=a.n_cal)
+                bias_correction=a.bias_correction, n_cal=a.n_cal, reconstruction=_reconstruction(a))
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -146,7 +153,7 @@ def compare_main(a: argparse.Namespace) -> None:
 
     run_compare_command(a.float_ckpt, a.qat, a.out, config=a.config, num_val=a.num_val, ptq_bits=a.ptq_bits,
                         calibration=a.calibration, bias_correction=a.bias_correction, n_cal=a.n_cal, peers=a.peers,
-                        runs=a.runs, threads=a.threads, runtimes=a.runtime)
+                        runs=a.runs, threads=a.threads, runtimes=a.runtime, reconstruction=_reconstruction(a))
 
 
 def quickstart_parser() -> argparse.ArgumentParser:
@@ -203,6 +210,8 @@ def ablate_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads per row (default: the cores / --jobs)")
     p.add_argument("--seed", type=int, metavar="N", help="data seed (shuffle, augmentation, calibration batches) "
                    "instead of the config's data.data_seed: a second seed of a table, in its own --out folder")
+    p.add_argument("--reconstruction-iters", type=int, metavar="N", help="optimisation steps per block of the "
+                   "reconstruction table's learned rounding (default: 200)")
     return p
 
 
@@ -210,7 +219,7 @@ def ablate_main(a: argparse.Namespace) -> None:
     from fqn.commands.ablate import run_ablate
 
     run_ablate(a.table, a.float_ckpt, a.out, a.config, bits=a.qat_bits, steps=a.steps, rows=a.rows, jobs=a.jobs,
-               threads=a.threads, seed=a.seed)
+               threads=a.threads, seed=a.seed, reconstruction_iters=a.reconstruction_iters)
 
 
 def analyze_parser() -> argparse.ArgumentParser:
@@ -238,7 +247,8 @@ def analyze_main(a: argparse.Namespace) -> None:
     from fqn.commands.analyze import run_analyze
 
     run_analyze(a.model, a.out, ptq_bits=a.ptq_bits, config=a.config, calibration=a.calibration,
-                bias_correction=a.bias_correction, n_cal=a.n_cal, images=a.images, plot_layers=a.plot_layers,
+                bias_correction=a.bias_correction, n_cal=a.n_cal, reconstruction=_reconstruction(a), images=a.images,
+                plot_layers=a.plot_layers,
                 sensitivity=a.sensitivity, layer_bits=a.layer_bits, int8=a.int8)
 
 

@@ -30,6 +30,7 @@ from fqn.commands.config_files import load_config
 from fqn.data.datamodule import DetectionDataModule
 from fqn.models.checkpoint import load_detector, read_checkpoint
 from fqn.ptq import post_training_quantize, ptq_config
+from fqn.quant.reconstruction import ReconstructionConfig
 from fqn.quant.state import quant_config
 
 ONNX_DATA_KEY = "fqn.data"  # the data settings an int8 file was converted with (JSON), for `fqn evaluate`
@@ -74,15 +75,20 @@ def data_for(model: str | Path | None, config: str | None = None, **overrides: A
 
 
 def quantized_model(checkpoint: str | Path, ptq_bits: int | None, data: DetectionDataModule | None = None, *,
-                    calibration: str = "search", bias_correction: bool = False, n_cal: int = 20) -> Any:
+                    calibration: str = "search", bias_correction: bool = False, n_cal: int = 20,
+                    reconstruction: ReconstructionConfig | str | None = None) -> Any:
     """The quantized model of ``checkpoint``: a QAT checkpoint as it is, a float one post-training quantized.
 
     ``ptq_bits`` must be given for a float checkpoint and not for a QAT one; ``data`` gives the calibration batches.
+    ``reconstruction``: the PTQ's learned rounding (`post_training_quantize`); an error for a QAT checkpoint.
     """
     model, _ = load_detector(checkpoint)
     quantized = quant_config(model) is not None
     if quantized and ptq_bits:
         raise ValueError(f"{checkpoint} is already quantized (QAT); --ptq-bits is for a float checkpoint")
+    if quantized and reconstruction:
+        raise ValueError(f"{checkpoint} is already quantized (QAT); --reconstruction is a PTQ option, for a float "
+                         "checkpoint with --ptq-bits (a QAT run starts from it with model.reconstruction)")
     if not quantized and not ptq_bits:
         raise ValueError(f"{checkpoint} is a float checkpoint: give --ptq-bits (e.g. --ptq-bits 8) to post-training "
                          "quantize it, or pass a QAT checkpoint")
@@ -90,7 +96,8 @@ def quantized_model(checkpoint: str | Path, ptq_bits: int | None, data: Detectio
         if data is None:
             raise ValueError("post-training quantization needs calibration data")
         cfg = ptq_config(ptq_bits, calibration, n_cal=n_cal)
-        model = post_training_quantize(model, data.calibration_batches(n_cal), cfg, bias_correction=bias_correction)
+        model = post_training_quantize(model, data.calibration_batches(n_cal), cfg, bias_correction=bias_correction,
+                                       reconstruction=reconstruction)
     return model
 
 

@@ -26,8 +26,9 @@ from fqn.evaluation import MAP_COLUMNS, evaluate_map
 from fqn.int8.convert import BackboneFPN, convert_int8, export_float, export_part, load_int8, normalize, resized_batch
 from fqn.int8.runtime import available_runtimes, make_session
 from fqn.models.checkpoint import load_detector, load_float_reference
-from fqn.ptq import post_training_quantize, ptq_config, ranges_summary
+from fqn.ptq import post_training_quantize, ptq_config, ranges_summary, reconstruction_config
 from fqn.quant.calibrate import batch_images
+from fqn.quant.reconstruction import ReconstructionConfig
 from fqn.quant.state import quant_config
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,8 @@ def run_compare_command(float_ckpt: str | None, qat_ckpts: Sequence[str], out_di
 
 def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], out_dir: str | Path, data: Any, *,
                 ptq_bits: Sequence[int] = (8, 4), calibration: str = "search", bias_correction: bool = False,
-                n_cal: int = 20, peers: Sequence[str] = PEERS, runs: int = 20, warmup: int = 3,
+                reconstruction: ReconstructionConfig | str | None = None, n_cal: int = 20,
+                peers: Sequence[str] = PEERS, runs: int = 20, warmup: int = 3,
                 threads: int | None = None, progress: bool = True, runtimes: Sequence[str] | None = None,
                 settings: dict[str, Any] | None = None) -> Comparison:
     """The full comparison: FP32 (eager and ORT), fqn PTQ at ``ptq_bits``, each QAT checkpoint, the peers.
@@ -264,7 +266,10 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
     ``init_from``, or the torchvision weights it started from). QAT rows are named after their runs
     (``fqn QAT w4a4 (synthetic_w4a4)``). ``runtimes``: where the ONNX files run (default: ONNX Runtime, and
     OpenVINO when it is installed); ``threads``: default torch's. ``settings`` are recorded in ``compare.json``.
+    ``reconstruction``: fqn's PTQ rows learn their rounding (`post_training_quantize`), named for it
+    (``fqn PTQ w4a4 (qdrop)``).
     """
+    rcfg = reconstruction_config(reconstruction)
     if runtimes is None:
         runtimes = available_runtimes()
         if "openvino" not in runtimes:
@@ -304,12 +309,15 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
     for row in float_rows(bench, float_model, files):
         cmp.add(*row)
     for bits in ptq_bits:
-        print(f"[fqn compare] fqn PTQ w{bits}a{bits} ({calibration}{', bias correction' if bias_correction else ''}, "
-              f"{n_cal} batches)", flush=True)
+        how = [calibration] + (["bias correction"] if bias_correction else [])
+        how += [f"{rcfg.method} {rcfg.iters} iterations"] if rcfg else []
+        print(f"[fqn compare] fqn PTQ w{bits}a{bits} ({', '.join(how)}, {n_cal} batches)", flush=True)
         model = post_training_quantize(float_model, cal_batches, ptq_config(bits, calibration), num_batches=n_cal,
-                                       bias_correction=bias_correction,
-                                       progress=progress)
-        for row in quantized_rows(bench, f"fqn PTQ w{bits}a{bits}", "ptq", model, example, f"fqn_ptq_w{bits}a{bits}"):
+                                       bias_correction=bias_correction, reconstruction=rcfg, progress=progress)
+        name, stem = f"fqn PTQ w{bits}a{bits}", f"fqn_ptq_w{bits}a{bits}"
+        if rcfg is not None:
+            name, stem = f"{name} ({rcfg.method})", f"{stem}_{rcfg.method}"
+        for row in quantized_rows(bench, name, "ptq", model, example, stem):
             cmp.add(*row)
     for (path, model), label in zip(qat, labels):
         cfg = quant_config(model)

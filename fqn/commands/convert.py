@@ -18,7 +18,8 @@ from fqn.commands.report import write_json
 from fqn.data.synthetic import synthetic_scenes
 from fqn.int8 import convert_int8
 from fqn.models.checkpoint import read_checkpoint
-from fqn.quant.state import quant_config
+from fqn.quant.reconstruction import ReconstructionConfig
+from fqn.quant.state import quant_config, quant_state
 
 
 def _file_metadata(checkpoint: Path, data: Any) -> dict[str, Any]:
@@ -42,10 +43,11 @@ def _data_or_none(checkpoint: Path, config: str | None, needed: bool) -> Any:
 
 def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[int] | None = (),
                 config: str | None = None, calibration: str = "search", bias_correction: bool = False,
-                n_cal: int = 20) -> list[Path]:
+                n_cal: int = 20, reconstruction: ReconstructionConfig | str | None = None) -> list[Path]:
     """Write the int8 file(s) of ``checkpoint`` into ``out``; returns the files to deploy.
 
     ``ptq_bits``: post-training quantize a float checkpoint at each bit-width; empty or None converts a QAT one.
+    ``reconstruction``: that PTQ's learned rounding; the files store the learned integer codes.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     hp = read_checkpoint(checkpoint)["hyper_parameters"]
@@ -54,7 +56,7 @@ def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[i
     deployable = []
     for bits in ptq_bits or [None]:
         model = quantized_model(checkpoint, bits, data, calibration=calibration, bias_correction=bias_correction,
-                                n_cal=n_cal)
+                                n_cal=n_cal, reconstruction=reconstruction)
         cfg = quant_config(model)
         stem = f"{'ptq' if bits else 'qat'}_w{cfg.bits_w}a{cfg.bits_a}"
         meta = _file_metadata(checkpoint, data)
@@ -62,7 +64,8 @@ def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[i
         record = {"file": path.name, "method": "ptq" if bits else "qat", "bits": f"w{cfg.bits_w}a{cfg.bits_a}",
                   "flags": cfg.flags, "size_mb": path.stat().st_size / 1e6, "config": cfg.to_dict()}
         if bits:
-            record.update(calibration=calibration, bias_correction=bias_correction, n_cal=n_cal)
+            record.update(calibration=calibration, bias_correction=bias_correction, n_cal=n_cal,
+                          reconstruction=(quant_state(model).ptq or {}).get("reconstruction"))
         print(f"wrote {path} ({record['size_mb']:.1f} MB, {cfg.flags} {record['bits']}): the file to deploy; ONNX "
               f"Runtime and OpenVINO run it on integer kernels as they open it. Score it with `fqn evaluate {path} "
               f"--out OUT`, run it with `fqn predict {path} IMAGES --out OUT`")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from fqn.ptq import CALIBRATIONS
+from fqn.quant.reconstruction import METHODS, ReconstructionConfig
 
 RUNTIMES = ("onnxruntime", "openvino")
 PEERS = ("onnxruntime", "torchao")
@@ -56,6 +57,16 @@ def add_ptq_options(p: argparse.ArgumentParser) -> None:
                    help="PTQ: remove each layer's weight-rounding shift of its output mean")
     p.add_argument("--n-cal", type=int, default=20, metavar="N", help="calibration batches (training images, "
                    "un-augmented, drawn with the data seed)")
+    add_reconstruction(p, "PTQ")
+
+
+def add_reconstruction(p: argparse.ArgumentParser, what: str) -> None:
+    """``--reconstruction METHOD`` and ``--reconstruction-iters N``: learned rounding after calibration."""
+    p.add_argument("--reconstruction", choices=METHODS, help=f"{what}: after calibration, learn each weight's "
+                   "rounding (and, brecq/qdrop, the activation steps) block by block on the calibration batches "
+                   "(default: nearest rounding)")
+    p.add_argument("--reconstruction-iters", type=int, default=ReconstructionConfig().iters, metavar="N",
+                   help="optimisation steps per block of --reconstruction")
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:

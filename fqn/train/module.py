@@ -19,9 +19,12 @@ from fqn.config import QuantConfig
 from fqn.evaluation import detections_for_metric, evaluate_map, make_map_metric, map_columns
 from fqn.models.checkpoint import detector_for_run
 from fqn.models.distill import DistillConfig, Distiller
-from fqn.quant.calibrate import calibrate
+from fqn.models.reconstruct import reconstruct_detector
+from fqn.ptq import reconstruction_config
+from fqn.quant.calibrate import broadcast_state, calibrate
 from fqn.quant.fake_quant import LearnedFakeQuantize, quantizers
-from fqn.quant.state import quant_config
+from fqn.quant.reconstruction import release_weight_ranges
+from fqn.quant.state import quant_config, quant_state
 from fqn.train.callbacks import QuantPhaseScheduler
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,11 @@ class DetectionModule(pl.LightningModule):
             ``momentum`` unused). From scratch on the synthetic set, AdamW leaves the early plateau about twice
             as fast as SGD (measured: AP 0.40 after 450 steps against SGD's 0.12 after 500), which is what
             a short float schedule such as the quickstart's needs.
+        reconstruction: QAT only: start from a reconstructed PTQ model: after calibration, learn the weights'
+            rounding (and activation steps) unit by unit on the calibration batches, ``adaround``, ``brecq`` or
+            ``qdrop`` (`fqn.models.reconstruct`), then fine-tune from there (the weight ranges follow the
+            weights again). None: start from calibration alone (nearest rounding), as FQN.
+        reconstruction_iters: iterations per unit of that reconstruction (default: `ReconstructionConfig`'s).
         range_lr_scale: with learned ranges (``quant.learn_ranges``), their learning rate as a multiple of
             the weights'. LSQ's gradient scale keeps a range's relative step near a weight's, which over a
             few hundred fine-tuning steps at the QAT learning rate moves it by under 0.5% (measured):
@@ -67,7 +75,8 @@ class DetectionModule(pl.LightningModule):
                  warmup_steps: int = 100, warmup_factor: float = 0.001, lr_steps: list[int] | None = None,
                  lr_gamma: float = 0.1, seed: int = 0, ptq_eval: bool = True, frozen_bn: bool | None = None,
                  distill: dict[str, float] | None = None, range_lr_scale: float = 1.0,
-                 optimizer: str = "sgd") -> None:
+                 optimizer: str = "sgd", reconstruction: str | None = None,
+                 reconstruction_iters: int | None = None) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
@@ -80,6 +89,9 @@ class DetectionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["quant"])
         # saved, not assigned into self.hparams: what the logger records is the copy save_hyperparameters takes
         self.save_hyperparameters({"quant": quant.to_dict() if quant is not None else None})
+        self.reconstruction = reconstruction_config(reconstruction, reconstruction_iters)  # validates both
+        if self.reconstruction is not None and quant is None:
+            raise ValueError("reconstruction needs a quantized model: set model.quant (it is how a QAT run starts)")
         if distill is not None and quant is None:
             raise ValueError("distill needs a quantized student: set model.quant (distillation is a QAT option)")
         run = detector_for_run(backbone, num_classes, quant=quant, init_from=init_from, weights=weights,
@@ -116,6 +128,8 @@ class DetectionModule(pl.LightningModule):
         dm = self.trainer.datamodule
         batches = dm.calibration_batches(self.qcfg.n_cal)
         calibrate(self.model, batches, self.qcfg.n_cal, progress=self.trainer.is_global_zero)
+        if self.reconstruction is not None:
+            self._reconstruct(batches)
         if not self.hparams.ptq_eval:
             return
         self.ptq_metrics = evaluate_map(self.model, dm.val_dataloader(), device=self.device,
@@ -126,6 +140,17 @@ class DetectionModule(pl.LightningModule):
                      {k: round(v, 4) for k, v in self.ptq_metrics.items()})
         for logger in self.loggers:
             logger.log_metrics({f"ptq/{k}": v for k, v in self.ptq_metrics.items()}, step=0)
+
+    def _reconstruct(self, batches: list[Any]) -> None:
+        """Learned rounding from the calibrated start, rank 0's result on every rank; then the weights train."""
+        report = reconstruct_detector(self.model, batches, self.reconstruction, num_batches=self.qcfg.n_cal,
+                                      progress=self.trainer.is_global_zero)
+        broadcast_state(self.model)  # GPU kernels need not agree to the last bit across ranks: rank 0's codes
+        release_weight_ranges(self.model)
+        quant_state(self.model).ptq = {"reconstruction": {k: v for k, v in report.items() if k != "per_unit"}}
+        if self.trainer.is_global_zero:
+            log.info("QAT starts from %s reconstruction (%d iterations per unit): output error x%.3f of nearest "
+                     "rounding's", report["reconstruction"], report["iters"], report["error_ratio"])
 
     def _is_calibrated(self) -> bool:
         acts = quantizers(self.model, "act")

@@ -1,0 +1,118 @@
+"""PTQ accuracy with learned rounding and block reconstruction (AdaRound, BRECQ, QDrop) against nearest rounding.
+
+    python tools/ptq_reconstruction.py runs/quickstart/float/last.ckpt --out bench/recon_synthetic
+    python tools/ptq_reconstruction.py runs/street_float/checkpoints/last.ckpt --config street_float \\
+        --out bench/recon_street --iters 50 200 800
+
+Every row post-training quantizes the same float model on the same calibration batches (the data's
+first ``--n-cal`` un-augmented training batches; their image count is in every row), with the
+default range search, then rounds to nearest or reconstructs (``--methods``, ``--iters`` per unit),
+and evaluates the fake-quant model on the validation split; with ``--int8`` also the int8 file in
+ONNX Runtime (``int8_AP``, ``int8_gap``: int8 minus fake-quant). Each row has its time. The JSON
+and Markdown files are rewritten after every row, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fqn.commands.common import data_for, provenance
+from fqn.commands.report import columns, markdown_table, write_json
+from fqn.evaluation import evaluate_map
+from fqn.models.checkpoint import load_detector
+from fqn.ptq import post_training_quantize, ptq_config
+from fqn.quant.calibrate import batch_images
+from fqn.quant.reconstruction import METHODS, ReconstructionConfig
+from fqn.quant.state import quant_config, quant_state
+
+TABLE = columns("model", "rounding", "iters", "cal_images", "AP", "AP50", "AP75", "pct_fp32", "int8_AP",
+                "int8_gap", "error_ratio", "minutes")
+
+
+def _int8_ap(model: torch.nn.Module, val: list, example: list, threads: int, progress: bool) -> float:
+    from fqn.int8.convert import convert_int8, load_int8
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = convert_int8(model, Path(tmp) / "m.onnx", example)
+        return evaluate_map(load_int8(path, threads=threads), val, progress=progress)["AP"]
+
+
+def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int], methods: list[str],
+        iters: list[int], n_cal: int = 20, num_val: int | None = None, threads: int = 2, int8: bool = False,
+        progress: bool = True) -> list[dict]:
+    """Measure every (bits, method, iters) row after the FP32 row; returns the rows."""
+    unknown = set(methods) - {"nearest", *METHODS}
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from nearest, {', '.join(METHODS)}")
+    torch.set_num_threads(threads)
+    model, _ = load_detector(float_ckpt)
+    if quant_config(model) is not None:
+        raise ValueError(f"{float_ckpt} is a quantized checkpoint; PTQ starts from the FP32 one")
+    data = data_for(float_ckpt, config, **({"num_val": num_val} if num_val is not None else {}))
+    data.setup("validate")
+    val = list(data.val_dataloader())
+    cal = list(data.calibration_batches(n_cal))
+    example = batch_images(cal[0])[:1]
+    cal_images = sum(len(batch_images(b)) for b in cal)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def add(row: dict, started: float) -> None:
+        row["minutes"] = (time.perf_counter() - started) / 60
+        if rows:
+            row["pct_fp32"] = 100 * row["AP"] / rows[0]["AP"]
+        rows.append(row)
+        write_json(out / "ptq_reconstruction.json", {"float": str(float_ckpt), "config": config, "n_cal": n_cal,
+                                                     "cal_images": cal_images, "provenance": provenance(threads),
+                                                     "rows": rows})
+        (out / "ptq_reconstruction.md").write_text(markdown_table(rows, TABLE) + "\n")
+        print(markdown_table(rows[-1:], TABLE).splitlines()[-1], flush=True)
+
+    started = time.perf_counter()
+    add({"model": "FP32", "rounding": "-", **evaluate_map(model, val, progress=progress)}, started)
+    for b in bits:
+        for method in methods:
+            for n in ([0] if method == "nearest" else iters):
+                started = time.perf_counter()
+                rcfg = None if method == "nearest" else ReconstructionConfig(method, iters=n)
+                q = post_training_quantize(model, cal, ptq_config(b), num_batches=n_cal, reconstruction=rcfg,
+                                           progress=progress)
+                ptq_minutes = (time.perf_counter() - started) / 60
+                rec = (quant_state(q).ptq or {}).get("reconstruction") or {}
+                row = {"model": f"PTQ w{b}a{b}", "bits": b, "rounding": method, "iters": n or None,
+                       "cal_batches": n_cal, "cal_images": cal_images, "ptq_minutes": ptq_minutes,
+                       "error_ratio": rec.get("error_ratio"), **evaluate_map(q, val, progress=progress)}
+                if int8:
+                    row["int8_AP"] = _int8_ap(q, val, example, threads, progress)
+                    row["int8_gap"] = row["int8_AP"] - row["AP"]
+                add(row, started)
+    print("\n" + markdown_table(rows, TABLE))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("float_ckpt", help="the FP32 checkpoint")
+    parser.add_argument("--config", help="training config whose data: section gives val and calibration data "
+                        "(default: the data the checkpoint was trained on)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ptq-bits", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--methods", nargs="+", default=["nearest", *METHODS], choices=["nearest", *METHODS])
+    parser.add_argument("--iters", type=int, nargs="+", default=[ReconstructionConfig().iters],
+                        help="iterations per unit, one row each")
+    parser.add_argument("--n-cal", type=int, default=20)
+    parser.add_argument("--num-val", type=int, help="synthetic validation images (default: the config's)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--int8", action="store_true", help="also evaluate each row's int8 file in ONNX Runtime")
+    args = parser.parse_args(argv)
+    run(args.float_ckpt, args.config, args.out, bits=args.ptq_bits, methods=args.methods, iters=args.iters,
+        n_cal=args.n_cal, num_val=args.num_val, threads=args.threads, int8=args.int8)
+
+
+if __name__ == "__main__":
+    main()
