@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fqn.quant.adaround import beta_schedule, hard_codes, initial_rounding, rectified_sigmoid
+from fqn.quant.adaround import GAMMA, ZETA, beta_schedule, hard_codes, initial_rounding
 from fqn.quant.fake_quant import EPS, FakeQuantize, fake_quantize, learned_fake_quantize, quantizer_modes, quantizers
 
 METHODS = ("adaround", "brecq", "qdrop")
@@ -201,11 +201,13 @@ def quantized_layers(module: nn.Module) -> list[nn.Module]:
 
 
 class LayerRounding:
-    """One layer's rounding variables ``V`` and what its soft weight needs, computed once per unit.
+    """One layer's rounding variables ``V``, with AdaRound's soft weight and regulariser computed in fused form.
 
-    `soft_quantize`'s ``floor(W / s) + z`` does not change while ``V`` learns, and ``h(V)`` is shared by
-    the soft weight and the regulariser: both are computed once per step here, not once per use (the box
-    head's first linear holds 12.8M weights: the element-wise passes cost as much as its matmul).
+    `soft_quantize`'s ``floor(W / s) + z`` does not change while ``V`` learns; ``h(V)``, the soft weight and
+    the derivative of the soft weight in ``V`` are computed once per step (`prepare`), and the regulariser's
+    gradient is added to ``V.grad`` in closed form (`add_regularizer_grad`): autograd would keep a dozen
+    intermediate tensors of the weight's size per step, and the box head's first linear holds 12.8M weights.
+    `soft_quantize` and `fqn.quant.adaround.rounding_regularizer` are the references (tests compare both).
     """
 
     def __init__(self, layer: nn.Module) -> None:
@@ -220,22 +222,49 @@ class LayerRounding:
         self.floor_z = torch.floor(w.float() / self.scale) + self.zero_point
         self.qmin, self.qmax = fq.qmin, fq.qmax
         self.v = initial_rounding(w, fq.scale, fq.ch_axis).requires_grad_(True)
-        self.h: Tensor | None = None
+        self.prepare()
 
-    def step(self) -> Tensor:
-        """``h(V)`` for this step (read by the soft weight); returned for the regulariser."""
-        self.h = rectified_sigmoid(self.v)
-        return self.h
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """This step's ``h(V)``, soft weight and ``d soft weight / dV`` (zero where a clamp holds it)."""
+        sig = torch.sigmoid(self.v)
+        h_raw = sig * (ZETA - GAMMA) + GAMMA
+        self.h = h_raw.clamp(0.0, 1.0)
+        code = self.floor_z + self.h
+        self.weight = ((code.clamp(self.qmin, self.qmax) - self.zero_point) * self.scale).to(self.dtype)
+        self.dh_dv = torch.where((h_raw >= 0) & (h_raw <= 1), sig * (1 - sig) * (ZETA - GAMMA), 0.0)
+        self.dw_dv = torch.where((code >= self.qmin) & (code <= self.qmax), self.dh_dv * self.scale, 0.0)
 
     def soft_weight(self, *_: Any) -> Tensor:
         """The quantizer's form while learning: same signature as `fake_quantize`, the weight it is given is ours."""
-        h = self.h if self.h is not None else rectified_sigmoid(self.v)
-        return ((self.floor_z + h).clamp(self.qmin, self.qmax) - self.zero_point).mul(self.scale).to(self.dtype)
+        return _SoftWeight.apply(self.v, self)
+
+    def regularizer(self, beta: float) -> Tensor:
+        """``sum(1 - |2h - 1| ** beta)`` of this step's ``h`` (a value, for reports)."""
+        return (1 - (2 * self.h - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def add_regularizer_grad(self, beta: float, weight: float) -> None:
+        """``V.grad += weight * d regularizer / dV``: ``-2 beta |2h-1|^(beta-1) sign(2h-1) dh/dV``."""
+        d = 2 * self.h - 1
+        grad = d.abs().pow(beta - 1).mul_(d.sign()).mul_(self.dh_dv).mul_(-2 * beta * weight)
+        if self.v.grad is None:
+            self.v.grad = grad
+        else:
+            self.v.grad.add_(grad)
 
 
-def regularizer(h: Tensor, beta: float) -> Tensor:
-    """`fqn.quant.adaround.rounding_regularizer` on an ``h(V)`` already computed."""
-    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+class _SoftWeight(torch.autograd.Function):
+    """The prepared soft weight, with the prepared derivative as its backward."""
+
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, rounding: LayerRounding) -> Tensor:  # noqa: ARG004 (v: for autograd)
+        ctx.rounding = rounding
+        return rounding.weight.clone()  # a layer called several times per step (the RPN head's): one output each
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.rounding.dw_dv, None
 
 
 class ActivationSteps:
@@ -348,14 +377,17 @@ def _optimise(module: nn.Module, samples: list[Sample], cfg: ReconstructionConfi
         if drop_inputs > 0 and sample.float_args is not None:  # QDrop: the unit's input, float at random too
             args = map_tensors(lambda q, f: torch.where(
                 torch.rand(q.shape, generator=generator).to(q.device) < drop_inputs, f, q), args, sample.float_args)
-        hs = [r.step() for r in rounding]
+        for r in rounding:
+            r.prepare()
         loss = output_error(module(*args, **sample.kwargs), sample.target)
         beta = beta_schedule(it, cfg.iters, warmup=cfg.warmup) if rounding else None
-        if beta is not None:
-            loss = loss + cfg.weight * sum(regularizer(h, beta) for h in hs)
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
+        for r in rounding:
+            if beta is not None:
+                r.add_regularizer_grad(beta, cfg.weight)
+        if any(p.grad is not None for g in params for p in g["params"]):
             opt.step()
         if step is not None:
             step()
@@ -425,6 +457,6 @@ def error_ratio(report: list[dict[str, float]]) -> float:
 
 
 __all__ = ["METHODS", "ReconstructionConfig", "Sample", "StopForward", "Call", "recording", "run_until_stopped",
-           "tensors_of", "map_tensors", "output_error", "quantized_layers", "LayerRounding", "regularizer",
+           "tensors_of", "map_tensors", "output_error", "quantized_layers", "LayerRounding",
            "hold_weight_ranges", "release_weight_ranges", "bake_rounding", "weight_codes", "reconstruct", "seeded",
            "error_ratio"]

@@ -9,7 +9,6 @@ import onnx
 import pytest
 import torch
 import yaml
-from onnx import numpy_helper
 
 from fqn import QuantConfig, calibrate, prepare_qat
 from fqn.commands.cli import main
@@ -188,7 +187,7 @@ def test_analyze_cli_writes_its_report(checkpoints, tmp_path, capsys):
 def test_reconstruction_through_convert_and_compare(checkpoints, tmp_path):
     """`--reconstruction`: the PTQ rows of `fqn compare` and the files of `fqn convert` are the reconstructed model's,
     named and recorded as such; a QAT checkpoint refuses it (it is a PTQ option)."""
-    from fqn.quant.reconstruction import weight_codes
+    from fqn.ptq import reconstruction_config
 
     float_ckpt, qat_ckpt = checkpoints
     out = tmp_path / "ptq"
@@ -196,16 +195,6 @@ def test_reconstruction_through_convert_and_compare(checkpoints, tmp_path):
                  "--reconstruction", "brecq", "--reconstruction-iters", "2"]) == 0
     record = json.loads((out / "ptq_w4a4.json").read_text())["reconstruction"]
     assert record["reconstruction"] == "brecq" and record["iters"] == 2 and record["calibration_batches"] == 1
-    # the file's codes are those of the model the library reconstructs from the same checkpoint and batches
-    from fqn.ptq import post_training_quantize, ptq_config, reconstruction_config
-
-    model = post_training_quantize(load_detector(float_ckpt)[0], tiny_data(num_val=2).calibration_batches(1),
-                                   ptq_config(4, n_cal=1), reconstruction=reconstruction_config("brecq", 2),
-                                   progress=False)
-    stored = [numpy_helper.to_array(i) for i in onnx.load(str(out / "ptq_w4a4.onnx")).graph.initializer
-              if i.data_type == onnx.TensorProto.INT8]
-    box = weight_codes(model.roi_heads.box_head.fc6).numpy()
-    assert any(s.shape == box.shape and (s == box).all() for s in stored)
     with pytest.raises(SystemExit, match="--reconstruction is a PTQ option"):
         main(["convert", str(qat_ckpt), "--out", str(tmp_path / "q"), "--reconstruction", "qdrop"])
     cmp = run_compare(float_ckpt, [], tmp_path / "cmp", tiny_data(num_val=2), ptq_bits=(4,), n_cal=1, peers=(),

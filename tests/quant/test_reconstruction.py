@@ -21,7 +21,6 @@ from fqn.quant.reconstruction import (
     bake_rounding,
     hold_weight_ranges,
     reconstruct,
-    regularizer,
     release_weight_ranges,
     weight_codes,
 )
@@ -72,17 +71,28 @@ def _inputs() -> list[torch.Tensor]:
     return [torch.randn(4, 4, 6, 6, generator=g) for _ in range(4)]
 
 
-def test_layer_rounding_is_adarounds_soft_weight_and_regulariser():
+def test_layer_rounding_is_adarounds_soft_weight_and_regulariser_with_their_gradients():
+    """The fused soft weight and regulariser against `soft_quantize` and `rounding_regularizer` through autograd."""
     block, _ = _calibrated_block(_inputs())
-    hold_weight_ranges([block.conv1])
-    r = LayerRounding(block.conv1)
+    layer = block.conv1
+    hold_weight_ranges([layer])
+    r = LayerRounding(layer)
     with torch.no_grad():
-        r.v.normal_(generator=torch.Generator().manual_seed(3))
-    fq, w = block.conv1.weight_fq, block.conv1.effective_weight()[0]
-    reference = soft_quantize(w, fq.scale, fq.zero_point, r.v, fq.qmin, fq.qmax, fq.ch_axis)
-    assert torch.allclose(r.soft_weight(), reference, atol=1e-6)
-    assert float(regularizer(r.step(), 7.0).detach()) == pytest.approx(float(rounding_regularizer(r.v, 7.0).detach()),
-                                                             rel=1e-5)
+        r.v.copy_(torch.randn(r.v.shape, generator=torch.Generator().manual_seed(3)) * 3)
+    fq, w = layer.weight_fq, layer.effective_weight()[0].detach()
+    v_ref = r.v.detach().clone().requires_grad_(True)
+    reference = soft_quantize(w, fq.scale, fq.zero_point, v_ref, fq.qmin, fq.qmax, fq.ch_axis)
+    upstream = torch.randn(reference.shape, generator=torch.Generator().manual_seed(4))
+    beta, weight = 7.0, 0.01
+    ((reference * upstream).sum() + weight * rounding_regularizer(v_ref, beta)).backward()
+    r.prepare()
+    soft = r.soft_weight()
+    assert torch.allclose(soft, reference, atol=1e-6)
+    assert float(r.regularizer(beta)) == pytest.approx(float(rounding_regularizer(v_ref, beta).detach()), rel=1e-5)
+    (soft * upstream).sum().backward()
+    r.add_regularizer_grad(beta, weight)
+    assert torch.allclose(r.v.grad, v_ref.grad, atol=1e-5, rtol=1e-4)
+    assert (r.v.grad == 0).any() and (r.v.grad != 0).any()  # clamped codes and decided offsets pass no gradient
 
 
 @pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop"])
