@@ -166,15 +166,15 @@ def test_reconstruction_table_rows_reconstruct_ptq_and_start_qat_from_it(float_c
     spec = grid_spec(str(float_ckpt), str(tmp_path / "grid"), _config(), bits=4, reconstruction_iters=2)
     rows = {r.name: r for r in table_rows("reconstruction", spec.steps)}
     assert list(rows) == ["PTQ nearest", "PTQ adaround", "PTQ brecq", "PTQ qdrop", "QAT from nearest (FQN)",
-                          "QAT from nearest, + learned ranges", "QAT from qdrop", "QAT from qdrop, + learned ranges"]
-    ptq, qat = run_grid(spec, [rows["PTQ brecq"], rows["QAT from qdrop"]], threads=1)[1:]
-    assert ptq["reconstruction"]["reconstruction"] == "brecq" and ptq["reconstruction"]["iters"] == 2
+                          "QAT from nearest, + learned ranges", "QAT from brecq", "QAT from brecq, + learned ranges"]
+    ptq, qat = run_grid(spec, [rows["PTQ qdrop"], rows["QAT from brecq"]], threads=1)[1:]
+    assert ptq["reconstruction"]["reconstruction"] == "qdrop" and ptq["reconstruction"]["iters"] == 2
     assert ptq["config"]["act_observer"] == "search" and ptq["minutes"] > 0
-    assert qat["module"]["reconstruction"] == "qdrop"
+    assert qat["module"]["reconstruction"] == "brecq"
     model, hp = load_detector(qat["checkpoint"])
-    assert hp["reconstruction"] == "qdrop" and hp["reconstruction_iters"] == 2
-    assert quant_state(model).ptq["reconstruction"]["reconstruction"] == "qdrop"
+    assert hp["reconstruction"] == "brecq" and hp["reconstruction_iters"] == 2
+    assert quant_state(model).ptq["reconstruction"]["reconstruction"] == "brecq"
     assert not any(fq.range_held for _, fq in quantizers(model, "weight"))
-    assert "| PTQ brecq |" in (tmp_path / "grid" / "table.md").read_text()
+    assert "| PTQ qdrop |" in (tmp_path / "grid" / "table.md").read_text()
     with pytest.raises(ValueError, match="iters"):
         grid_spec(str(float_ckpt), str(tmp_path / "g2"), _config(), bits=4, reconstruction_iters=-1)
