@@ -203,7 +203,91 @@ def exactness_table() -> str:
     return (markdown_table(record["rows"], TABLE) + f"\n\nThis CPU: {cpu}. " + provenance_line(record, EXACTNESS))
 
 
+RECONSTRUCTION = {"synthetic": ["ptq_reconstruction_synthetic_w4.json", "ptq_reconstruction_synthetic_w8.json"]}
+RECONSTRUCTION_QAT = {"synthetic": ["reconstruction_qat_synthetic_200.json", "reconstruction_qat_synthetic_400.json"]}
+
+
+def _sources(files: list[str]) -> str:
+    return "\n\n".join(provenance_line(results(f), f) for f in files if (RESULTS / f).is_file())
+
+
+def reconstruction_table(data: str) -> str:
+    """PTQ by nearest rounding against learned rounding / block reconstruction: one row per bits, method, iterations.
+
+    Each bit width is its own run (file); the FP32 row is shown once.
+    """
+    from fqn.commands.report import Column, markdown_table
+
+    rows: list[dict[str, Any]] = []
+    for file in RECONSTRUCTION[data]:
+        for r in results(file)["rows"]:
+            if r["model"] == "FP32" and any(x["model"] == "FP32" for x in rows):
+                continue
+            rows.append({**r, "iters": r.get("iters") or "-", "cal_images": r.get("cal_images") or "-",
+                         "ptq_minutes": r.get("ptq_minutes"), "int8_gap": r.get("int8_gap")})
+    cols = [Column("model"), Column("rounding"), Column("iters", "iterations / unit", fmt="d"),
+            Column("cal_images", "calibration images", fmt="d"), Column("AP"), Column("AP50"),
+            Column("pct_fp32", "% of FP32", 1), Column("error_ratio", "unit error", 2),
+            Column("int8_gap", "int8 - fake AP", 3, signed=True), Column("ptq_minutes", "PTQ minutes", 1)]
+    return markdown_table(rows, cols) + "\n\n" + _sources(RECONSTRUCTION[data])
+
+
+PTQ_TARGET = 95.0  # issue 28's target for PTQ w4a4, % of FP32 AP
+
+
+def reconstruction_best(data: str, bits: int = 4) -> str:
+    """The best reconstructed PTQ row at ``bits`` and how far it is from the target, inline."""
+    rows = [r for f in RECONSTRUCTION[data] for r in results(f)["rows"]
+            if r.get("bits") == bits and r["rounding"] != "nearest"]
+    best = max(rows, key=lambda r: r["AP"])
+    gap = PTQ_TARGET - best["pct_fp32"]
+    where = f"{gap:.1f} points short of" if gap > 0 else f"{-gap:.1f} points above"
+    return (f"`{best['rounding']}` at {best['iters']} iterations per unit, {best['pct_fp32']:.1f}% of FP32 AP, "
+            f"{where} the {PTQ_TARGET:.0f}% target")
+
+
+def reconstruction_qat_table(data: str) -> str:
+    """QAT from nearest-rounding PTQ against QAT from a reconstructed start, at each measured step count."""
+    from fqn.commands.report import Column, markdown_table
+
+    rows: list[dict[str, Any]] = []
+    for file in RECONSTRUCTION_QAT[data]:
+        if not (RESULTS / file).is_file():
+            continue
+        record = results(file)
+        steps = record["meta"]["grid"]["steps"]
+        fp32 = next(r for r in record["rows"] if r["row"] == "FP32")
+        if not rows:
+            rows.append({**fp32, "steps": "-"})
+        rows += [{**r, "steps": steps, "pct_fp32": 100 * r["AP"] / fp32["AP"], "int8_gap": r["int8_AP"] - r["AP"]}
+                 for r in record["rows"] if r["row"] != "FP32"]
+    cols = [Column("row"), Column("steps", "QAT steps", fmt="d"), Column("AP"), Column("AP50"),
+            Column("pct_fp32", "% of FP32", 1),
+            Column("int8_gap", "int8 - fake AP", 3, signed=True), Column("minutes", "minutes", 1)]
+    return markdown_table(rows, cols) + "\n\n" + _sources(RECONSTRUCTION_QAT[data])
+
+
+GAP_TARGET = 0.003  # issue 28's target: int8 within 0.3 AP points of the fake-quant model
+
+
+def reconstruction_gap(data: str) -> str:
+    """The largest int8 - fake-quant AP difference over the PTQ and QAT rows, and the rows past the target."""
+    rows = [(f"{r['model']} {r['rounding']}", r["int8_gap"]) for f in RECONSTRUCTION[data]
+            for r in results(f)["rows"] if r.get("int8_gap") is not None]
+    rows += [(f"{r['row']} ({results(f)['meta']['grid']['steps']} steps)", r["int8_AP"] - r["AP"])
+             for f in RECONSTRUCTION_QAT[data] if (RESULTS / f).is_file()
+             for r in results(f)["rows"] if r.get("int8_AP") is not None]
+    name, worst = max(rows, key=lambda r: abs(r[1]))
+    over = [n for n, g in rows if abs(g) > GAP_TARGET]
+    text = f"at most {abs(worst) * 100:.1f} AP points ({name}) over the {len(rows)} PTQ and QAT rows"
+    return text + (f"; past the 0.3-point target: {', '.join(over)}" if over else ", all within the 0.3-point target")
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "reconstruction-table-synthetic": lambda: reconstruction_table("synthetic"),
+    "reconstruction-qat-synthetic": lambda: reconstruction_qat_table("synthetic"),
+    "reconstruction-best-synthetic": lambda: reconstruction_best("synthetic"),
+    "reconstruction-gap-synthetic": lambda: reconstruction_gap("synthetic"),
     "cli-reference": cli_reference,
     "quickstart-table": quickstart_table,
     "quickstart-headline": quickstart_headline,

@@ -292,7 +292,8 @@ def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2
             for result in pool.map(_worker, [(spec, r, threads) for r in todo]):
                 print(f"[fqn ablate] done: {result['row']} AP={result['AP']:.4f}", flush=True)
     results += [json.loads((out / "rows" / f"{r.slug}.json").read_text()) for r in rows]
-    write_outputs(out, results, command_line())
+    write_outputs(out, results, command_line(), grid={"bits": spec.bits, "steps": spec.steps,
+                                                       "float_ckpt": spec.float_ckpt})
     return results
 
 
@@ -313,11 +314,17 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return markdown_table(_display(results), TABLE)
 
 
-def write_outputs(out: Path, results: list[dict[str, Any]], command: str | None = None) -> None:
-    """``table.md``, ``table.csv``, ``table.json`` and a TensorBoard hparams entry per row (``out/tensorboard``)."""
+def write_outputs(out: Path, results: list[dict[str, Any]], command: str | None = None,
+                  grid: dict[str, Any] | None = None) -> None:
+    """``table.md``, ``table.csv``, ``table.json`` and a TensorBoard hparams entry per row (``out/tensorboard``).
+
+    ``grid`` (bits, steps, float checkpoint) goes into ``table.json``'s meta, so a results file copied out of
+    ``out`` still says what the rows were trained for.
+    """
     footer = f"\nCommand: `{command}`; settings of every row: `grid.json`.\n" if command else ""
     fields = ["row", "qat", "bits", *METRICS, *(f"int8_{k}" for k in METRICS), "weight_MB", "file_MB"]
-    write_report(out, "table", _display(results), TABLE, meta={"command": command, "provenance": provenance()},
+    meta = {"command": command, "provenance": provenance(), **({"grid": grid} if grid else {})}
+    write_report(out, "table", _display(results), TABLE, meta=meta,
                  footer=footer, csv_keys=fields)
 
     for r in results:
