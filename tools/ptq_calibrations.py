@@ -18,12 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fqn.commands.common import data_for, provenance
-from fqn.commands.report import columns, markdown_table, write_json
+from fqn.commands.common import provenance, ptq_inputs
+from fqn.commands.report import RowLog, columns
 from fqn.evaluation import evaluate_map
-from fqn.models.checkpoint import load_detector
 from fqn.ptq import CALIBRATIONS, post_training_quantize, ptq_config, ranges_summary
-from fqn.quant.state import quant_config
 
 TABLE = columns("model", "ranges", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "gap_AP", "minutes")
 
@@ -36,25 +34,15 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
     if unknown:
         raise ValueError(f"unknown range rules {sorted(unknown)}; choose from {CALIBRATIONS}")
     torch.set_num_threads(threads)
-    model, hp = load_detector(float_ckpt)
-    if quant_config(model) is not None:
-        raise ValueError(f"{float_ckpt} is a quantized checkpoint; PTQ starts from the FP32 one")
-    data = data_for(float_ckpt, config, **({"num_val": num_val} if num_val is not None else {}))
-    data.setup("validate")
-    val = list(data.val_dataloader())
-    cal = data.calibration_batches(n_cal)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    model, val, cal = ptq_inputs(float_ckpt, config, n_cal, num_val)
+    log = RowLog(out, "ptq_calibrations", TABLE, {"float": str(float_ckpt), "config": config, "n_cal": n_cal,
+                                                  "provenance": provenance(threads)})
 
     def add(row: dict, started: float) -> None:
         row["minutes"] = (time.perf_counter() - started) / 60
-        if rows:
-            row["gap_AP"] = row["AP"] - rows[0]["AP"]
-        rows.append(row)
-        write_json(out / "ptq_calibrations.json", {"float": str(float_ckpt), "config": config, "n_cal": n_cal,
-                                                   "provenance": provenance(threads), "rows": rows})
-        (out / "ptq_calibrations.md").write_text(markdown_table(rows, TABLE) + "\n")
-        print(markdown_table(rows[-1:], TABLE).splitlines()[-1], flush=True)
+        if log.rows:
+            row["gap_AP"] = row["AP"] - log.rows[0]["AP"]
+        log.add(row)
 
     started = time.perf_counter()
     add({"model": "FP32", "ranges": "-", **evaluate_map(model, val, progress=progress)}, started)
@@ -66,8 +54,8 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
                                            bias_correction=corrected, progress=progress)
                 add({"model": f"PTQ w{b}a{b}", "bits": b, "rule": rule, "bias_correction": corrected,
                      "ranges": ranges_summary(q), **evaluate_map(q, val, progress=progress)}, started)
-    print("\n" + markdown_table(rows, TABLE))
-    return rows
+    print("\n" + log.table())
+    return log.rows
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from fqn.commands.common import data_for, provenance
-from fqn.commands.report import columns, markdown_table, write_json
+from fqn.commands.common import provenance, ptq_inputs
+from fqn.commands.report import RowLog, columns
 from fqn.evaluation import evaluate_map
-from fqn.models.checkpoint import load_detector
 from fqn.ptq import post_training_quantize, ptq_config
 from fqn.quant.calibrate import batch_images
 from fqn.quant.reconstruction import METHODS, ReconstructionConfig
-from fqn.quant.state import quant_config, quant_state
+from fqn.quant.state import quant_state
 
 TABLE = columns("model", "rounding", "iters", "cal_images", "AP", "AP50", "AP75", "pct_fp32", "int8_AP",
                 "int8_gap", "error_ratio", "minutes")
@@ -50,28 +49,18 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from nearest, {', '.join(METHODS)}")
     torch.set_num_threads(threads)
-    model, _ = load_detector(float_ckpt)
-    if quant_config(model) is not None:
-        raise ValueError(f"{float_ckpt} is a quantized checkpoint; PTQ starts from the FP32 one")
-    data = data_for(float_ckpt, config, **({"num_val": num_val} if num_val is not None else {}))
-    data.setup("validate")
-    val = list(data.val_dataloader())
-    cal = list(data.calibration_batches(n_cal))
+    model, val, cal = ptq_inputs(float_ckpt, config, n_cal, num_val)
     example = batch_images(cal[0])[:1]
     cal_images = sum(len(batch_images(b)) for b in cal)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    log = RowLog(out, "ptq_reconstruction", TABLE, {"float": str(float_ckpt), "config": config, "n_cal": n_cal,
+                                                    "cal_images": cal_images, "provenance": provenance(threads)})
 
     def add(row: dict, started: float) -> None:
         row["minutes"] = (time.perf_counter() - started) / 60
-        if rows:
-            row["pct_fp32"] = 100 * row["AP"] / rows[0]["AP"]
-        rows.append(row)
-        write_json(out / "ptq_reconstruction.json", {"float": str(float_ckpt), "config": config, "n_cal": n_cal,
-                                                     "cal_images": cal_images, "provenance": provenance(threads),
-                                                     "rows": rows})
-        (out / "ptq_reconstruction.md").write_text(markdown_table(rows, TABLE) + "\n")
-        print(markdown_table(rows[-1:], TABLE).splitlines()[-1], flush=True)
+        if log.rows:  # an untrained float model scores 0: no share then
+            fp32 = log.rows[0]["AP"]
+            row["pct_fp32"] = 100 * row["AP"] / fp32 if fp32 > 0 else None
+        log.add(row)
 
     started = time.perf_counter()
     add({"model": "FP32", "rounding": "-", **evaluate_map(model, val, progress=progress)}, started)
@@ -91,8 +80,8 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
                     row["int8_AP"] = _int8_ap(q, val, example, threads, progress)
                     row["int8_gap"] = row["int8_AP"] - row["AP"]
                 add(row, started)
-    print("\n" + markdown_table(rows, TABLE))
-    return rows
+    print("\n" + log.table())
+    return log.rows
 
 
 def main(argv: list[str] | None = None) -> None:

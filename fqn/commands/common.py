@@ -101,6 +101,20 @@ def quantized_model(checkpoint: str | Path, ptq_bits: int | None, data: Detectio
     return model
 
 
+def ptq_inputs(float_ckpt: str | Path, config: str | None, n_cal: int,
+               num_val: int | None = None) -> tuple[torch.nn.Module, list, list]:
+    """The FP32 model, its validation batches and ``n_cal`` calibration batches: what a PTQ measurement starts from.
+
+    The data follow `data_for`'s rule; a quantized checkpoint is refused (PTQ starts from the float one).
+    """
+    model, _ = load_detector(float_ckpt)
+    if quant_config(model) is not None:
+        raise ValueError(f"{float_ckpt} is a quantized checkpoint; PTQ starts from the FP32 one")
+    data = data_for(float_ckpt, config, **({"num_val": num_val} if num_val is not None else {}))
+    data.setup("validate")
+    return model, list(data.val_dataloader()), list(data.calibration_batches(n_cal))
+
+
 def fresh_file(path: str | Path) -> Path:
     """``path``, refused when it already exists: a command never overwrites an earlier result."""
     path = Path(path)

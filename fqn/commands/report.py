@@ -112,6 +112,28 @@ def write_report(out: Path, stem: str, rows: Sequence[dict[str, Any]], cols: Seq
     return md
 
 
+class RowLog:
+    """A measurement's rows, rewritten to ``out/stem.json`` and ``out/stem.md`` after every row, so an interrupted
+    run keeps what it measured; the last row is printed as a table line as it lands.
+
+    ``header``: what the JSON says above its ``rows`` (the inputs, the provenance).
+    """
+
+    def __init__(self, out: Path, stem: str, cols: Sequence[Column], header: dict[str, Any]) -> None:
+        self.out, self.stem, self.cols, self.header = Path(out), stem, list(cols), header
+        self.rows: list[dict[str, Any]] = []
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        write_json(self.out / f"{self.stem}.json", {**self.header, "rows": self.rows})
+        (self.out / f"{self.stem}.md").write_text(markdown_table(self.rows, self.cols) + "\n")
+        print(markdown_table(self.rows[-1:], self.cols).splitlines()[-1], flush=True)
+
+    def table(self) -> str:
+        return markdown_table(self.rows, self.cols)
+
+
 def log_scalars(log_dir: Path, rows: Sequence[dict[str, Any]], name_key: str, keys: Sequence[str],
                 prefix: str, text: str | None = None) -> None:
     """One TensorBoard scalar per row and key (``prefix/key/row``), and the table as text."""

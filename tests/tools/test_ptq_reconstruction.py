@@ -1,0 +1,44 @@
+"""tools/ptq_reconstruction.py: nearest rounding and learned rounding measured on the same calibration images,
+each row with its images, its time, its share of FP32 and (``--int8``) its int8 file's AP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fqn.models import build_detector
+
+from ..train.tiny import DETECTOR, SIZE
+from . import load_tool
+
+
+@pytest.mark.slow  # PTQ, reconstruction and conversion of a detector, end to end
+def test_rows_state_their_images_share_of_fp32_and_int8_gap(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **DETECTOR).eval()
+    hp = {"backbone": "resnet18", "num_classes": 4, "min_size": SIZE, "max_size": SIZE, "detector": DETECTOR}
+    ckpt = tmp_path / "float.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp},
+               ckpt)
+    config = tmp_path / "data.yaml"
+    config.write_text(f"data:\n  synthetic: {{image_size: {SIZE}, num_classes: 3, max_size: 48}}\n"
+                      "  num_train: 8\n  num_val: 2\n  batch_size: 2\n")
+    tool = load_tool("ptq_reconstruction")
+    tool.main([str(ckpt), "--config", str(config), "--out", str(tmp_path / "out"), "--ptq-bits", "8",
+               "--methods", "nearest", "adaround", "--iters", "2", "--n-cal", "1", "--threads", "1", "--int8"])
+    saved = json.loads((tmp_path / "out" / "ptq_reconstruction.json").read_text())
+    rows = saved["rows"]
+    assert [(r["model"], r["rounding"], r.get("iters")) for r in rows] == [
+        ("FP32", "-", None), ("PTQ w8a8", "nearest", None), ("PTQ w8a8", "adaround", 2)]
+    assert saved["cal_images"] == 2 and all(r["cal_images"] == 2 for r in rows[1:])  # one batch of two images
+    for row in rows[1:]:
+        assert row["pct_fp32"] == pytest.approx(100 * row["AP"] / rows[0]["AP"])
+        assert row["int8_gap"] == pytest.approx(row["int8_AP"] - row["AP"])
+        assert 0 < row["ptq_minutes"] <= row["minutes"]
+    assert rows[1]["error_ratio"] is None and isinstance(rows[2]["error_ratio"], float)
+    assert "| PTQ w8a8 | adaround |" in (tmp_path / "out" / "ptq_reconstruction.md").read_text()
+    assert "| FP32 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown methods"):
+        tool.run(ckpt, str(config), tmp_path / "o2", bits=[8], methods=["stochastic"], iters=[1])
