@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fqn.commands.common import provenance, ptq_inputs
+from fqn.commands.options import add_ptq_measurement
 from fqn.commands.report import RowLog, columns
 from fqn.evaluation import evaluate_map
 from fqn.ptq import CALIBRATIONS, post_training_quantize, ptq_config, ranges_summary
@@ -60,20 +61,14 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("float_ckpt", help="the FP32 checkpoint")
-    parser.add_argument("--config", help="training config whose data: section gives val and calibration data "
-                        "(default: the data the checkpoint was trained on)")
-    parser.add_argument("--out", type=Path, required=True)
+    add_ptq_measurement(parser)
     parser.add_argument("--ptq-bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--rules", nargs="+", default=["search", "percentile", "histogram", "minmax"],
                         choices=CALIBRATIONS)
     parser.add_argument("--bias-correction", choices=["off", "on", "both"], default="both")
-    parser.add_argument("--n-cal", type=int, default=20)
-    parser.add_argument("--num-val", type=int, help="synthetic validation images (default: the config's)")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     corrected = {"off": [False], "on": [True], "both": [False, True]}[args.bias_correction]
-    run(args.float_ckpt, args.config, args.out, bits=args.ptq_bits, rules=args.rules, bias_correction=corrected,
+    run(args.float_ckpt, args.config, Path(args.out), bits=args.ptq_bits, rules=args.rules, bias_correction=corrected,
         n_cal=args.n_cal, num_val=args.num_val, threads=args.threads)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fqn.commands.common import provenance, ptq_inputs
+from fqn.commands.options import add_ptq_measurement
 from fqn.commands.report import RowLog, columns
 from fqn.evaluation import evaluate_map
 from fqn.ptq import post_training_quantize, ptq_config
@@ -86,20 +87,14 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("float_ckpt", help="the FP32 checkpoint")
-    parser.add_argument("--config", help="training config whose data: section gives val and calibration data "
-                        "(default: the data the checkpoint was trained on)")
-    parser.add_argument("--out", type=Path, required=True)
+    add_ptq_measurement(parser)
     parser.add_argument("--ptq-bits", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--methods", nargs="+", default=["nearest", *METHODS], choices=["nearest", *METHODS])
     parser.add_argument("--iters", type=int, nargs="+", default=[ReconstructionConfig().iters],
                         help="iterations per unit, one row each")
-    parser.add_argument("--n-cal", type=int, default=20)
-    parser.add_argument("--num-val", type=int, help="synthetic validation images (default: the config's)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--int8", action="store_true", help="also evaluate each row's int8 file in ONNX Runtime")
     args = parser.parse_args(argv)
-    run(args.float_ckpt, args.config, args.out, bits=args.ptq_bits, methods=args.methods, iters=args.iters,
+    run(args.float_ckpt, args.config, Path(args.out), bits=args.ptq_bits, methods=args.methods, iters=args.iters,
         n_cal=args.n_cal, num_val=args.num_val, threads=args.threads, int8=args.int8)
 
 

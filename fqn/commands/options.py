@@ -97,3 +97,15 @@ def add_num_val(p: argparse.ArgumentParser, default: int | None = None) -> None:
     """``--num-val N``: the synthetic set's validation images, instead of the data settings'."""
     p.add_argument("--num-val", type=int, metavar="N", default=default,
                    help="validation images of the synthetic set (default: the data settings')")
+
+
+def add_ptq_measurement(p: argparse.ArgumentParser) -> None:
+    """A PTQ measurement tool's inputs (``tools/ptq_*.py``): the FP32 checkpoint, its data, the output folder, the
+    calibration batches, the validation images and the threads, spelled as the commands spell them."""
+    p.add_argument("float_ckpt", metavar="CKPT", help="the FP32 checkpoint")
+    add_config(p)
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder: the rows as JSON and Markdown")
+    p.add_argument("--n-cal", type=int, default=20, metavar="N", help="calibration batches (training images, "
+                   "un-augmented, drawn with the data seed)")
+    add_num_val(p)
+    p.add_argument("--threads", type=int, default=2, metavar="N", help="CPU threads")

@@ -10,20 +10,12 @@ import torch
 from fqn.models import build_detector
 
 from ..train.tiny import DETECTOR, SIZE
-from . import load_tool
+from . import load_tool, tiny_float_checkpoint
 
 
 @pytest.mark.slow  # the PTQ pipeline end to end, every row
 def test_rows_for_every_rule_and_correction_with_their_gap_to_fp32(tmp_path, capsys):
-    torch.manual_seed(0)
-    model = build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **DETECTOR).eval()
-    hp = {"backbone": "resnet18", "num_classes": 4, "min_size": SIZE, "max_size": SIZE, "detector": DETECTOR}
-    ckpt = tmp_path / "float.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp},
-               ckpt)
-    config = tmp_path / "data.yaml"
-    config.write_text(f"data:\n  synthetic: {{image_size: {SIZE}, num_classes: 3, max_size: 48}}\n"
-                      "  num_train: 8\n  num_val: 2\n  batch_size: 2\n")
+    ckpt, config = tiny_float_checkpoint(tmp_path)
     tool = load_tool("ptq_calibrations")
     tool.main([str(ckpt), "--config", str(config), "--out", str(tmp_path / "out"), "--ptq-bits", "8",
                "--rules", "search", "percentile", "--n-cal", "1", "--threads", "1"])
@@ -42,6 +34,7 @@ def test_rows_for_every_rule_and_correction_with_their_gap_to_fp32(tmp_path, cap
 
         q = prepare_qat(build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **DETECTOR), QuantConfig())
         torch.save({"state_dict": {f"model.{k}": v for k, v in q.state_dict().items()},
-                    "hyper_parameters": {**hp, "quant": QuantConfig().to_dict()}}, tmp_path / "q.ckpt")
+                    "hyper_parameters": {**torch.load(ckpt)["hyper_parameters"], "quant": QuantConfig().to_dict()}},
+                   tmp_path / "q.ckpt")
         tool.run(tmp_path / "q.ckpt", str(config), tmp_path / "o2", bits=[8], rules=["search"],
                  bias_correction=[False], n_cal=1, progress=False)

@@ -6,25 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from fqn.models import build_detector
-
-from ..train.tiny import DETECTOR, SIZE
-from . import load_tool
+from . import load_tool, tiny_float_checkpoint
 
 
 @pytest.mark.slow  # PTQ, reconstruction and conversion of a detector, end to end
 def test_rows_state_their_images_share_of_fp32_and_int8_gap(tmp_path, capsys):
-    torch.manual_seed(0)
-    model = build_detector("resnet18", 4, min_size=SIZE, max_size=SIZE, **DETECTOR).eval()
-    hp = {"backbone": "resnet18", "num_classes": 4, "min_size": SIZE, "max_size": SIZE, "detector": DETECTOR}
-    ckpt = tmp_path / "float.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": hp},
-               ckpt)
-    config = tmp_path / "data.yaml"
-    config.write_text(f"data:\n  synthetic: {{image_size: {SIZE}, num_classes: 3, max_size: 48}}\n"
-                      "  num_train: 8\n  num_val: 2\n  batch_size: 2\n")
+    ckpt, config = tiny_float_checkpoint(tmp_path)
     tool = load_tool("ptq_reconstruction")
     tool.main([str(ckpt), "--config", str(config), "--out", str(tmp_path / "out"), "--ptq-bits", "8",
                "--methods", "nearest", "adaround", "--iters", "2", "--n-cal", "1", "--threads", "1", "--int8"])
