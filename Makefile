@@ -14,7 +14,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/fqn quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2  # two workers: most tests use one core (pytest-xdist)
+	$(PY) -m pytest -q -n 2 --durations=15  # two workers: most tests use one core (pytest-xdist)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow"  # the day-to-day tier: no end-to-end runs

@@ -14,6 +14,23 @@ from fqn.models import build_detector, recalibrate_bn
 SIZE = 128
 
 
+# The longest tests (``make test`` prints the slowest with --durations), started first. pytest-xdist hands tests to
+# its workers in collection order, and these collect late (tests/test_pretrained.py, ...): collected where they are,
+# one worker ends the run alone with several minutes of a single test while the other idles.
+LONGEST_FIRST = (
+    "tests/test_pretrained.py::test_coco_pretrained_detector_through_qat_convert_and_compare",
+    "tests/test_install.py::test_tiny_quickstart_from_the_wheel",
+    "tests/test_bench.py::test_every_path_is_timed_or_says_why_and_memory_is_measured",
+    "tests/test_ablate.py::test_two_row_grid_runs_resumes_and_writes_its_tables",
+    "tests/test_ablate.py::test_beyond_fqn_row_learns_ranges_distills_and_mixes_bit_widths",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))  # a stable sort: the rest keep their order
+
+
 def _one_core_per_worker() -> None:
     """Under pytest-xdist, each worker (and every process it starts) uses its share of the cores.
 
