@@ -77,6 +77,7 @@ def test_two_row_grid_runs_resumes_and_writes_its_tables(float_ckpt, tmp_path, c
     assert "Command: `" in table
     meta = json.loads((tmp_path / "grid" / "table.json").read_text())["meta"]
     assert meta["grid"]["steps"] == spec.steps and meta["grid"]["bits"] == 4  # a copied table.json says its steps
+    assert meta["grid"]["batch_size"] == spec.data["batch_size"]
     assert list((tmp_path / "grid" / "tensorboard" / "hparams").rglob("events.*"))
     # an interrupted grid: one row's result is missing -> only that row runs again, from its checkpoint
     (tmp_path / "grid" / "rows" / "17_baseline.json").unlink()

@@ -259,9 +259,12 @@ def reconstruction_qat_table(data: str) -> str:
         fp32 = next(r for r in record["rows"] if r["row"] == "FP32")
         if not rows:
             rows.append({**fp32, "steps": "-"})
-        rows += [{**r, "steps": steps, "pct_fp32": 100 * r["AP"] / fp32["AP"], "int8_gap": r["int8_AP"] - r["AP"]}
+        batch = record["meta"]["grid"].get("batch_size")
+        rows += [{**r, "steps": steps, "pct_fp32": 100 * r["AP"] / fp32["AP"], "int8_gap": r["int8_AP"] - r["AP"],
+                  "cal_images": r["config"]["n_cal"] * batch if batch else None}
                  for r in record["rows"] if r["row"] != "FP32"]
-    cols = [Column("row"), Column("steps", "QAT steps", fmt="d"), Column("AP"), Column("AP50"),
+    cols = [Column("row"), Column("steps", "QAT steps", fmt="d"),
+            Column("cal_images", "calibration images", fmt="d"), Column("AP"), Column("AP50"),
             Column("pct_fp32", "% of FP32", 1),
             Column("int8_gap", "int8 - fake AP", 3, signed=True), Column("minutes", "minutes", 1)]
     return markdown_table(rows, cols) + "\n\n" + _sources(RECONSTRUCTION_QAT[data])

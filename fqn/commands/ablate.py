@@ -292,8 +292,9 @@ def run_grid(spec: GridSpec, rows: list[Row], *, jobs: int = 1, threads: int = 2
             for result in pool.map(_worker, [(spec, r, threads) for r in todo]):
                 print(f"[fqn ablate] done: {result['row']} AP={result['AP']:.4f}", flush=True)
     results += [json.loads((out / "rows" / f"{r.slug}.json").read_text()) for r in rows]
-    write_outputs(out, results, command_line(), grid={"bits": spec.bits, "steps": spec.steps,
-                                                       "float_ckpt": spec.float_ckpt})
+    grid = {"bits": spec.bits, "steps": spec.steps, "float_ckpt": spec.float_ckpt,
+            "batch_size": spec.data.get("batch_size"), "reconstruction_iters": spec.reconstruction_iters}
+    write_outputs(out, results, command_line(), grid=grid)
     return results
 
 
@@ -318,8 +319,8 @@ def write_outputs(out: Path, results: list[dict[str, Any]], command: str | None 
                   grid: dict[str, Any] | None = None) -> None:
     """``table.md``, ``table.csv``, ``table.json`` and a TensorBoard hparams entry per row (``out/tensorboard``).
 
-    ``grid`` (bits, steps, float checkpoint) goes into ``table.json``'s meta, so a results file copied out of
-    ``out`` still says what the rows were trained for.
+    ``grid`` (bits, steps, float checkpoint, batch size, reconstruction iterations) goes into ``table.json``'s
+    meta, so a results file copied out of ``out`` still says what the rows were trained for.
     """
     footer = f"\nCommand: `{command}`; settings of every row: `grid.json`.\n" if command else ""
     fields = ["row", "qat", "bits", *METRICS, *(f"int8_{k}" for k in METRICS), "weight_MB", "file_MB"]
