@@ -10,6 +10,10 @@ default range search, then rounds to nearest or reconstructs (``--methods``, ``-
 and evaluates the fake-quant model on the validation split; with ``--int8`` also the int8 file in
 ONNX Runtime (``int8_AP``, ``int8_gap``: int8 minus fake-quant). Each row has its time. The JSON
 and Markdown files are rewritten after every row, so an interrupted run keeps what it measured.
+
+``--layer-bits PATTERN=BITS`` and ``--keep-float PATTERN`` (module-name patterns, as `QuantConfig.layer_bits`
+and ``keep_float``) change the quantized scope of every row, e.g. the heads' layers at 8 bits or float, as
+published block-reconstruction results on detectors keep them; the scope is written in each row.
 """
 
 from __future__ import annotations
@@ -23,15 +27,15 @@ import torch
 
 from fqn.commands.common import provenance, ptq_inputs
 from fqn.commands.options import add_ptq_measurement
-from fqn.commands.report import RowLog, columns
+from fqn.commands.report import Column, RowLog, columns
 from fqn.evaluation import evaluate_map
 from fqn.ptq import post_training_quantize, ptq_config
 from fqn.quant.calibrate import batch_images
 from fqn.quant.reconstruction import METHODS, ReconstructionConfig
 from fqn.quant.state import quant_state
 
-TABLE = columns("model", "rounding", "iters", "cal_images", "AP", "AP50", "AP75", "pct_fp32", "int8_AP",
-                "int8_gap", "error_ratio", "minutes")
+TABLE = columns("model", "scope", "rounding", Column("iters", fmt="d"), Column("cal_images", fmt="d"), "AP", "AP50",
+                "AP75", "pct_fp32", "int8_AP", "int8_gap", "error_ratio", "minutes")
 
 
 def _int8_ap(model: torch.nn.Module, val: list, example: list, threads: int, progress: bool) -> float:
@@ -42,10 +46,30 @@ def _int8_ap(model: torch.nn.Module, val: list, example: list, threads: int, pro
         return evaluate_map(load_int8(path, threads=threads), val, progress=progress)["AP"]
 
 
+def scope_label(layer_bits: dict[str, int], keep_float: list[str]) -> str:
+    """A row's quantized scope in words: every layer at the row's bits, or what differs."""
+    parts = [f"{p}: {b}-bit" for p, b in layer_bits.items()] + [f"{p}: float" for p in keep_float]
+    return "; ".join(parts) or "every layer"
+
+
+def parse_layer_bits(specs: list[str]) -> dict[str, int]:
+    """``["rpn.head.*=8", ...]`` -> ``{"rpn.head.*": 8}``; a malformed item is an error naming it."""
+    out = {}
+    for spec in specs:
+        pattern, _, bits = spec.rpartition("=")
+        if not pattern or not bits.isdigit():
+            raise ValueError(f"--layer-bits takes PATTERN=BITS (e.g. 'rpn.head.*=8'), got {spec!r}")
+        out[pattern] = int(bits)
+    return out
+
+
 def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int], methods: list[str],
         iters: list[int], n_cal: int = 20, num_val: int | None = None, threads: int = 2, int8: bool = False,
+        layer_bits: dict[str, int] | None = None, keep_float: list[str] | None = None,
         progress: bool = True) -> list[dict]:
     """Measure every (bits, method, iters) row after the FP32 row; returns the rows."""
+    layer_bits, keep_float = dict(layer_bits or {}), list(keep_float or [])
+    scope = scope_label(layer_bits, keep_float)
     unknown = set(methods) - {"nearest", *METHODS}
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from nearest, {', '.join(METHODS)}")
@@ -70,11 +94,12 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
             for n in ([0] if method == "nearest" else iters):
                 started = time.perf_counter()
                 rcfg = None if method == "nearest" else ReconstructionConfig(method, iters=n)
-                q = post_training_quantize(model, cal, ptq_config(b), num_batches=n_cal, reconstruction=rcfg,
-                                           progress=progress)
+                cfg = ptq_config(b, layer_bits=layer_bits, keep_float=keep_float)
+                q = post_training_quantize(model, cal, cfg, num_batches=n_cal, reconstruction=rcfg, progress=progress)
                 ptq_minutes = (time.perf_counter() - started) / 60
                 rec = (quant_state(q).ptq or {}).get("reconstruction") or {}
-                row = {"model": f"PTQ w{b}a{b}", "bits": b, "rounding": method, "iters": n or None,
+                row = {"model": f"PTQ w{b}a{b}", "bits": b, "scope": scope, "layer_bits": layer_bits,
+                       "keep_float": keep_float, "rounding": method, "iters": n or None,
                        "cal_batches": n_cal, "cal_images": cal_images, "ptq_minutes": ptq_minutes,
                        "error_ratio": rec.get("error_ratio"), **evaluate_map(q, val, progress=progress)}
                 if int8:
@@ -93,9 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, nargs="+", default=[ReconstructionConfig().iters],
                         help="iterations per unit, one row each")
     parser.add_argument("--int8", action="store_true", help="also evaluate each row's int8 file in ONNX Runtime")
+    parser.add_argument("--layer-bits", nargs="+", default=[], metavar="PATTERN=BITS",
+                        help="layers (module-name patterns) at other bit-widths in every row, e.g. 'rpn.head.*=8'")
+    parser.add_argument("--keep-float", nargs="+", default=[], metavar="PATTERN",
+                        help="layers (module-name patterns) left float in every row, e.g. 'roi_heads.*'")
     args = parser.parse_args(argv)
     run(args.float_ckpt, args.config, Path(args.out), bits=args.ptq_bits, methods=args.methods, iters=args.iters,
-        n_cal=args.n_cal, num_val=args.num_val, threads=args.threads, int8=args.int8)
+        n_cal=args.n_cal, num_val=args.num_val, threads=args.threads, int8=args.int8,
+        layer_bits=parse_layer_bits(args.layer_bits), keep_float=args.keep_float)
 
 
 if __name__ == "__main__":

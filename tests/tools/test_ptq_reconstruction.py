@@ -15,7 +15,8 @@ def test_rows_state_their_images_share_of_fp32_and_int8_gap(tmp_path, capsys):
     ckpt, config = tiny_float_checkpoint(tmp_path)
     tool = load_tool("ptq_reconstruction")
     tool.main([str(ckpt), "--config", str(config), "--out", str(tmp_path / "out"), "--ptq-bits", "8",
-               "--methods", "nearest", "adaround", "--iters", "2", "--n-cal", "1", "--threads", "1", "--int8"])
+               "--methods", "nearest", "adaround", "--iters", "2", "--n-cal", "1", "--threads", "1", "--int8",
+               "--layer-bits", "rpn.head.*=4"])
     saved = json.loads((tmp_path / "out" / "ptq_reconstruction.json").read_text())
     rows = saved["rows"]
     assert [(r["model"], r["rounding"], r.get("iters")) for r in rows] == [
@@ -25,8 +26,21 @@ def test_rows_state_their_images_share_of_fp32_and_int8_gap(tmp_path, capsys):
         assert row["pct_fp32"] == pytest.approx(100 * row["AP"] / rows[0]["AP"])
         assert row["int8_gap"] == pytest.approx(row["int8_AP"] - row["AP"])
         assert 0 < row["ptq_minutes"] <= row["minutes"]
+    assert all(r["scope"] == "rpn.head.*: 4-bit" and r["layer_bits"] == {"rpn.head.*": 4} for r in rows[1:])
     assert rows[1]["error_ratio"] is None and isinstance(rows[2]["error_ratio"], float)
-    assert "| PTQ w8a8 | adaround |" in (tmp_path / "out" / "ptq_reconstruction.md").read_text()
+    table = (tmp_path / "out" / "ptq_reconstruction.md").read_text()
+    assert "| PTQ w8a8 | rpn.head.*: 4-bit | adaround | 2 | 2 |" in table
     assert "| FP32 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown methods"):
         tool.run(ckpt, str(config), tmp_path / "o2", bits=[8], methods=["stochastic"], iters=[1])
+
+
+def test_scope_options_parse_and_name_the_scope():
+    tool = load_tool("ptq_reconstruction")
+    assert tool.parse_layer_bits(["rpn.head.*=8", "roi_heads.box_predictor.*=8"]) == {
+        "rpn.head.*": 8, "roi_heads.box_predictor.*": 8}
+    for bad in ("rpn.head.*", "=8", "rpn.head.*=eight"):
+        with pytest.raises(ValueError, match="PATTERN=BITS"):
+            tool.parse_layer_bits([bad])
+    assert tool.scope_label({}, []) == "every layer"
+    assert tool.scope_label({"rpn.head.*": 8}, ["roi_heads.*"]) == "rpn.head.*: 8-bit; roi_heads.*: float"
