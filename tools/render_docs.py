@@ -203,33 +203,53 @@ def exactness_table() -> str:
     return (markdown_table(record["rows"], TABLE) + f"\n\nThis CPU: {cpu}. " + provenance_line(record, EXACTNESS))
 
 
-RECONSTRUCTION = {"synthetic": ["ptq_reconstruction_synthetic_w4.json", "ptq_reconstruction_synthetic_w8.json"]}
+RECONSTRUCTION = {"synthetic": ["ptq_reconstruction_synthetic_w4.json", "ptq_reconstruction_synthetic_w8.json",
+                                 "ptq_reconstruction_synthetic_iters.json", "ptq_reconstruction_synthetic_heads8.json",
+                                 "ptq_reconstruction_synthetic_headsfloat.json"]}
 RECONSTRUCTION_QAT = {"synthetic": ["reconstruction_qat_synthetic_200.json", "reconstruction_qat_synthetic_400.json"]}
+EVERY_LAYER = "every layer"
+ROUNDINGS = ("-", "nearest", "adaround", "brecq", "qdrop")
 
 
 def _sources(files: list[str]) -> str:
     return "\n\n".join(provenance_line(results(f), f) for f in files if (RESULTS / f).is_file())
 
 
-def reconstruction_table(data: str) -> str:
-    """PTQ by nearest rounding against learned rounding / block reconstruction: one row per bits, method, iterations.
-
-    Each bit width is its own run (file); the FP32 row is shown once.
-    """
-    from fqn.commands.report import Column, markdown_table
-
+def _ptq_rows(data: str) -> list[dict[str, Any]]:
+    """Every PTQ row of the data's result files (each file one run; the FP32 row once), in table order:
+    bits, then scope, then rounding, then iterations."""
     rows: list[dict[str, Any]] = []
     for file in RECONSTRUCTION[data]:
+        if not (RESULTS / file).is_file():
+            continue
         for r in results(file)["rows"]:
             if r["model"] == "FP32" and any(x["model"] == "FP32" for x in rows):
                 continue
-            rows.append({**r, "iters": r.get("iters") or "-", "cal_images": r.get("cal_images") or "-",
-                         "ptq_minutes": r.get("ptq_minutes"), "int8_gap": r.get("int8_gap")})
-    cols = [Column("model"), Column("rounding"), Column("iters", "iterations / unit", fmt="d"),
+            rows.append({**r, "scope": r.get("scope") or (EVERY_LAYER if r["model"] != "FP32" else "-")})
+    return sorted(rows, key=lambda r: (r.get("bits", 0), r["scope"] != EVERY_LAYER, r["scope"],
+                                       ROUNDINGS.index(r["rounding"]), r.get("iters") or 0))
+
+
+def reconstruction_table(data: str, scoped: bool = False) -> str:
+    """PTQ by nearest rounding against learned rounding / block reconstruction, one row per bits, method, iterations
+    (``scoped``: the 4-bit rows with other quantized scopes, beside the every-layer rows of the same methods)."""
+    from fqn.commands.report import Column, markdown_table
+
+    rows = _ptq_rows(data)
+    if scoped:
+        methods = {(r["rounding"], r.get("iters")) for r in rows if r["scope"] not in (EVERY_LAYER, "-")}
+        rows = [r for r in rows if r["model"] == "FP32" or (r.get("bits") == 4 and (r["rounding"], r.get("iters"))
+                                                             in methods)]
+    else:
+        rows = [r for r in rows if r["scope"] in (EVERY_LAYER, "-")]
+    rows = [{**r, "iters": r.get("iters") or "-", "cal_images": r.get("cal_images") or "-"} for r in rows]
+    cols = [Column("model"), *([Column("scope", "what is not at the row's bits")] if scoped else []),
+            Column("rounding"), Column("iters", "iterations / unit", fmt="d"),
             Column("cal_images", "calibration images", fmt="d"), Column("AP"), Column("AP50"),
             Column("pct_fp32", "% of FP32", 1), Column("error_ratio", "unit error", 2),
             Column("int8_gap", "int8 - fake AP", 3, signed=True), Column("ptq_minutes", "PTQ minutes", 1)]
-    return markdown_table(rows, cols) + "\n\n" + _sources(RECONSTRUCTION[data])
+    files = [f for f in RECONSTRUCTION[data] if ("heads" in f) == scoped]
+    return markdown_table(rows, cols) + "\n\n" + _sources(files)
 
 
 PTQ_TARGET = 95.0  # issue 28's target for PTQ w4a4, % of FP32 AP
@@ -237,8 +257,8 @@ PTQ_TARGET = 95.0  # issue 28's target for PTQ w4a4, % of FP32 AP
 
 def reconstruction_best(data: str, bits: int = 4) -> str:
     """The best reconstructed PTQ row at ``bits`` and how far it is from the target, inline."""
-    rows = [r for f in RECONSTRUCTION[data] for r in results(f)["rows"]
-            if r.get("bits") == bits and r["rounding"] != "nearest"]
+    rows = [r for r in _ptq_rows(data) if r.get("bits") == bits and r["rounding"] != "nearest"
+            and r["scope"] == EVERY_LAYER]
     best = max(rows, key=lambda r: r["AP"])
     gap = PTQ_TARGET - best["pct_fp32"]
     where = f"{gap:.1f} points short of" if gap > 0 else f"{-gap:.1f} points above"
@@ -275,19 +295,24 @@ GAP_TARGET = 0.003  # issue 28's target: int8 within 0.3 AP points of the fake-q
 
 def reconstruction_gap(data: str) -> str:
     """The largest int8 - fake-quant AP difference over the PTQ and QAT rows, and the rows past the target."""
-    rows = [(f"{r['model']} {r['rounding']}", r["int8_gap"]) for f in RECONSTRUCTION[data]
-            for r in results(f)["rows"] if r.get("int8_gap") is not None]
+    def name(r: dict[str, Any]) -> str:
+        iters = f" {r['iters']}" if r.get("iters") else ""
+        scope = f" ({r['scope']})" if r["scope"] != EVERY_LAYER else ""
+        return f"{r['model']} {r['rounding']}{iters}{scope}"
+
+    rows = [(name(r), r["int8_gap"]) for r in _ptq_rows(data) if r.get("int8_gap") is not None]
     rows += [(f"{r['row']} ({results(f)['meta']['grid']['steps']} steps)", r["int8_AP"] - r["AP"])
              for f in RECONSTRUCTION_QAT[data] if (RESULTS / f).is_file()
              for r in results(f)["rows"] if r.get("int8_AP") is not None]
-    name, worst = max(rows, key=lambda r: abs(r[1]))
+    worst_name, worst = max(rows, key=lambda r: abs(r[1]))
     over = [n for n, g in rows if abs(g) > GAP_TARGET]
-    text = f"at most {abs(worst) * 100:.1f} AP points ({name}) over the {len(rows)} PTQ and QAT rows"
+    text = f"at most {abs(worst) * 100:.1f} AP points ({worst_name}) over the {len(rows)} PTQ and QAT rows"
     return text + (f"; past the 0.3-point target: {', '.join(over)}" if over else ", all within the 0.3-point target")
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
     "reconstruction-table-synthetic": lambda: reconstruction_table("synthetic"),
+    "reconstruction-scope-synthetic": lambda: reconstruction_table("synthetic", scoped=True),
     "reconstruction-qat-synthetic": lambda: reconstruction_qat_table("synthetic"),
     "reconstruction-best-synthetic": lambda: reconstruction_best("synthetic"),
     "reconstruction-gap-synthetic": lambda: reconstruction_gap("synthetic"),
