@@ -29,7 +29,7 @@ def _codes(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def reconstructed(_float_detectors, scenes):
     float_model = copy.deepcopy(_float_detectors["resnet18"])
     batches = [[s] for s in scenes[:3]]
-    cfg = ptq_config(4, n_cal=3)
+    cfg = ptq_config(4, n_cal=3, layer_bits={"rpn.head.*": 8})  # mixed precision: the RPN head at 8 bits
     before = {k: v.clone() for k, v in float_model.state_dict().items()}
     nearest = post_training_quantize(float_model, batches, cfg, progress=False)
     # a large learning rate so that two steps move many codes off nearest rounding
@@ -64,6 +64,8 @@ def test_int8_file_stores_the_learned_codes(reconstructed, scenes, tmp_path):
     path = convert_int8(learned, tmp_path / "w4.onnx", scenes[:1])
     stored = [numpy_helper.to_array(i).astype(np.int64) for i in onnx.load(str(path)).graph.initializer
               if i.data_type == onnx.TensorProto.INT8]
+    assert max(np.abs(c).max() for n, c in learned_codes.items() if n.startswith("rpn.head")) > 8  # 8-bit codes
+    assert max(np.abs(c).max() for n, c in learned_codes.items() if n.startswith("backbone")) <= 8  # 4-bit codes
     for name, codes in learned_codes.items():
         assert any(s.shape == codes.shape and np.array_equal(s, codes) for s in stored), name
     for name in moved:  # and not the float weights rounded to nearest again
