@@ -2,7 +2,7 @@
 
     python tools/ptq_reconstruction.py runs/quickstart/float/last.ckpt --out bench/recon_synthetic
     python tools/ptq_reconstruction.py runs/street_float/checkpoints/last.ckpt --config street_float \\
-        --out bench/recon_street --iters 50 200 800
+        --out bench/recon_street --iters 20 50 200
 
 Every row post-training quantizes the same float model on the same calibration batches (the data's
 first ``--n-cal`` un-augmented training batches; their image count is in every row), with the

@@ -55,8 +55,8 @@ from fqn.train.runs import train_run
 METRICS = ("AP", "AP50", "AP75")
 TABLES = ("fpc", "bn", "gamma", "calibration", "reconstruction", "beyond")
 PTQ_RANGES = {"percentile": False, "act_observer": "search"}  # fqn's PTQ (`fqn.ptq.ptq_config`)
-# the reconstruction QAT starts from in the reconstruction table: the best PTQ w4a4 measured on the synthetic set
-# (docs/results/ptq_reconstruction_synthetic.json: BRECQ ahead of QDrop and AdaRound at 50 and 200 iterations)
+# the reconstruction QAT starts from in the reconstruction table: one of the two strongest PTQ w4a4 methods on the
+# synthetic set (BRECQ and QDrop, within about 0.01 AP of each other, docs/ptq.md); the docs' QAT rows start from it
 START = "brecq"
 DISTILL = {"fpn": 1.0, "rpn": 1.0, "cls": 1.0, "temperature": 2.0}
 RANGE_LR_SCALE = 100.0  # learned ranges at 100x the QAT learning rate: at 1x they moved < 0.5% in 400 steps
