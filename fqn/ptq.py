@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from fqn.config import QuantConfig
-from fqn.models.faster_rcnn import prepare_qat
+from fqn.models.faster_rcnn import head_layer_bits, prepare_qat
 from fqn.models.reconstruct import reconstruct_detector
 from fqn.quant.bias_correction import correct_bias
 from fqn.quant.calibrate import calibrate
@@ -32,17 +32,25 @@ CALIBRATIONS = ("search", "percentile", "histogram", "minmax")
 """PTQ range estimates; ``search`` (per layer, the least measured error) is the default, the strongest."""
 
 
-def ptq_config(bits: int, calibration: str = "search", **overrides: Any) -> QuantConfig:
+def ptq_config(bits: int, calibration: str = "search", *, head_bits: int | None = None,
+               **overrides: Any) -> QuantConfig:
     """The QuantConfig of a PTQ run at ``bits`` (weights and activations) with the named range estimate.
+
+    ``head_bits``: the detection heads' layers (`fqn.models.faster_rcnn.HEAD_LAYERS`) at this bit-width instead,
+    on top of any ``layer_bits`` given.
 
     Example:
         >>> ptq_config(8).activation_observer, ptq_config(8, "percentile").flags
         ('search', 'FPC')
         >>> ptq_config(4, "minmax", n_cal=2).n_cal
         2
+        >>> ptq_config(4, head_bits=8).layer_bits
+        {'rpn.head.*': 8, 'roi_heads.box_predictor.*': 8}
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    if head_bits is not None:
+        overrides["layer_bits"] = {**overrides.get("layer_bits", {}), **head_layer_bits(head_bits)}
     if calibration == "percentile":
         return QuantConfig(bits_w=bits, bits_a=bits, **overrides)
     return QuantConfig(bits_w=bits, bits_a=bits, percentile=False, act_observer=calibration, **overrides)

@@ -249,8 +249,8 @@ def report_markdown(stats: list[LayerError], sensitivity: list[dict[str, Any]] |
 
 def run_analyze(checkpoint: str | Path, out: str | Path, *, ptq_bits: int | None = None, config: str | None = None,
                 calibration: str = "search", bias_correction: bool = False, n_cal: int = 20,
-                reconstruction: Any = None, images: int = 4, plot_layers: Sequence[str] | None = None,
-                sensitivity: bool = False, layer_bits: float | None = None,
+                head_bits: int | None = None, reconstruction: Any = None, images: int = 4,
+                plot_layers: Sequence[str] | None = None, sensitivity: bool = False, layer_bits: float | None = None,
                 int8: str | None = None) -> Path:
     """``fqn analyze``: the report of `analyze_layers` (and, if asked, of `layer_sensitivity` and the mixed-precision
     layer choice) for a QAT checkpoint, or a float one post-training quantized at ``ptq_bits``, on its own data."""
@@ -258,7 +258,7 @@ def run_analyze(checkpoint: str | Path, out: str | Path, *, ptq_bits: int | None
     fresh_file(out / "report.md")
     data = data_for(checkpoint, config)
     model = quantized_model(checkpoint, ptq_bits, data, calibration=calibration, bias_correction=bias_correction,
-                            n_cal=n_cal, reconstruction=reconstruction)
+                            n_cal=n_cal, head_bits=head_bits, reconstruction=reconstruction)
     data.setup("validate")
     pairs = list(itertools.islice(((img, t) for b in data.val_dataloader() for img, t in zip(*b)), max(1, images)))
     pictured = [p[0] for p in pairs]
@@ -284,13 +284,16 @@ def run_analyze(checkpoint: str | Path, out: str | Path, *, ptq_bits: int | None
 
 
 def write_layer_bits(model: nn.Module, images: Sequence[Tensor], budget: float, out: Path) -> dict[str, int]:
-    """`choose_layer_bits` on a one-layer-at-a-time ranking, as a ``layer_bits:`` block to paste into a config."""
+    """`choose_layer_bits` on a one-layer-at-a-time ranking, as a ``layer_bits:`` block to paste into a config.
+
+    The model's own ``layer_bits`` (e.g. ``--head-bits``) come first in the block, so the pasted config keeps them.
+    """
     cfg = quant_config(model)
     if min(cfg.bits_w, cfg.bits_a) >= 8:
         raise ValueError("--layer-bits: this model is already 8-bit; mixed precision raises the layers of a "
                          "lower-bit (e.g. w4a4) model to 8 bits")
     ranking = layer_sensitivity(model, images, mode="only", progress=True)
-    bits = choose_layer_bits(ranking, low=min(cfg.bits_w, cfg.bits_a), high=8, budget=budget)
+    bits = {**cfg.layer_bits, **choose_layer_bits(ranking, low=min(cfg.bits_w, cfg.bits_a), high=8, budget=budget)}
     out.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump({"layer_bits": bits}, sort_keys=False)
     (out / "layer_bits.yaml").write_text(f"# fqn analyze --layer-bits {budget}: the layers that quantized alone at "

@@ -84,7 +84,8 @@ def convert_main(a: argparse.Namespace) -> None:
     from fqn.commands.convert import run_convert
 
     run_convert(a.model, a.out, ptq_bits=a.ptq_bits, config=a.config, calibration=a.calibration,
-                bias_correction=a.bias_correction, n_cal=a.n_cal, reconstruction=_reconstruction(a))
+                bias_correction=a.bias_correction, n_cal=a.n_cal, head_bits=a.head_bits,
+                reconstruction=_reconstruction(a))
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -153,7 +154,8 @@ def compare_main(a: argparse.Namespace) -> None:
 
     run_compare_command(a.float_ckpt, a.qat, a.out, config=a.config, num_val=a.num_val, ptq_bits=a.ptq_bits,
                         calibration=a.calibration, bias_correction=a.bias_correction, n_cal=a.n_cal, peers=a.peers,
-                        runs=a.runs, threads=a.threads, runtimes=a.runtime, reconstruction=_reconstruction(a))
+                        runs=a.runs, threads=a.threads, runtimes=a.runtime, head_bits=a.head_bits,
+                        reconstruction=_reconstruction(a))
 
 
 def quickstart_parser() -> argparse.ArgumentParser:
@@ -247,7 +249,8 @@ def analyze_main(a: argparse.Namespace) -> None:
     from fqn.commands.analyze import run_analyze
 
     run_analyze(a.model, a.out, ptq_bits=a.ptq_bits, config=a.config, calibration=a.calibration,
-                bias_correction=a.bias_correction, n_cal=a.n_cal, reconstruction=_reconstruction(a), images=a.images,
+                bias_correction=a.bias_correction, n_cal=a.n_cal, head_bits=a.head_bits,
+                reconstruction=_reconstruction(a), images=a.images,
                 plot_layers=a.plot_layers,
                 sensitivity=a.sensitivity, layer_bits=a.layer_bits, int8=a.int8)
 

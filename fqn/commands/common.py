@@ -76,11 +76,12 @@ def data_for(model: str | Path | None, config: str | None = None, **overrides: A
 
 def quantized_model(checkpoint: str | Path, ptq_bits: int | None, data: DetectionDataModule | None = None, *,
                     calibration: str = "search", bias_correction: bool = False, n_cal: int = 20,
-                    reconstruction: ReconstructionConfig | str | None = None) -> Any:
+                    head_bits: int | None = None, reconstruction: ReconstructionConfig | str | None = None) -> Any:
     """The quantized model of ``checkpoint``: a QAT checkpoint as it is, a float one post-training quantized.
 
     ``ptq_bits`` must be given for a float checkpoint and not for a QAT one; ``data`` gives the calibration batches.
-    ``reconstruction``: the PTQ's learned rounding (`post_training_quantize`); an error for a QAT checkpoint.
+    ``reconstruction``: the PTQ's learned rounding (`post_training_quantize`); an error for a QAT checkpoint, as
+    is ``head_bits`` (the PTQ's bit-width of the heads' layers, `ptq_config`).
     """
     model, _ = load_detector(checkpoint)
     quantized = quant_config(model) is not None
@@ -89,13 +90,16 @@ def quantized_model(checkpoint: str | Path, ptq_bits: int | None, data: Detectio
     if quantized and reconstruction:
         raise ValueError(f"{checkpoint} is already quantized (QAT); --reconstruction is a PTQ option, for a float "
                          "checkpoint with --ptq-bits (a QAT run starts from it with model.reconstruction)")
+    if quantized and head_bits:
+        raise ValueError(f"{checkpoint} is already quantized (QAT); --head-bits is a PTQ option, for a float "
+                         "checkpoint with --ptq-bits (a QAT run sets the heads' bits with model.quant.layer_bits)")
     if not quantized and not ptq_bits:
         raise ValueError(f"{checkpoint} is a float checkpoint: give --ptq-bits (e.g. --ptq-bits 8) to post-training "
                          "quantize it, or pass a QAT checkpoint")
     if ptq_bits:
         if data is None:
             raise ValueError("post-training quantization needs calibration data")
-        cfg = ptq_config(ptq_bits, calibration, n_cal=n_cal)
+        cfg = ptq_config(ptq_bits, calibration, n_cal=n_cal, head_bits=head_bits)
         model = post_training_quantize(model, data.calibration_batches(n_cal), cfg, bias_correction=bias_correction,
                                        reconstruction=reconstruction)
     return model

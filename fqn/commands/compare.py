@@ -255,6 +255,7 @@ def run_compare_command(float_ckpt: str | None, qat_ckpts: Sequence[str], out_di
 def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], out_dir: str | Path, data: Any, *,
                 ptq_bits: Sequence[int] = (8, 4), calibration: str = "search", bias_correction: bool = False,
                 reconstruction: ReconstructionConfig | str | None = None, n_cal: int = 20,
+                head_bits: int | None = None,
                 peers: Sequence[str] = PEERS, runs: int = 20, warmup: int = 3,
                 threads: int | None = None, progress: bool = True, runtimes: Sequence[str] | None = None,
                 settings: dict[str, Any] | None = None) -> Comparison:
@@ -267,7 +268,7 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
     (``fqn QAT w4a4 (synthetic_w4a4)``). ``runtimes``: where the ONNX files run (default: ONNX Runtime, and
     OpenVINO when it is installed); ``threads``: default torch's. ``settings`` are recorded in ``compare.json``.
     ``reconstruction``: fqn's PTQ rows learn their rounding (`post_training_quantize`), named for it
-    (``fqn PTQ w4a4 (qdrop)``).
+    (``fqn PTQ w4a4 (qdrop)``); ``head_bits``: their heads' layers at that bit-width (``fqn PTQ w4a4 (heads 8-bit)``).
     """
     rcfg = reconstruction_config(reconstruction)
     if runtimes is None:
@@ -310,13 +311,16 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
         cmp.add(*row)
     for bits in ptq_bits:
         how = [calibration] + (["bias correction"] if bias_correction else [])
+        how += [f"heads {head_bits}-bit"] if head_bits else []
         how += [f"{rcfg.method} {rcfg.iters} iterations"] if rcfg else []
         print(f"[fqn compare] fqn PTQ w{bits}a{bits} ({', '.join(how)}, {n_cal} batches)", flush=True)
-        model = post_training_quantize(float_model, cal_batches, ptq_config(bits, calibration), num_batches=n_cal,
+        cfg = ptq_config(bits, calibration, head_bits=head_bits)
+        model = post_training_quantize(float_model, cal_batches, cfg, num_batches=n_cal,
                                        bias_correction=bias_correction, reconstruction=rcfg, progress=progress)
-        name, stem = f"fqn PTQ w{bits}a{bits}", f"fqn_ptq_w{bits}a{bits}"
-        if rcfg is not None:
-            name, stem = f"{name} ({rcfg.method})", f"{stem}_{rcfg.method}"
+        variant = ([f"heads {head_bits}-bit"] if head_bits else []) + ([rcfg.method] if rcfg else [])
+        name = f"fqn PTQ w{bits}a{bits}" + (f" ({', '.join(variant)})" if variant else "")
+        stem = f"fqn_ptq_w{bits}a{bits}" + (f"_heads{head_bits}" if head_bits else "") + (
+            f"_{rcfg.method}" if rcfg else "")
         for row in quantized_rows(bench, name, "ptq", model, example, stem):
             cmp.add(*row)
     for (path, model), label in zip(qat, labels):

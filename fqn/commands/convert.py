@@ -43,11 +43,13 @@ def _data_or_none(checkpoint: Path, config: str | None, needed: bool) -> Any:
 
 def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[int] | None = (),
                 config: str | None = None, calibration: str = "search", bias_correction: bool = False,
-                n_cal: int = 20, reconstruction: ReconstructionConfig | str | None = None) -> list[Path]:
+                n_cal: int = 20, head_bits: int | None = None,
+                reconstruction: ReconstructionConfig | str | None = None) -> list[Path]:
     """Write the int8 file(s) of ``checkpoint`` into ``out``; returns the files to deploy.
 
     ``ptq_bits``: post-training quantize a float checkpoint at each bit-width; empty or None converts a QAT one.
-    ``reconstruction``: that PTQ's learned rounding; the files store the learned integer codes.
+    ``reconstruction``: that PTQ's learned rounding; the files store the learned integer codes. ``head_bits``: that
+    PTQ's bit-width of the heads' layers (the file is named for it, e.g. ``ptq_w4a4_heads8.onnx``).
     """
     checkpoint, out = Path(checkpoint), Path(out)
     hp = read_checkpoint(checkpoint)["hyper_parameters"]
@@ -56,15 +58,17 @@ def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[i
     deployable = []
     for bits in ptq_bits or [None]:
         model = quantized_model(checkpoint, bits, data, calibration=calibration, bias_correction=bias_correction,
-                                n_cal=n_cal, reconstruction=reconstruction)
+                                n_cal=n_cal, head_bits=head_bits, reconstruction=reconstruction)
         cfg = quant_config(model)
         stem = f"{'ptq' if bits else 'qat'}_w{cfg.bits_w}a{cfg.bits_a}"
+        if bits and head_bits:
+            stem += f"_heads{head_bits}"
         meta = _file_metadata(checkpoint, data)
         path = convert_int8(model, fresh_file(out / f"{stem}.onnx"), example, metadata=meta)
         record = {"file": path.name, "method": "ptq" if bits else "qat", "bits": f"w{cfg.bits_w}a{cfg.bits_a}",
                   "flags": cfg.flags, "size_mb": path.stat().st_size / 1e6, "config": cfg.to_dict()}
         if bits:
-            record.update(calibration=calibration, bias_correction=bias_correction, n_cal=n_cal,
+            record.update(calibration=calibration, bias_correction=bias_correction, n_cal=n_cal, head_bits=head_bits,
                           reconstruction=(quant_state(model).ptq or {}).get("reconstruction"))
         print(f"wrote {path} ({record['size_mb']:.1f} MB, {cfg.flags} {record['bits']}): the file to deploy; ONNX "
               f"Runtime and OpenVINO run it on integer kernels as they open it. Score it with `fqn evaluate {path} "

@@ -57,6 +57,9 @@ def add_ptq_options(p: argparse.ArgumentParser) -> None:
                    help="PTQ: remove each layer's weight-rounding shift of its output mean")
     p.add_argument("--n-cal", type=int, default=20, metavar="N", help="calibration batches (training images, "
                    "un-augmented, drawn with the data seed)")
+    p.add_argument("--head-bits", type=int, choices=BITS, metavar="BITS",
+                   help="PTQ: the detection heads' layers (RPN head, box predictor) at this bit-width, the rest at "
+                   "--ptq-bits (default: the same as --ptq-bits)")
     add_reconstruction(p, "PTQ")
 
 

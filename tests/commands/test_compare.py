@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -185,22 +186,34 @@ def test_analyze_cli_writes_its_report(checkpoints, tmp_path, capsys):
 
 
 def test_reconstruction_through_convert_and_compare(checkpoints, tmp_path):
-    """`--reconstruction`: the PTQ rows of `fqn compare` and the files of `fqn convert` are the reconstructed model's,
-    named and recorded as such; a QAT checkpoint refuses it (it is a PTQ option)."""
+    """`--reconstruction` and `--head-bits`: the PTQ rows of `fqn compare` and the files of `fqn convert` are the
+    reconstructed model's with its heads at 8 bits, named and recorded as such; a QAT checkpoint refuses both
+    (they are PTQ options)."""
+    from onnx import numpy_helper
+
     from fqn.ptq import reconstruction_config
 
     float_ckpt, qat_ckpt = checkpoints
     out = tmp_path / "ptq"
-    assert main(["convert", str(float_ckpt), "--out", str(out), "--ptq-bits", "4", "--n-cal", "1",
+    assert main(["convert", str(float_ckpt), "--out", str(out), "--ptq-bits", "4", "--n-cal", "1", "--head-bits", "8",
                  "--reconstruction", "brecq", "--reconstruction-iters", "2"]) == 0
-    record = json.loads((out / "ptq_w4a4.json").read_text())["reconstruction"]
+    saved = json.loads((out / "ptq_w4a4_heads8.json").read_text())
+    record = saved["reconstruction"]
     assert record["reconstruction"] == "brecq" and record["iters"] == 2 and record["calibration_batches"] == 1
+    assert saved["head_bits"] == 8
+    assert saved["config"]["layer_bits"] == {"rpn.head.*": 8, "roi_heads.box_predictor.*": 8}
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(out / "ptq_w4a4_heads8.onnx")).graph.initializer
+               if i.data_type == onnx.TensorProto.INT8 and np.prod(i.dims) > 1]
+    spans = [int(np.abs(w).max()) for w in weights]
+    assert any(s > 8 for s in spans) and any(s <= 8 for s in spans)  # the heads' 8-bit codes and the rest's 4-bit
     with pytest.raises(SystemExit, match="--reconstruction is a PTQ option"):
         main(["convert", str(qat_ckpt), "--out", str(tmp_path / "q"), "--reconstruction", "qdrop"])
+    with pytest.raises(SystemExit, match="--head-bits is a PTQ option"):
+        main(["convert", str(qat_ckpt), "--out", str(tmp_path / "q"), "--head-bits", "8"])
     cmp = run_compare(float_ckpt, [], tmp_path / "cmp", tiny_data(num_val=2), ptq_bits=(4,), n_cal=1, peers=(),
-                      runs=1, warmup=0, threads=1, progress=False, runtimes=("onnxruntime",),
+                      runs=1, warmup=0, threads=1, progress=False, runtimes=("onnxruntime",), head_bits=8,
                       reconstruction=reconstruction_config("qdrop", 2))
     names = [r["name"] for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]]
-    assert names.count("fqn PTQ w4a4 (qdrop)") == 1 and "fqn PTQ w4a4" not in names  # one runtime: one row
-    assert (tmp_path / "cmp" / "fqn_ptq_w4a4_qdrop.onnx").is_file()
+    assert names.count("fqn PTQ w4a4 (heads 8-bit, qdrop)") == 1 and "fqn PTQ w4a4" not in names  # one runtime
+    assert (tmp_path / "cmp" / "fqn_ptq_w4a4_heads8_qdrop.onnx").is_file()
     assert "qdrop" in cmp.markdown()

@@ -83,3 +83,21 @@ def test_layer_bits_are_validated():
     cfg = QuantConfig(bits_w=4, bits_a=4, layer_bits={"a.*": 8, "a.b": 6})
     assert cfg.for_layer("a.b").bits_w == 8 and cfg.for_layer("c").bits_w == 4  # the first pattern wins
     assert cfg.flags == "FPC+mixed"
+
+
+def test_head_bits_raise_exactly_the_heads_layers(_float_detectors):
+    """`ptq_config(..., head_bits=8)`: the RPN head (its conv, objectness, deltas and their per-level outputs) and the
+    box predictor at 8 bits; the backbone, the FPN and the box head's fc layers stay at the row's 4 bits."""
+    from fqn.ptq import ptq_config
+
+    cfg = ptq_config(4, head_bits=8, layer_bits={"backbone.body.conv1": 8})
+    assert cfg.layer_bits == {"backbone.body.conv1": 8, "rpn.head.*": 8, "roi_heads.box_predictor.*": 8}
+    model = prepare_qat(copy.deepcopy(_float_detectors["resnet18"]), cfg)
+    bits = {n: q.bits for n, q in quantizers(model)}
+    high = {n.rsplit(".", 1)[0] for n, b in bits.items() if b == 8 and n.endswith("weight_fq")}
+    assert high == {"backbone.body.conv1", "rpn.head.conv.0.0", "rpn.head.cls_logits", "rpn.head.bbox_pred",
+                    "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"}
+    assert {f"rpn.head.cls_fq.0.{i}" for i in range(5)} | {f"rpn.head.bbox_fq.0.{i}" for i in range(5)} <= {
+        n for n, b in bits.items() if b == 8}
+    assert bits["roi_heads.box_head.fc7.weight_fq"] == 4 and bits["backbone.fpn.inner_blocks.0.0.weight_fq"] == 4
+    assert ptq_config(4).layer_bits == {}
