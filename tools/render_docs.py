@@ -219,15 +219,16 @@ def _ptq_rows(data: str) -> list[dict[str, Any]]:
     """Every PTQ row of the data's result files (each file one run; the FP32 row once), in table order:
     bits, then scope, then rounding, then iterations."""
     rows: list[dict[str, Any]] = []
-    for file in RECONSTRUCTION[data]:
+    for i, file in enumerate(RECONSTRUCTION[data]):
         if not (RESULTS / file).is_file():
             continue
         for r in results(file)["rows"]:
             if r["model"] == "FP32" and any(x["model"] == "FP32" for x in rows):
                 continue
-            rows.append({**r, "scope": r.get("scope") or (EVERY_LAYER if r["model"] != "FP32" else "-")})
-    return sorted(rows, key=lambda r: (r.get("bits", 0), r["scope"] != EVERY_LAYER, r["scope"],
-                                       ROUNDINGS.index(r["rounding"]), r.get("iters") or 0))
+            scope = r.get("scope") or (EVERY_LAYER if r["model"] != "FP32" else "-")
+            rows.append({**r, "scope": scope, "_order": 0 if scope in (EVERY_LAYER, "-") else i})
+    return sorted(rows, key=lambda r: (r.get("bits", 0), r["_order"], ROUNDINGS.index(r["rounding"]),
+                                       r.get("iters") or 0))
 
 
 def reconstruction_table(data: str, scoped: bool = False) -> str:
@@ -255,10 +256,11 @@ def reconstruction_table(data: str, scoped: bool = False) -> str:
 PTQ_TARGET = 95.0  # issue 28's target for PTQ w4a4, % of FP32 AP
 
 
-def reconstruction_best(data: str, bits: int = 4) -> str:
-    """The best reconstructed PTQ row at ``bits`` and how far it is from the target, inline."""
+def reconstruction_best(data: str, bits: int = 4, scope: str = EVERY_LAYER) -> str:
+    """The best reconstructed PTQ row at ``bits`` with quantized ``scope`` (a row's scope starts with it), and how
+    far it is from the target, inline."""
     rows = [r for r in _ptq_rows(data) if r.get("bits") == bits and r["rounding"] != "nearest"
-            and r["scope"] == EVERY_LAYER]
+            and r["scope"].startswith(scope)]
     best = max(rows, key=lambda r: r["AP"])
     gap = PTQ_TARGET - best["pct_fp32"]
     where = f"{gap:.1f} points short of" if gap > 0 else f"{-gap:.1f} points above"
@@ -315,6 +317,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "reconstruction-scope-synthetic": lambda: reconstruction_table("synthetic", scoped=True),
     "reconstruction-qat-synthetic": lambda: reconstruction_qat_table("synthetic"),
     "reconstruction-best-synthetic": lambda: reconstruction_best("synthetic"),
+    "reconstruction-best-heads8-synthetic": lambda: reconstruction_best("synthetic", scope="rpn.head.*: 8-bit"),
     "reconstruction-gap-synthetic": lambda: reconstruction_gap("synthetic"),
     "cli-reference": cli_reference,
     "quickstart-table": quickstart_table,
