@@ -249,7 +249,9 @@ def reconstruction_table(data: str, scoped: bool = False) -> str:
             Column("cal_images", "calibration images", fmt="d"), Column("AP"), Column("AP50"),
             Column("pct_fp32", "% of FP32", 1), Column("error_ratio", "unit error", 2),
             Column("int8_gap", "int8 - fake AP", 3, signed=True), Column("ptq_minutes", "PTQ minutes", 1)]
-    files = [f for f in RECONSTRUCTION[data] if ("heads" in f) == scoped]
+    files = [f for f in RECONSTRUCTION[data] if (RESULTS / f).is_file()
+             and any((r.get("scope") or EVERY_LAYER) != EVERY_LAYER
+                     for r in results(f)["rows"] if r["model"] != "FP32") == scoped]
     return markdown_table(rows, cols) + "\n\n" + _sources(files)
 
 
@@ -268,28 +270,34 @@ def reconstruction_best(data: str, bits: int = 4, scope: str = EVERY_LAYER) -> s
             f"{abs(gap):.1f} points {where} {PTQ_TARGET:.0f}%")
 
 
-def reconstruction_qat_table(data: str) -> str:
-    """QAT from nearest-rounding PTQ against QAT from a reconstructed start, at each measured step count."""
-    from fqn.commands.report import Column, markdown_table
-
+def _qat_rows(data: str) -> list[dict[str, Any]]:
+    """The QAT rows of the data's ablate results (one file per step count) with their steps, share of FP32, int8 gap
+    and calibration images; the FP32 row first, once."""
     rows: list[dict[str, Any]] = []
     for file in RECONSTRUCTION_QAT[data]:
         if not (RESULTS / file).is_file():
             continue
         record = results(file)
-        steps = record["meta"]["grid"]["steps"]
+        grid = record["meta"]["grid"]
         fp32 = next(r for r in record["rows"] if r["row"] == "FP32")
         if not rows:
             rows.append({**fp32, "steps": "-"})
-        batch = record["meta"]["grid"].get("batch_size")
-        rows += [{**r, "steps": steps, "pct_fp32": 100 * r["AP"] / fp32["AP"], "int8_gap": r["int8_AP"] - r["AP"],
-                  "cal_images": r["config"]["n_cal"] * batch if batch else None}
+        batch = grid.get("batch_size")
+        rows += [{**r, "steps": grid["steps"], "pct_fp32": 100 * r["AP"] / fp32["AP"],
+                  "int8_gap": r["int8_AP"] - r["AP"], "cal_images": r["config"]["n_cal"] * batch if batch else None}
                  for r in record["rows"] if r["row"] != "FP32"]
+    return rows
+
+
+def reconstruction_qat_table(data: str) -> str:
+    """QAT from nearest-rounding PTQ against QAT from a reconstructed start, at each measured step count."""
+    from fqn.commands.report import Column, markdown_table
+
     cols = [Column("row"), Column("steps", "QAT steps", fmt="d"),
             Column("cal_images", "calibration images", fmt="d"), Column("AP"), Column("AP50"),
             Column("pct_fp32", "% of FP32", 1),
             Column("int8_gap", "int8 - fake AP", 3, signed=True), Column("minutes", "minutes", 1)]
-    return markdown_table(rows, cols) + "\n\n" + _sources(RECONSTRUCTION_QAT[data])
+    return markdown_table(_qat_rows(data), cols) + "\n\n" + _sources(RECONSTRUCTION_QAT[data])
 
 
 GAP_TARGET = 0.003  # int8 within 0.3 AP points of the fake-quant model: the rows past it are named
@@ -303,9 +311,7 @@ def reconstruction_gap(data: str) -> str:
         return f"{r['model']} {r['rounding']}{iters}{scope}"
 
     rows = [(name(r), r["int8_gap"]) for r in _ptq_rows(data) if r.get("int8_gap") is not None]
-    rows += [(f"{r['row']} ({results(f)['meta']['grid']['steps']} steps)", r["int8_AP"] - r["AP"])
-             for f in RECONSTRUCTION_QAT[data] if (RESULTS / f).is_file()
-             for r in results(f)["rows"] if r.get("int8_AP") is not None]
+    rows += [(f"{r['row']} ({r['steps']} steps)", r["int8_gap"]) for r in _qat_rows(data)[1:]]
     worst_name, worst = max(rows, key=lambda r: abs(r[1]))
     over = [n for n, g in rows if abs(g) > GAP_TARGET]
     text = f"at most {abs(worst) * 100:.1f} AP points ({worst_name}) over the {len(rows)} PTQ and QAT rows"
