@@ -3,6 +3,7 @@ traceback. The CLI runs as a person runs it (a subprocess of the installed `fqn`
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,15 @@ def test_one_vocabulary_across_commands():
             assert opts["--n-cal"].default == 20 or name == "quickstart", name
         if "--config" in opts:
             assert "NAME|FILE" in opts["--config"].metavar, name
+        for flag, action in opts.items():  # a default written into the help is the one argparse uses
+            written = re.search(r"\(default: (-?[0-9.]+)\)", action.help or "")
+            assert written is None or str(action.default) == written.group(1), (name, flag, action.default)
+    defaults: dict[str, set] = {}
+    for opts in options.values():
+        for flag in ("--reconstruction-iters", "--reconstruction", "--head-bits", "--gamma"):
+            if flag in opts:
+                defaults.setdefault(flag, set()).add(repr(opts[flag].default))
+    assert all(len(d) == 1 for d in defaults.values()), defaults  # one default for one option, in every command
     for name in ("convert", "evaluate", "predict", "analyze"):  # one model: the first argument
         assert parsers()[name]._actions[1].dest == "model", name
     with pytest.raises(SystemExit) as exit_:  # a bare list option is an error, not "none"

@@ -48,6 +48,7 @@ from fqn.commands.options import (
     add_threads,
     command_parser,
 )
+from fqn.quant.reconstruction import ReconstructionConfig
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -212,8 +213,8 @@ def ablate_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads per row (default: the cores / --jobs)")
     p.add_argument("--seed", type=int, metavar="N", help="data seed (shuffle, augmentation, calibration batches) "
                    "instead of the config's data.data_seed: a second seed of a table, in its own --out folder")
-    p.add_argument("--reconstruction-iters", type=int, metavar="N", help="optimisation steps per block of the "
-                   "reconstruction table's learned rounding (default: 200)")
+    p.add_argument("--reconstruction-iters", type=int, default=ReconstructionConfig().iters, metavar="N",
+                   help="optimisation steps per block of the reconstruction table's learned rounding")
     return p
 
 
