@@ -205,10 +205,11 @@ def run_row(spec: GridSpec, row: Row) -> dict[str, Any]:
     data.setup("validate")
     val = list(data.val_dataloader())
     fake = evaluate_map(model, val, progress=False)
-    path = convert_int8(model, out / "int8" / f"{row.slug}.onnx", synthetic_scenes(1, spec.example_size))
+    packed = out / "int8" / f"{row.slug}.int4.onnx" if min([cfg.bits_w, *cfg.layer_bits.values()]) <= 4 else None
+    path = convert_int8(model, out / "int8" / f"{row.slug}.onnx", synthetic_scenes(1, spec.example_size),
+                        packed_path=packed)
     int8 = evaluate_map(load_int8(path, threads=torch.get_num_threads()), val, progress=False)
-    stored = convert_int8(model, out / "int8" / f"{row.slug}.int4.onnx", synthetic_scenes(1, spec.example_size),
-                          pack_int4=True) if min([cfg.bits_w, *cfg.layer_bits.values()]) <= 4 else path
+    stored = packed or path
     result = {"row": row.name, "qat": row.qat, "bits": spec.bits, "config": cfg.to_dict(), "module": row.module,
               "reconstruction": (quant_state(model).ptq or {}).get("reconstruction"), "minutes": made_in,
               "weight_MB": weight_bits(model) / 8e6, "file_MB": stored.stat().st_size / 1e6,

@@ -116,12 +116,13 @@ def export_files(model: Any, images: list[torch.Tensor], folder: Path) -> dict[t
     cal = [[img] for img in images[:2]]
     for bits in (8, 4):
         q = post_training_quantize(model, cal, ptq_config(bits), num_batches=len(cal), progress=False)
-        files[(f"w{bits}", "detector")] = convert_int8(q, folder / f"w{bits}.onnx", images[:1])
-        files[(f"w{bits}", "backbone_fpn")] = export_part(q, "backbone_fpn", folder / f"w{bits}_bb.onnx", images[0])
-        if bits == 4:
-            files[("w4p", "detector")] = convert_int8(q, folder / "w4.int4.onnx", images[:1], pack_int4=True)
-            files[("w4p", "backbone_fpn")] = export_part(q, "backbone_fpn", folder / "w4_bb.int4.onnx", images[0],
-                                                        pack_int4=True)
+        packed = folder / "w4.int4.onnx" if bits == 4 else None
+        files[(f"w{bits}", "detector")] = convert_int8(q, folder / f"w{bits}.onnx", images[:1], packed_path=packed)
+        packed_bb = folder / "w4_bb.int4.onnx" if bits == 4 else None
+        files[(f"w{bits}", "backbone_fpn")] = export_part(q, "backbone_fpn", folder / f"w{bits}_bb.onnx", images[0],
+                                                         packed_path=packed_bb)
+        if packed is not None:
+            files[("w4p", "detector")], files[("w4p", "backbone_fpn")] = packed, packed_bb
     files[("ort", "detector")] = ort_quantize_static(files[("fp32", "detector")], folder / "ort.onnx",
                                                      [{"image": img.numpy()} for img in images[:2]])
     files[("ort", "backbone_fpn")] = ort_quantize_static(

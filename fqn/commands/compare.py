@@ -138,12 +138,10 @@ def quantized_rows(bench: Bench, name: str, method: str, model: nn.Module, examp
     """
     cfg = quant_config(model)
     fake = bench.evaluate(model)
-    path = convert_int8(model, bench.out / f"{stem}.onnx", [example])
+    packed = bench.out / f"{stem}.int4.onnx" if cfg.bits_w <= 4 else None
+    path = convert_int8(model, bench.out / f"{stem}.onnx", [example], packed_path=packed)
     part = export_part(model, "backbone_fpn", bench.out / f"{stem}_backbone_fpn.onnx", example)
-    extra = {}
-    if cfg.bits_w <= 4:
-        packed = convert_int8(model, bench.out / f"{stem}.int4.onnx", [example], pack_int4=True)
-        extra = {"packed_mb": _file_mb(packed), "packed_file": packed.name}
+    extra = {"packed_mb": _file_mb(packed), "packed_file": packed.name} if packed is not None else {}
     rows = []
     for runtime in bench.runtimes:
         int8 = load_int8(path, bench.threads, runtime=runtime)

@@ -64,7 +64,8 @@ def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[i
         if bits and head_bits:
             stem += f"_heads{head_bits}"
         meta = _file_metadata(checkpoint, data)
-        path = convert_int8(model, fresh_file(out / f"{stem}.onnx"), example, metadata=meta)
+        packed = fresh_file(out / f"{stem}.int4.onnx") if cfg.bits_w <= 4 else None  # storage: same trace
+        path = convert_int8(model, fresh_file(out / f"{stem}.onnx"), example, metadata=meta, packed_path=packed)
         record = {"file": path.name, "method": "ptq" if bits else "qat", "bits": f"w{cfg.bits_w}a{cfg.bits_a}",
                   "flags": cfg.flags, "size_mb": path.stat().st_size / 1e6, "config": cfg.to_dict()}
         if bits:
@@ -73,9 +74,7 @@ def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[i
         print(f"wrote {path} ({record['size_mb']:.1f} MB, {cfg.flags} {record['bits']}): the file to deploy; ONNX "
               f"Runtime and OpenVINO run it on integer kernels as they open it. Score it with `fqn evaluate {path} "
               f"--out OUT`, run it with `fqn predict {path} IMAGES --out OUT`")
-        if cfg.bits_w <= 4:
-            packed = convert_int8(model, fresh_file(out / f"{stem}.int4.onnx"), example, metadata=meta,
-                                  pack_int4=True)
+        if packed is not None:
             record.update(packed_file=packed.name, packed_mb=packed.stat().st_size / 1e6)
             print(f"wrote {packed} ({record['packed_mb']:.1f} MB): the same model with packed INT4 weights, for "
                   "storage and transfer; fqn.load_int8 runs it (widening the weights in memory), a plain runtime "

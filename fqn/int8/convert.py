@@ -148,20 +148,26 @@ def _weight_range(cfg: Any) -> tuple[int, int] | None:
 
 
 def _export_detector(model: nn.Module, path: str | Path, example_images: Sequence[Tensor], cfg: Any,
-                     metadata: dict[str, Any] | None, pack_int4: bool = False) -> Path:
+                     metadata: dict[str, Any] | None, pack_int4: bool = False,
+                     packed_path: str | Path | None = None) -> Path:
     images = _check_images(example_images)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
+    packed = None
+    if packed_path is not None:
+        Path(packed_path).parent.mkdir(parents=True, exist_ok=True)
+        packed = (packed_path, _metadata(model, cfg, metadata, True))
     export_onnx(_Detector(export_form(model)).eval(), (images[0],), path, input_names=["image"],
                 output_names=["boxes", "labels", "scores"], dynamic_axes=_IMAGE_AXES, quantized=cfg is not None,
                 metadata=_metadata(model, cfg, metadata, pack_int4), weight_range=_weight_range(cfg),
-                pack_int4=pack_int4)
+                pack_int4=pack_int4, packed=packed)
     return path
 
 
 def convert_int8(model: nn.Module, path: str | Path, example_images: Sequence[Tensor], *,
-                 metadata: dict[str, Any] | None = None, pack_int4: bool = False) -> Path:
+                 metadata: dict[str, Any] | None = None, pack_int4: bool = False,
+                 packed_path: str | Path | None = None) -> Path:
     """Write the quantized ``model`` as one int8 ONNX file (whole detector, dynamic image size); returns the path.
 
     Uses the model's own scales and zero points and its BN-folded weights rounded by torch's fake
@@ -172,12 +178,13 @@ def convert_int8(model: nn.Module, path: str | Path, example_images: Sequence[Te
     kernels at any bit-width <= 8 (k-bit weights are held in INT8). ``pack_int4=True`` writes
     <= 4-bit weights as packed INT4 instead: about half the size, for storage and transfer; `load_int8`
     widens them in memory, but a plain runtime session does not fuse INT4 weights and runs slower than float.
+    ``packed_path`` writes that packed file as well, from the same trace as ``path`` (one trace, not two).
 
     Example:
         >>> path = convert_int8(qat_model, "model_w8a8.onnx", [image])  # doctest: +SKIP
         >>> detections = load_int8(path)([image])  # doctest: +SKIP
     """
-    return _export_detector(model, path, example_images, check_quantized(model), metadata, pack_int4)
+    return _export_detector(model, path, example_images, check_quantized(model), metadata, pack_int4, packed_path)
 
 
 def export_float(model: nn.Module, path: str | Path, example_images: Sequence[Tensor]) -> Path:
@@ -186,8 +193,9 @@ def export_float(model: nn.Module, path: str | Path, example_images: Sequence[Te
 
 
 def export_part(model: nn.Module, part: str, path: str | Path, example_image: Tensor, *,
-                pack_int4: bool = False) -> Path:
-    """Write ``part`` ("backbone_fpn" or "heads") of a float or quantized detector; input: `resized_batch`."""
+                pack_int4: bool = False, packed_path: str | Path | None = None) -> Path:
+    """Write ``part`` ("backbone_fpn" or "heads") of a float or quantized detector; input: `resized_batch`.
+    ``packed_path``: also its packed-INT4 storage file, from the same trace (as `convert_int8`)."""
     parts = {"backbone_fpn": BackboneFPN, "heads": HeadOutputs}
     if part not in parts:
         raise ValueError(f"unknown part {part!r}; choose one of {sorted(parts)}")
@@ -204,7 +212,8 @@ def export_part(model: nn.Module, part: str, path: str | Path, example_image: Te
     export_onnx(module, (batch,), path, input_names=["batch"], output_names=[f"out{i}" for i in range(n_out)],
                 dynamic_axes={"batch": {2: "height", 3: "width"}}, quantized=cfg is not None,
                 metadata=_metadata(model, cfg, {"part": part}, pack_int4), weight_range=_weight_range(cfg),
-                pack_int4=pack_int4)
+                pack_int4=pack_int4,
+                packed=None if packed_path is None else (packed_path, _metadata(model, cfg, {"part": part}, True)))
     return path
 
 

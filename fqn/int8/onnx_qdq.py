@@ -134,22 +134,37 @@ def _report_floored_scales(model: nn.Module) -> None:
 def export_onnx(module: nn.Module, args: tuple, path: str | Path | None, *, input_names: Sequence[str],
                 output_names: Sequence[str], dynamic_axes: dict[str, dict[int, str]] | None = None,
                 quantized: bool = True, metadata: dict[str, str] | None = None,
-                weight_range: tuple[int, int] | None = None, pack_int4: bool = False) -> Any:
+                weight_range: tuple[int, int] | None = None, pack_int4: bool = False,
+                packed: tuple[str | Path, dict[str, str] | None] | None = None) -> Any:
     """Export ``module(*args)`` to ONNX (QDQ form when ``quantized``); returns the ``onnx.ModelProto``.
 
     ``weight_range`` is the integer range of the weight codes (e.g. (-7, 7) at 4 bits); with
     ``pack_int4``, ranges within 4 bits are stored as packed INT4 (storage) instead of INT8
-    (deployment). ``path=None`` only returns the proto.
+    (deployment). ``packed=(path, metadata)`` also writes that packed storage file from the same trace:
+    tracing a detector is most of an export's time, and the two files then hold the same graph by
+    construction. ``path=None`` only returns the proto.
     """
     import onnx
 
+    if packed is not None and not quantized:
+        raise ValueError("a packed INT4 file holds integer weights: a float export has none")
     buf = io.BytesIO()
     ctx = qdq_export_mode(module, args) if quantized else contextlib.nullcontext(module)
     with ctx as module, torch.no_grad(), _quiet_export():
         torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, do_constant_folding=True,
                           input_names=list(input_names), output_names=list(output_names),
                           dynamic_axes=dynamic_axes)
-    proto = onnx.load_from_string(buf.getvalue())
+    traced = buf.getvalue()
+    if packed is not None:
+        _finish(onnx.load_from_string(traced), packed[0], True, weight_range, True, packed[1])
+    return _finish(onnx.load_from_string(traced), path, quantized, weight_range, pack_int4, metadata)
+
+
+def _finish(proto: Any, path: str | Path | None, quantized: bool, weight_range: tuple[int, int] | None,
+            pack_int4: bool, metadata: dict[str, str] | None) -> Any:
+    """The traced graph as fqn's file: integer weight codes, the Q/DQ pair after Resize/MaxPool, the metadata."""
+    import onnx
+
     if quantized:
         store_integer_weights(proto, weight_range, pack_int4)
         requantize_after_resize(proto)

@@ -159,6 +159,21 @@ def test_weights_are_stored_as_the_hand_computed_integer_codes(bits):
             np.testing.assert_array_equal(a, b)
 
 
+def test_one_trace_writes_the_deploy_and_the_packed_file_as_two_exports_do(tmp_path):
+    """``packed=``: the storage file from the deploy file's trace is byte for byte the one a second export writes."""
+    block, x = _calibrated_block(4)
+    kw = {"input_names": ["x"], "output_names": ["y"], "weight_range": (-7, 7)}
+    export_onnx(block, (x,), tmp_path / "deploy.onnx", **kw, metadata={"k": "deploy"},
+                packed=(tmp_path / "packed.onnx", {"k": "packed"}))
+    export_onnx(block, (x,), tmp_path / "deploy2.onnx", **kw, metadata={"k": "deploy"})
+    export_onnx(block, (x,), tmp_path / "packed2.onnx", **kw, metadata={"k": "packed"}, pack_int4=True)
+    assert (tmp_path / "deploy.onnx").read_bytes() == (tmp_path / "deploy2.onnx").read_bytes()
+    assert (tmp_path / "packed.onnx").read_bytes() == (tmp_path / "packed2.onnx").read_bytes()
+    assert (tmp_path / "packed.onnx").stat().st_size < (tmp_path / "deploy.onnx").stat().st_size
+    with pytest.raises(ValueError, match="float export"):
+        export_onnx(block, (x,), None, **kw, quantized=False, packed=(tmp_path / "f.onnx", None))
+
+
 @pytest.fixture(scope="module")
 def tiny_quantized(_float_detectors, scenes):
     out = {}
@@ -171,8 +186,10 @@ def tiny_quantized(_float_detectors, scenes):
 @pytest.fixture(scope="module")
 def tiny_files(tiny_quantized, scenes, tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
-    files = {bits: convert_int8(m, root / f"w{bits}.onnx", scenes[:1]) for bits, m in tiny_quantized.items()}
-    files["4-packed"] = convert_int8(tiny_quantized[4], root / "w4.int4.onnx", scenes[:1], pack_int4=True)
+    files = {bits: convert_int8(m, root / f"w{bits}.onnx", scenes[:1],
+                                packed_path=root / "w4.int4.onnx" if bits == 4 else None)
+             for bits, m in tiny_quantized.items()}
+    files["4-packed"] = root / "w4.int4.onnx"
     return files
 
 

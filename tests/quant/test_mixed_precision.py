@@ -47,8 +47,8 @@ def test_matching_layers_and_their_outputs_take_the_high_bit_width(mixed):
 
 @pytest.mark.slow
 def test_int8_file_keeps_each_layer_at_its_own_width(mixed, scenes, tmp_path):
-    deploy = convert_int8(mixed, tmp_path / "mixed.onnx", scenes[:1])
-    packed = convert_int8(mixed, tmp_path / "mixed.int4.onnx", scenes[:1], pack_int4=True)
+    packed = tmp_path / "mixed.int4.onnx"
+    deploy = convert_int8(mixed, tmp_path / "mixed.onnx", scenes[:1], packed_path=packed)
     proto = onnx.load(str(deploy))
     codes = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer
              if i.data_type == onnx.TensorProto.INT8 and len(i.dims) in (2, 4)}
