@@ -14,10 +14,10 @@ quickstart: $(STAMP)
 	$(VENV)/bin/fqn quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15  # two workers (pytest-xdist): most tests use one core; an xdist_group runs on one
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15  # two workers, a file on one (pytest-xdist)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"  # the day-to-day tier: no end-to-end runs
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"  # the day-to-day tier: no end-to-end runs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fqn tests tools

@@ -13,8 +13,6 @@ import torch
 
 from tests.tools import load_tool
 
-pytestmark = pytest.mark.xdist_group("docs")  # module fixtures built once, on one worker
-
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]

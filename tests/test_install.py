@@ -71,21 +71,23 @@ def test_the_wheel_holds_the_package_and_its_configs(installed):
     assert Path(where).is_relative_to(installed["python"].parents[1]), where  # the wheel's fqn, not the clone's
 
 
-def test_version_and_a_packaged_config_by_name_from_an_empty_folder(installed):
-    out = run(installed["fqn"], "--version", cwd=installed["cwd"], env=installed["env"]).stdout
+def test_version_and_a_packaged_config_by_name_from_an_empty_folder(installed, tmp_path):
+    empty = tmp_path / "empty"  # its own: the module's other tests write into installed["cwd"]
+    empty.mkdir()
+    out = run(installed["fqn"], "--version", cwd=empty, env=installed["env"]).stdout
     assert out.strip() == f"fqn {fqn.__version__}"
-    printed = run(installed["fqn"], "fit", "--config", "coco_r50_w4a4", "--print_config", cwd=installed["cwd"],
+    printed = run(installed["fqn"], "fit", "--config", "coco_r50_w4a4", "--print_config", cwd=empty,
                   env=installed["env"]).stdout
     config = yaml.safe_load(printed)
     assert config["model"]["backbone"] == "resnet50" and config["model"]["quant"]["bits_w"] == 4
     assert config["data"]["source"] == "coco" and config["trainer"]["logger"]["init_args"]["save_dir"] == "runs"
-    assert list(installed["cwd"].iterdir()) == []  # printing a config writes nothing
+    assert list(empty.iterdir()) == []  # printing a config writes nothing
 
 
 def test_tiny_quickstart_from_the_wheel(installed):
     out = installed["cwd"] / "qs"
     run(installed["fqn"], "quickstart", "--out", out, "--size", "96", "--float-steps", "2", "--qat-steps", "1",
-        "--ptq-bits", "4", "--num-val", "2", "--n-cal", "1", "--no-peers", "--runs", "1", "--threads", "2",
+        "--ptq-bits", "4", "--num-val", "2", "--n-cal", "1", "--no-peers", "--runs", "1", "--threads", "1",
         cwd=installed["cwd"], env=installed["env"])
     rows = json.loads((out / "compare" / "compare.json").read_text())["rows"]
     assert [(r["name"], r["runtime"]) for r in rows] == [
@@ -104,7 +106,7 @@ def test_tiny_quickstart_from_the_wheel(installed):
     before = (files / "compare.json").read_bytes()
     again = run(installed["fqn"], "quickstart", "--out", out, "--size", "96", "--float-steps", "2", "--qat-steps",
                 "1", "--ptq-bits", "4", "--num-val", "2", "--n-cal", "1", "--no-peers", "--runs", "1",
-                "--threads", "2", cwd=installed["cwd"], env=installed["env"])
+                "--threads", "1", cwd=installed["cwd"], env=installed["env"])
     assert "already done" in again.stdout and "| fqn QAT w4a4 (qat_w4a4) |" in again.stdout
     assert (files / "compare.json").read_bytes() == before
     other = subprocess.run([str(installed["fqn"]), "quickstart", "--out", str(out), "--size", "96", "--float-steps",
@@ -115,5 +117,5 @@ def test_tiny_quickstart_from_the_wheel(installed):
     from fqn.commands.quickstart import QuickstartConfig, _train
 
     cfg = QuickstartConfig(out=str(out), size=96, float_steps=2, qat_steps=1, ptq_bits=(4,), num_val=2, n_cal=1,
-                           peers=(), runs=1, threads=2)
+                           peers=(), runs=1, threads=1)
     assert _train("float", cfg, cfg.float_steps) == out / "float" / "last.ckpt"

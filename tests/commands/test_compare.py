@@ -50,14 +50,21 @@ def checkpoints(tmp_path_factory):
 QAT = "fqn QAT w4a4 (qat_w4a4)"  # a QAT row is named after its run
 
 
+PTQ = "fqn PTQ w4a4 (heads 8-bit, qdrop)"  # every PTQ option of the command: the row says which
+
+
 def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
+    """Every row, with every PTQ option on (range search, bias correction, 8-bit heads, QDrop's reconstruction)."""
+    from fqn.ptq import reconstruction_config
+
     float_ckpt, qat_ckpt = checkpoints
-    cmp = run_compare(float_ckpt, [qat_ckpt], tmp_path, tiny_data(num_val=4), ptq_bits=(8,), n_cal=2,
+    cmp = run_compare(float_ckpt, [qat_ckpt], tmp_path, tiny_data(num_val=4), ptq_bits=(4,), n_cal=2,
                       peers=("onnxruntime",), runs=2, warmup=1, threads=1, progress=False,
-                      runtimes=("onnxruntime", "openvino"), bias_correction=True)
+                      runtimes=("onnxruntime", "openvino"), bias_correction=True, head_bits=8,
+                      reconstruction=reconstruction_config("qdrop", 2))
     saved = json.loads((tmp_path / "compare.json").read_text())
     names = [r["name"] for r in saved["rows"]]
-    assert names == ["FP32", "FP32 (ONNX Runtime)", "FP32 (OpenVINO)", "fqn PTQ w8a8", "fqn PTQ w8a8",
+    assert names == ["FP32", "FP32 (ONNX Runtime)", "FP32 (OpenVINO)", PTQ, PTQ,
                      "fqn QAT w4a4 (qat_w4a4)", "fqn QAT w4a4 (qat_w4a4)", "ORT quantize_static w8a8"]
     # the ORT peer quantizes the network, not the glue: 8-bit anchors, box decoding or RoI level mapping cost
     # the quickstart's model 17 AP points
@@ -78,13 +85,15 @@ def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (row["name"], key)
     rows = {r["name"]: r for r in saved["rows"]}  # the OpenVINO row of each name
     assert rows["FP32"]["speedup"] == pytest.approx(1.0)
-    for name in ("fqn PTQ w8a8", QAT):  # the row's fields; that the int8 model finds what the
+    for name in (PTQ, QAT):  # the row's fields; that the int8 model finds what the
         # fake-quant one finds is tested on a trained model in test_agreement.py
         assert math.isfinite(rows[name]["int8_gap_AP"]) and math.isfinite(rows[name]["fake_quant_AP"])
-    assert rows["fqn PTQ w8a8"]["size_mb"] < 0.3 * rows["FP32"]["size_mb"]
-    # the rows say how their ranges were set: PTQ by the per-layer search with bias correction, QAT by P
-    counts = rows["fqn PTQ w8a8"]["ranges"].removeprefix("search: ").removesuffix(" + bias correction")
-    assert rows["fqn PTQ w8a8"]["ranges"].endswith("+ bias correction")
+    assert rows[PTQ]["size_mb"] < 0.3 * rows["FP32"]["size_mb"]
+    assert (tmp_path / "fqn_ptq_w4a4_heads8_qdrop.onnx").is_file() and "qdrop" in cmp.markdown()
+    # the rows say how their ranges were set: PTQ by the per-layer search, QDrop and bias correction, QAT by P
+    suffix = ", qdrop (2 iterations) + bias correction"
+    assert rows[PTQ]["ranges"].endswith(suffix)
+    counts = rows[PTQ]["ranges"].removeprefix("search: ").removesuffix(suffix)
     assert sum(int(part.split()[-1]) for part in counts.split(", ")) == 60  # every activation quantizer of R18-FPN
     assert rows[QAT]["ranges"] == "percentile"
     # the deployable 4-bit file holds its codes in INT8; the packed storage file beside it is about half
@@ -185,13 +194,12 @@ def test_analyze_cli_writes_its_report(checkpoints, tmp_path, capsys):
     assert json.loads((tmp_path / "p" / "layers.json").read_text())["layers"]
 
 
-def test_reconstruction_through_convert_and_compare(checkpoints, tmp_path):
-    """`--reconstruction` and `--head-bits`: the PTQ rows of `fqn compare` and the files of `fqn convert` are the
-    reconstructed model's with its heads at 8 bits, named and recorded as such; a QAT checkpoint refuses both
-    (they are PTQ options)."""
+def test_reconstruction_and_head_bits_through_convert(checkpoints, tmp_path):
+    """`--reconstruction` and `--head-bits`: the files of `fqn convert` are the reconstructed model's with its heads
+    at 8 bits, named and recorded as such; a QAT checkpoint refuses both (they are PTQ options). `fqn compare`'s
+    rows with both: test_compare_writes_every_row_with_finite_numbers."""
     from onnx import numpy_helper
 
-    from fqn.ptq import reconstruction_config
 
     float_ckpt, qat_ckpt = checkpoints
     out = tmp_path / "ptq"
@@ -210,10 +218,3 @@ def test_reconstruction_through_convert_and_compare(checkpoints, tmp_path):
         main(["convert", str(qat_ckpt), "--out", str(tmp_path / "q"), "--reconstruction", "qdrop"])
     with pytest.raises(SystemExit, match="--head-bits is a PTQ option"):
         main(["convert", str(qat_ckpt), "--out", str(tmp_path / "q"), "--head-bits", "8"])
-    cmp = run_compare(float_ckpt, [], tmp_path / "cmp", tiny_data(num_val=2), ptq_bits=(4,), n_cal=1, peers=(),
-                      runs=1, warmup=0, threads=1, progress=False, runtimes=("onnxruntime",), head_bits=8,
-                      reconstruction=reconstruction_config("qdrop", 2))
-    names = [r["name"] for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]]
-    assert names.count("fqn PTQ w4a4 (heads 8-bit, qdrop)") == 1 and "fqn PTQ w4a4" not in names  # one runtime
-    assert (tmp_path / "cmp" / "fqn_ptq_w4a4_heads8_qdrop.onnx").is_file()
-    assert "qdrop" in cmp.markdown()

@@ -23,8 +23,7 @@ from tests.devices import cpu_has_vnni
 
 from ..train.tiny import tiny_data, tiny_module, tiny_trainer
 
-# end to end: the fast tier (-m 'not slow') leaves it out; its module fixtures are built once, on one worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("int8_agreement")]
+pytestmark = pytest.mark.slow  # end to end: the fast tier (-m 'not slow') leaves it out
 
 SIZE = 64
 SCENES = SyntheticConfig(image_size=SIZE, num_classes=2, min_objects=1, max_objects=3, min_size=SIZE // 4,

@@ -20,8 +20,6 @@ from fqn.quant.fake_quant import quantizers, set_phase
 from fqn.quant.modules import QuantAdd, QuantConv2d
 from fqn.quant.prepare import bind_input_grids
 
-pytestmark = pytest.mark.xdist_group("int8_convert")  # module fixtures built once, on one worker
-
 
 class _Block(nn.Module):
     """input quantizer -> conv+ReLU -> conv, plus a 1x1 shortcut conv, joined by a quantized add with ReLU."""
