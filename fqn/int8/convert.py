@@ -147,6 +147,15 @@ def _weight_range(cfg: Any) -> tuple[int, int] | None:
     return quant_range(bits, cfg.symmetric_weights)
 
 
+def _packed(model: nn.Module, cfg: Any, extra: dict[str, Any] | None,
+            packed_path: str | Path | None) -> tuple[Path, dict[str, str]] | None:
+    """``export_onnx``'s ``packed=`` argument for a packed-INT4 file at ``packed_path`` (its folder made), or None."""
+    if packed_path is None:
+        return None
+    Path(packed_path).parent.mkdir(parents=True, exist_ok=True)
+    return Path(packed_path), _metadata(model, cfg, extra, True)
+
+
 def _export_detector(model: nn.Module, path: str | Path, example_images: Sequence[Tensor], cfg: Any,
                      metadata: dict[str, Any] | None, pack_int4: bool = False,
                      packed_path: str | Path | None = None) -> Path:
@@ -154,14 +163,10 @@ def _export_detector(model: nn.Module, path: str | Path, example_images: Sequenc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
-    packed = None
-    if packed_path is not None:
-        Path(packed_path).parent.mkdir(parents=True, exist_ok=True)
-        packed = (packed_path, _metadata(model, cfg, metadata, True))
     export_onnx(_Detector(export_form(model)).eval(), (images[0],), path, input_names=["image"],
                 output_names=["boxes", "labels", "scores"], dynamic_axes=_IMAGE_AXES, quantized=cfg is not None,
                 metadata=_metadata(model, cfg, metadata, pack_int4), weight_range=_weight_range(cfg),
-                pack_int4=pack_int4, packed=packed)
+                pack_int4=pack_int4, packed=_packed(model, cfg, metadata, packed_path))
     return path
 
 
@@ -212,8 +217,7 @@ def export_part(model: nn.Module, part: str, path: str | Path, example_image: Te
     export_onnx(module, (batch,), path, input_names=["batch"], output_names=[f"out{i}" for i in range(n_out)],
                 dynamic_axes={"batch": {2: "height", 3: "width"}}, quantized=cfg is not None,
                 metadata=_metadata(model, cfg, {"part": part}, pack_int4), weight_range=_weight_range(cfg),
-                pack_int4=pack_int4,
-                packed=None if packed_path is None else (packed_path, _metadata(model, cfg, {"part": part}, True)))
+                pack_int4=pack_int4, packed=_packed(model, cfg, {"part": part}, packed_path))
     return path
 
 
