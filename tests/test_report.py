@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from fqn.commands.report import Column, RoundRobinTimer, Timed, columns, markdown_table, write_report
+from fqn.commands.report import Column, RoundRobinTimer, RowLog, Timed, columns, markdown_table, write_report
 
 
 def test_cells_write_missing_values_one_way():
@@ -48,3 +48,21 @@ def test_round_robin_timer_interleaves_and_reports_a_median():
     assert set(medians) == {"a", "b"} and all(v >= 0 and not math.isnan(v) for v in medians.values())
     with pytest.raises(ValueError):
         RoundRobinTimer(runs=0)
+
+
+def test_row_log_resumes_only_a_file_measured_with_the_same_inputs(tmp_path):
+    header = {"float": "a.ckpt", "float_sha256": "0123", "n_cal": 20, "provenance": {"host": "one"}}
+    log = RowLog(tmp_path, "t", columns("model", "AP"), header)
+    log.add({"model": "FP32", "AP": 0.5})
+    log.add({"model": "PTQ", "bits": 4, "rounding": "qdrop", "iters": 50, "AP": 0.4})
+    # an interrupted run resumed on another machine: the provenance differs, the inputs do not
+    resumed = RowLog(tmp_path, "t", columns("model", "AP"), {**header, "provenance": {"host": "two"}}, resume=True)
+    assert resumed.earlier(model="FP32") == {"model": "FP32", "AP": 0.5}
+    assert resumed.earlier(bits=4, rounding="qdrop", iters=50)["AP"] == 0.4
+    assert resumed.earlier(bits=4, rounding="qdrop", iters=200) is None  # not measured yet
+    assert resumed.rows == []  # the caller decides which earlier rows this run keeps, in its own order
+    assert RowLog(tmp_path, "t", columns("model"), header).earlier(model="FP32") is None  # no resume: fresh
+    for changed in ({"float_sha256": "4567"}, {"n_cal": 10}, {"extra": 1}):
+        with pytest.raises(ValueError, match=f"other inputs \\({next(iter(changed))}\\)"):
+            RowLog(tmp_path, "t", columns("model"), {**header, **changed}, resume=True)
+    assert RowLog(tmp_path / "new", "t", columns("model"), header, resume=True).earlier(model="FP32") is None

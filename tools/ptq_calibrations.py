@@ -7,7 +7,8 @@
 Every row post-training quantizes the same float model on the same calibration batches (the
 data's first ``--n-cal`` un-augmented training batches) and evaluates the fake-quant model on the
 validation split: the table that says which PTQ is the strongest on a data set. The JSON and
-Markdown files are rewritten after every row, so an interrupted run keeps what it measured.
+Markdown files are rewritten after every row, so an interrupted run keeps what it measured, and
+``--resume`` measures only the rows it is missing (the same checkpoint content and data, or an error).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fqn.commands.common import provenance, ptq_inputs
+from fqn.commands.common import file_digest, provenance, ptq_inputs
 from fqn.commands.options import add_ptq_measurement
 from fqn.commands.report import RowLog, columns
 from fqn.evaluation import evaluate_map
@@ -29,15 +30,16 @@ TABLE = columns("model", "ranges", "AP", "AP50", "AP75", "APs", "APm", "APl", "A
 
 def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int], rules: list[str],
         bias_correction: list[bool], n_cal: int = 20, num_val: int | None = None, threads: int = 2,
-        progress: bool = True) -> list[dict]:
+        resume: bool = False, progress: bool = True) -> list[dict]:
     """Measure every (bits, rule, bias correction) row after the FP32 row; returns the rows."""
     unknown = set(rules) - set(CALIBRATIONS)
     if unknown:
         raise ValueError(f"unknown range rules {sorted(unknown)}; choose from {CALIBRATIONS}")
     torch.set_num_threads(threads)
     model, val, cal = ptq_inputs(float_ckpt, config, n_cal, num_val)
-    log = RowLog(out, "ptq_calibrations", TABLE, {"float": str(float_ckpt), "config": config, "n_cal": n_cal,
-                                                  "provenance": provenance(threads)})
+    log = RowLog(out, "ptq_calibrations", TABLE,
+                 {"float": str(float_ckpt), "float_sha256": file_digest(float_ckpt), "config": config, "n_cal": n_cal,
+                  "num_val": num_val, "provenance": provenance(threads)}, resume=resume)
 
     def add(row: dict, started: float) -> None:
         row["minutes"] = (time.perf_counter() - started) / 60
@@ -45,11 +47,19 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
             row["gap_AP"] = row["AP"] - log.rows[0]["AP"]
         log.add(row)
 
-    started = time.perf_counter()
-    add({"model": "FP32", "ranges": "-", **evaluate_map(model, val, progress=progress)}, started)
+    fp32 = log.earlier(model="FP32")
+    if fp32:
+        log.add(fp32)
+    else:
+        started = time.perf_counter()
+        add({"model": "FP32", "ranges": "-", **evaluate_map(model, val, progress=progress)}, started)
     for b in bits:
         for rule in rules:
             for corrected in bias_correction:
+                done = log.earlier(bits=b, rule=rule, bias_correction=corrected)
+                if done:
+                    log.add(done)
+                    continue
                 started = time.perf_counter()
                 q = post_training_quantize(model, cal, ptq_config(b, rule), num_batches=n_cal,
                                            bias_correction=corrected, progress=progress)
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     corrected = {"off": [False], "on": [True], "both": [False, True]}[args.bias_correction]
     run(args.float_ckpt, args.config, Path(args.out), bits=args.ptq_bits, rules=args.rules, bias_correction=corrected,
-        n_cal=args.n_cal, num_val=args.num_val, threads=args.threads)
+        n_cal=args.n_cal, num_val=args.num_val, threads=args.threads, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ first ``--n-cal`` un-augmented training batches; their image count is in every r
 default range search, then rounds to nearest or reconstructs (``--methods``, ``--iters`` per unit),
 and evaluates the fake-quant model on the validation split; with ``--int8`` also the int8 file in
 ONNX Runtime (``int8_AP``, ``int8_gap``: int8 minus fake-quant). Each row has its time. The JSON
-and Markdown files are rewritten after every row, so an interrupted run keeps what it measured.
+and Markdown files are rewritten after every row, so an interrupted run keeps what it measured, and
+``--resume`` measures only the rows it is missing (the same checkpoint content, data and scope, or an error).
 
 ``--layer-bits PATTERN=BITS`` and ``--keep-float PATTERN`` (module-name patterns, as `QuantConfig.layer_bits`
 and ``keep_float``) change the quantized scope of every row, e.g. the heads' layers at 8 bits or float, as
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fqn.commands.common import provenance, ptq_inputs
+from fqn.commands.common import file_digest, provenance, ptq_inputs
 from fqn.commands.options import add_ptq_measurement
 from fqn.commands.report import Column, RowLog, columns
 from fqn.evaluation import evaluate_map
@@ -66,7 +67,7 @@ def parse_layer_bits(specs: list[str]) -> dict[str, int]:
 def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int], methods: list[str],
         iters: list[int], n_cal: int = 20, num_val: int | None = None, threads: int = 2, int8: bool = False,
         layer_bits: dict[str, int] | None = None, keep_float: list[str] | None = None,
-        progress: bool = True) -> list[dict]:
+        resume: bool = False, progress: bool = True) -> list[dict]:
     """Measure every (bits, method, iters) row after the FP32 row; returns the rows."""
     layer_bits, keep_float = dict(layer_bits or {}), list(keep_float or [])
     scope = scope_label(layer_bits, keep_float)
@@ -77,8 +78,10 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
     model, val, cal = ptq_inputs(float_ckpt, config, n_cal, num_val)
     example = batch_images(cal[0])[:1]
     cal_images = sum(len(batch_images(b)) for b in cal)
-    log = RowLog(out, "ptq_reconstruction", TABLE, {"float": str(float_ckpt), "config": config, "n_cal": n_cal,
-                                                    "cal_images": cal_images, "provenance": provenance(threads)})
+    log = RowLog(out, "ptq_reconstruction", TABLE,
+                 {"float": str(float_ckpt), "float_sha256": file_digest(float_ckpt), "config": config, "n_cal": n_cal,
+                  "cal_images": cal_images, "num_val": num_val, "scope": scope, "provenance": provenance(threads)},
+                 resume=resume)
 
     def add(row: dict, started: float) -> None:
         row["minutes"] = (time.perf_counter() - started) / 60
@@ -87,11 +90,19 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
             row["pct_fp32"] = 100 * row["AP"] / fp32 if fp32 > 0 else None
         log.add(row)
 
-    started = time.perf_counter()
-    add({"model": "FP32", "rounding": "-", **evaluate_map(model, val, progress=progress)}, started)
+    fp32 = log.earlier(model="FP32")
+    if fp32:
+        log.add(fp32)
+    else:
+        started = time.perf_counter()
+        add({"model": "FP32", "rounding": "-", **evaluate_map(model, val, progress=progress)}, started)
     for b in bits:
         for method in methods:
             for n in ([0] if method == "nearest" else iters):
+                done = log.earlier(bits=b, rounding=method, iters=n or None, int8=int8)
+                if done:
+                    log.add(done)
+                    continue
                 started = time.perf_counter()
                 rcfg = None if method == "nearest" else ReconstructionConfig(method, iters=n)
                 cfg = ptq_config(b, layer_bits=layer_bits, keep_float=keep_float)
@@ -100,7 +111,7 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
                 rec = (quant_state(q).ptq or {}).get("reconstruction") or {}
                 row = {"model": f"PTQ w{b}a{b}", "bits": b, "scope": scope, "layer_bits": layer_bits,
                        "keep_float": keep_float, "rounding": method, "iters": n or None,
-                       "cal_batches": n_cal, "cal_images": cal_images, "ptq_minutes": ptq_minutes,
+                       "cal_batches": n_cal, "cal_images": cal_images, "ptq_minutes": ptq_minutes, "int8": int8,
                        "error_ratio": rec.get("error_ratio"), **evaluate_map(q, val, progress=progress)}
                 if int8:
                     row["int8_AP"] = _int8_ap(q, val, example, threads, progress)
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run(args.float_ckpt, args.config, Path(args.out), bits=args.ptq_bits, methods=args.methods, iters=args.iters,
         n_cal=args.n_cal, num_val=args.num_val, threads=args.threads, int8=args.int8,
-        layer_bits=parse_layer_bits(args.layer_bits), keep_float=args.keep_float)
+        layer_bits=parse_layer_bits(args.layer_bits), keep_float=args.keep_float, resume=args.resume)
 
 
 if __name__ == "__main__":

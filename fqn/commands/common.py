@@ -9,6 +9,7 @@ numbers that look fine and mean nothing.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -203,6 +204,16 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256: names a checkpoint's content, so a result resumed or reused
+    for a path is known to come from the same weights, not from an older file at that path."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def provenance(threads: int | None = None, argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -112,3 +112,5 @@ def add_ptq_measurement(p: argparse.ArgumentParser) -> None:
                    "un-augmented, drawn with the data seed)")
     add_num_val(p)
     p.add_argument("--threads", type=int, default=2, metavar="N", help="CPU threads")
+    p.add_argument("--resume", action="store_true", help="keep the rows an interrupted run with the same inputs "
+                   "already wrote to --out and measure only the rest")

@@ -116,13 +116,38 @@ class RowLog:
     """A measurement's rows, rewritten to ``out/stem.json`` and ``out/stem.md`` after every row, so an interrupted
     run keeps what it measured; the last row is printed as a table line as it lands.
 
-    ``header``: what the JSON says above its ``rows`` (the inputs, the provenance).
+    ``header``: what the JSON says above its ``rows`` (the inputs, the provenance). ``resume``: keep the rows an
+    earlier, interrupted run wrote to the same file, for `earlier` to hand back instead of measuring them again;
+    that file must have been measured with the same header (all but its provenance), or it is an error, never a
+    silent mix of two experiments.
     """
 
-    def __init__(self, out: Path, stem: str, cols: Sequence[Column], header: dict[str, Any]) -> None:
+    def __init__(self, out: Path, stem: str, cols: Sequence[Column], header: dict[str, Any],
+                 resume: bool = False) -> None:
         self.out, self.stem, self.cols, self.header = Path(out), stem, list(cols), header
         self.rows: list[dict[str, Any]] = []
+        self._earlier = self._load_earlier() if resume else []
         self.out.mkdir(parents=True, exist_ok=True)
+
+    def _load_earlier(self) -> list[dict[str, Any]]:
+        path = self.out / f"{self.stem}.json"
+        if not path.is_file():
+            return []
+        old = json.loads(path.read_text())
+        inputs = {k: v for k, v in old.items() if k not in ("rows", "provenance")}
+        wanted = {k: v for k, v in json_safe(self.header).items() if k != "provenance"}
+        if inputs != wanted:
+            differ = sorted(k for k in inputs.keys() | wanted.keys() if inputs.get(k) != wanted.get(k))
+            raise ValueError(f"cannot resume {path}: it was measured with other inputs ({', '.join(differ)}); "
+                             "pass another --out, or delete the file to measure from scratch")
+        return list(old.get("rows", []))
+
+    def earlier(self, **key: Any) -> dict[str, Any] | None:
+        """The row of the resumed file whose values match ``key`` (e.g. ``rounding="qdrop", iters=50``), else None."""
+        for row in self._earlier:
+            if all(row.get(k) == v for k, v in json_safe(key).items()):
+                return row
+        return None
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

@@ -11,7 +11,7 @@ from . import load_tool, tiny_float_checkpoint
 
 
 @pytest.mark.slow  # PTQ, reconstruction and conversion of a detector, end to end
-def test_rows_state_their_images_share_of_fp32_and_int8_gap(tmp_path, capsys):
+def test_rows_state_their_images_share_of_fp32_and_int8_gap(tmp_path, capsys, monkeypatch):
     ckpt, config = tiny_float_checkpoint(tmp_path)
     tool = load_tool("ptq_reconstruction")
     tool.main([str(ckpt), "--config", str(config), "--out", str(tmp_path / "out"), "--ptq-bits", "8",
@@ -33,6 +33,19 @@ def test_rows_state_their_images_share_of_fp32_and_int8_gap(tmp_path, capsys):
     assert "| FP32 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown methods"):
         tool.run(ckpt, str(config), tmp_path / "o2", bits=[8], methods=["stochastic"], iters=[1])
+
+    # --resume: every row is in the file, so nothing is quantized or evaluated again, and the rows are the same
+    def measured(*args, **kwargs):
+        raise AssertionError("a row the file already has was measured again")
+
+    monkeypatch.setattr(tool, "post_training_quantize", measured)
+    monkeypatch.setattr(tool, "evaluate_map", measured)
+    again = tool.run(ckpt, str(config), tmp_path / "out", bits=[8], methods=["nearest", "adaround"], iters=[2],
+                     n_cal=1, threads=1, int8=True, layer_bits={"rpn.head.*": 4}, resume=True, progress=False)
+    assert again == rows
+    with pytest.raises(ValueError, match=r"other inputs \(scope\)"):  # another scope is another experiment
+        tool.run(ckpt, str(config), tmp_path / "out", bits=[8], methods=["nearest"], iters=[2], n_cal=1,
+                 threads=1, resume=True, progress=False)
 
 
 def test_scope_options_parse_and_name_the_scope():
