@@ -21,7 +21,7 @@ from fqn.int8.convert import convert_int8, load_int8
 from fqn.ptq import post_training_quantize
 from tests.devices import cpu_has_vnni
 
-from ..train.tiny import tiny_data, tiny_module, tiny_trainer
+from ..train.tiny import TORCHVISION_WIDTH, tiny_data, tiny_module, tiny_trainer
 
 pytestmark = pytest.mark.slow  # end to end: the fast tier (-m 'not slow') leaves it out
 
@@ -36,8 +36,8 @@ def _data(num_val: int = 2):
     return tiny_data(synthetic=SCENES, num_train=8, num_val=num_val, augment=False, batch_size=2)
 
 
-def _module(**kw):
-    return tiny_module(num_classes=3, min_size=SIZE, max_size=SIZE, **kw)
+def _module(**kw):  # torchvision's widths: the numbers below were measured on them
+    return tiny_module(num_classes=3, min_size=SIZE, max_size=SIZE, detector=TORCHVISION_WIDTH, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,12 @@ from fqn.data.synthetic import SyntheticConfig
 from fqn.train.module import DetectionModule
 
 SIZE = 96
-DETECTOR = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
-            "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}
+# torchvision's widths (FPN 256, box head 1024): for tests whose thresholds were measured on that architecture
+TORCHVISION_WIDTH = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
+                     "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}
+# narrow FPN and box head: every layer kind and the int8 graph are the same, the int8 file is 12 MB instead of 31,
+# and a conversion costs a quarter less, a PTQ a third less (measured on one thread: 12.8 -> 9.4 s, 3.6 -> 2.4 s)
+DETECTOR = {**TORCHVISION_WIDTH, "fpn_channels": 64, "representation_size": 128}
 
 
 def tiny_data(**kw: Any) -> DetectionDataModule:
