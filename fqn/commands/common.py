@@ -206,6 +206,13 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     return info
 
 
+def ptq_file_stem(bits: int, head_bits: int | None = None, reconstruction: str | None = None) -> str:
+    """The name of a PTQ model's files, e.g. ``ptq_w4a4_heads8_qdrop``: every option that changes the integer codes
+    is in it, so `fqn convert` and `fqn compare` name one model alike and two variants never share a file."""
+    return f"ptq_w{bits}a{bits}" + (f"_heads{head_bits}" if head_bits else "") + (
+        f"_{reconstruction}" if reconstruction else "")
+
+
 def file_digest(path: str | Path) -> str:
     """The first 16 hex digits of a file's SHA-256: names a checkpoint's content, so a result resumed or reused
     for a path is known to come from the same weights, not from an older file at that path."""

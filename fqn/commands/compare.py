@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fqn.commands.common import data_for, fresh_file, provenance, unique_labels
+from fqn.commands.common import data_for, fresh_file, provenance, ptq_file_stem, unique_labels
 from fqn.commands.peers import ort_quantize_static
 from fqn.commands.report import Column, RoundRobinTimer, Timed, log_scalars, markdown_table, write_json
 from fqn.evaluation import MAP_COLUMNS, evaluate_map
@@ -317,8 +317,7 @@ def run_compare(float_ckpt: str | Path | None, qat_ckpts: Sequence[str | Path], 
                                        bias_correction=bias_correction, reconstruction=rcfg, progress=progress)
         variant = ([f"heads {head_bits}-bit"] if head_bits else []) + ([rcfg.method] if rcfg else [])
         name = f"fqn PTQ w{bits}a{bits}" + (f" ({', '.join(variant)})" if variant else "")
-        stem = f"fqn_ptq_w{bits}a{bits}" + (f"_heads{head_bits}" if head_bits else "") + (
-            f"_{rcfg.method}" if rcfg else "")
+        stem = "fqn_" + ptq_file_stem(bits, head_bits, rcfg.method if rcfg else None)
         for row in quantized_rows(bench, name, "ptq", model, example, stem):
             cmp.add(*row)
     for (path, model), label in zip(qat, labels):

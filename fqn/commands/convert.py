@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fqn.commands.common import ONNX_DATA_KEY, data_for, fresh_file, provenance, quantized_model
+from fqn.commands.common import ONNX_DATA_KEY, data_for, fresh_file, provenance, ptq_file_stem, quantized_model
 from fqn.commands.report import write_json
 from fqn.data.synthetic import synthetic_scenes
 from fqn.int8 import convert_int8
 from fqn.models.checkpoint import read_checkpoint
+from fqn.ptq import reconstruction_config
 from fqn.quant.reconstruction import ReconstructionConfig
 from fqn.quant.state import quant_config, quant_state
 
@@ -49,20 +50,18 @@ def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[i
 
     ``ptq_bits``: post-training quantize a float checkpoint at each bit-width; empty or None converts a QAT one.
     ``reconstruction``: that PTQ's learned rounding; the files store the learned integer codes. ``head_bits``: that
-    PTQ's bit-width of the heads' layers (the file is named for it, e.g. ``ptq_w4a4_heads8.onnx``).
+    PTQ's bit-width of the heads' layers. A PTQ file is named for both, e.g. ``ptq_w4a4_heads8_qdrop.onnx``.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     hp = read_checkpoint(checkpoint)["hyper_parameters"]
     data = _data_or_none(checkpoint, config, needed=bool(ptq_bits))
     example = synthetic_scenes(1, hp["min_size"])  # drives the trace only: any image size runs afterwards
-    deployable = []
+    deployable, rcfg = [], reconstruction_config(reconstruction)
     for bits in ptq_bits or [None]:
         model = quantized_model(checkpoint, bits, data, calibration=calibration, bias_correction=bias_correction,
                                 n_cal=n_cal, head_bits=head_bits, reconstruction=reconstruction)
         cfg = quant_config(model)
-        stem = f"{'ptq' if bits else 'qat'}_w{cfg.bits_w}a{cfg.bits_a}"
-        if bits and head_bits:
-            stem += f"_heads{head_bits}"
+        stem = ptq_file_stem(bits, head_bits, rcfg and rcfg.method) if bits else f"qat_w{cfg.bits_w}a{cfg.bits_a}"
         meta = _file_metadata(checkpoint, data)
         packed = fresh_file(out / f"{stem}.int4.onnx") if cfg.bits_w <= 4 else None  # storage: same trace
         path = convert_int8(model, fresh_file(out / f"{stem}.onnx"), example, metadata=meta, packed_path=packed)

@@ -205,12 +205,12 @@ def test_reconstruction_and_head_bits_through_convert(checkpoints, tmp_path):
     out = tmp_path / "ptq"
     assert main(["convert", str(float_ckpt), "--out", str(out), "--ptq-bits", "4", "--n-cal", "1", "--head-bits", "8",
                  "--reconstruction", "brecq", "--reconstruction-iters", "2"]) == 0
-    saved = json.loads((out / "ptq_w4a4_heads8.json").read_text())
+    saved = json.loads((out / "ptq_w4a4_heads8_brecq.json").read_text())
     record = saved["reconstruction"]
     assert record["reconstruction"] == "brecq" and record["iters"] == 2 and record["calibration_batches"] == 1
     assert saved["head_bits"] == 8
     assert saved["config"]["layer_bits"] == {"rpn.head.*": 8, "roi_heads.box_predictor.*": 8}
-    weights = [numpy_helper.to_array(i) for i in onnx.load(str(out / "ptq_w4a4_heads8.onnx")).graph.initializer
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(out / "ptq_w4a4_heads8_brecq.onnx")).graph.initializer
                if i.data_type == onnx.TensorProto.INT8 and np.prod(i.dims) > 1]
     spans = [int(np.abs(w).max()) for w in weights]
     assert any(s > 8 for s in spans) and any(s <= 8 for s in spans)  # the heads' 8-bit codes and the rest's 4-bit
