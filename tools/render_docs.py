@@ -318,13 +318,18 @@ def reconstruction_gap(data: str) -> str:
     return text + (f"; more than 0.3 points: {', '.join(over)}" if over else ", all within 0.3 points")
 
 
+def reconstruction_renderers(data: str) -> dict[str, Callable[[], str]]:
+    """The blocks of one data set's reconstruction measurements, ``reconstruction-PART-DATA``."""
+    parts: dict[str, Callable[[], str]] = {
+        "table": lambda: reconstruction_table(data), "scope": lambda: reconstruction_table(data, scoped=True),
+        "qat": lambda: reconstruction_qat_table(data), "best": lambda: reconstruction_best(data),
+        "best-heads8": lambda: reconstruction_best(data, scope="rpn.head.*: 8-bit"),
+        "gap": lambda: reconstruction_gap(data)}
+    return {f"reconstruction-{part}-{data}": render for part, render in parts.items()}
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
-    "reconstruction-table-synthetic": lambda: reconstruction_table("synthetic"),
-    "reconstruction-scope-synthetic": lambda: reconstruction_table("synthetic", scoped=True),
-    "reconstruction-qat-synthetic": lambda: reconstruction_qat_table("synthetic"),
-    "reconstruction-best-synthetic": lambda: reconstruction_best("synthetic"),
-    "reconstruction-best-heads8-synthetic": lambda: reconstruction_best("synthetic", scope="rpn.head.*: 8-bit"),
-    "reconstruction-gap-synthetic": lambda: reconstruction_gap("synthetic"),
+    **{name: render for data in RECONSTRUCTION for name, render in reconstruction_renderers(data).items()},
     "cli-reference": cli_reference,
     "quickstart-table": quickstart_table,
     "quickstart-headline": quickstart_headline,
