@@ -66,3 +66,14 @@ def test_row_log_resumes_only_a_file_measured_with_the_same_inputs(tmp_path):
         with pytest.raises(ValueError, match=f"other inputs \\({next(iter(changed))}\\)"):
             RowLog(tmp_path, "t", columns("model"), {**header, **changed}, resume=True)
     assert RowLog(tmp_path / "new", "t", columns("model"), header, resume=True).earlier(model="FP32") is None
+    calls = []
+
+    def measured_now():
+        calls.append(1)
+        return {"model": "PTQ", "bits": 4, "rounding": "qdrop", "iters": 200, "AP": 0.45}
+
+    kept = resumed.measure({"bits": 4, "rounding": "qdrop", "iters": 50}, measured_now)
+    new = resumed.measure({"bits": 4, "rounding": "qdrop", "iters": 200}, measured_now)
+    assert kept["AP"] == 0.4 and "minutes" not in kept and new["AP"] == 0.45 and new["minutes"] >= 0
+    assert calls == [1] and resumed.rows == [kept, new]
+    assert [r["AP"] for r in json.loads((tmp_path / "t.json").read_text())["rows"]] == [0.4, 0.45]

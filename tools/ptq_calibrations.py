@@ -14,7 +14,7 @@ Markdown files are rewritten after every row, so an interrupted run keeps what i
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,30 +41,21 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
                  {"float": str(float_ckpt), "float_sha256": file_digest(float_ckpt), "config": config, "n_cal": n_cal,
                   "num_val": num_val, "provenance": provenance(threads)}, resume=resume)
 
-    def add(row: dict, started: float) -> None:
-        row["minutes"] = (time.perf_counter() - started) / 60
-        if log.rows:
-            row["gap_AP"] = row["AP"] - log.rows[0]["AP"]
-        log.add(row)
+    fp32 = log.measure({"model": "FP32"}, lambda: {"model": "FP32", "ranges": "-",
+                                                   **evaluate_map(model, val, progress=progress)})["AP"]
 
-    fp32 = log.earlier(model="FP32")
-    if fp32:
-        log.add(fp32)
-    else:
-        started = time.perf_counter()
-        add({"model": "FP32", "ranges": "-", **evaluate_map(model, val, progress=progress)}, started)
+    def ptq_row(b: int, rule: str, corrected: bool) -> dict:
+        q = post_training_quantize(model, cal, ptq_config(b, rule), num_batches=n_cal, bias_correction=corrected,
+                                   progress=progress)
+        row = {"model": f"PTQ w{b}a{b}", "bits": b, "rule": rule, "bias_correction": corrected,
+               "ranges": ranges_summary(q), **evaluate_map(q, val, progress=progress)}
+        return {**row, "gap_AP": row["AP"] - fp32}
+
     for b in bits:
         for rule in rules:
             for corrected in bias_correction:
-                done = log.earlier(bits=b, rule=rule, bias_correction=corrected)
-                if done:
-                    log.add(done)
-                    continue
-                started = time.perf_counter()
-                q = post_training_quantize(model, cal, ptq_config(b, rule), num_batches=n_cal,
-                                           bias_correction=corrected, progress=progress)
-                add({"model": f"PTQ w{b}a{b}", "bits": b, "rule": rule, "bias_correction": corrected,
-                     "ranges": ranges_summary(q), **evaluate_map(q, val, progress=progress)}, started)
+                log.measure({"bits": b, "rule": rule, "bias_correction": corrected},
+                            partial(ptq_row, b, rule, corrected))
     print("\n" + log.table())
     return log.rows
 

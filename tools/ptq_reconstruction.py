@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,40 +84,31 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
                   "cal_images": cal_images, "num_val": num_val, "scope": scope, "provenance": provenance(threads)},
                  resume=resume)
 
-    def add(row: dict, started: float) -> None:
-        row["minutes"] = (time.perf_counter() - started) / 60
-        if log.rows:  # an untrained float model scores 0: no share then
-            fp32 = log.rows[0]["AP"]
-            row["pct_fp32"] = 100 * row["AP"] / fp32 if fp32 > 0 else None
-        log.add(row)
+    fp32 = log.measure({"model": "FP32"}, lambda: {"model": "FP32", "rounding": "-",
+                                                   **evaluate_map(model, val, progress=progress)})["AP"]
 
-    fp32 = log.earlier(model="FP32")
-    if fp32:
-        log.add(fp32)
-    else:
+    def ptq_row(b: int, method: str, n: int) -> dict:
         started = time.perf_counter()
-        add({"model": "FP32", "rounding": "-", **evaluate_map(model, val, progress=progress)}, started)
+        rcfg = None if method == "nearest" else ReconstructionConfig(method, iters=n)
+        cfg = ptq_config(b, layer_bits=layer_bits, keep_float=keep_float)
+        q = post_training_quantize(model, cal, cfg, num_batches=n_cal, reconstruction=rcfg, progress=progress)
+        ptq_minutes = (time.perf_counter() - started) / 60
+        rec = (quant_state(q).ptq or {}).get("reconstruction") or {}
+        row = {"model": f"PTQ w{b}a{b}", "bits": b, "scope": scope, "layer_bits": layer_bits,
+               "keep_float": keep_float, "rounding": method, "iters": n or None,
+               "cal_batches": n_cal, "cal_images": cal_images, "ptq_minutes": ptq_minutes, "int8": int8,
+               "error_ratio": rec.get("error_ratio"), **evaluate_map(q, val, progress=progress)}
+        row["pct_fp32"] = 100 * row["AP"] / fp32 if fp32 > 0 else None  # an untrained float model scores 0
+        if int8:
+            row["int8_AP"] = _int8_ap(q, val, example, threads, progress)
+            row["int8_gap"] = row["int8_AP"] - row["AP"]
+        return row
+
     for b in bits:
         for method in methods:
             for n in ([0] if method == "nearest" else iters):
-                done = log.earlier(bits=b, rounding=method, iters=n or None, int8=int8)
-                if done:
-                    log.add(done)
-                    continue
-                started = time.perf_counter()
-                rcfg = None if method == "nearest" else ReconstructionConfig(method, iters=n)
-                cfg = ptq_config(b, layer_bits=layer_bits, keep_float=keep_float)
-                q = post_training_quantize(model, cal, cfg, num_batches=n_cal, reconstruction=rcfg, progress=progress)
-                ptq_minutes = (time.perf_counter() - started) / 60
-                rec = (quant_state(q).ptq or {}).get("reconstruction") or {}
-                row = {"model": f"PTQ w{b}a{b}", "bits": b, "scope": scope, "layer_bits": layer_bits,
-                       "keep_float": keep_float, "rounding": method, "iters": n or None,
-                       "cal_batches": n_cal, "cal_images": cal_images, "ptq_minutes": ptq_minutes, "int8": int8,
-                       "error_ratio": rec.get("error_ratio"), **evaluate_map(q, val, progress=progress)}
-                if int8:
-                    row["int8_AP"] = _int8_ap(q, val, example, threads, progress)
-                    row["int8_gap"] = row["int8_AP"] - row["AP"]
-                add(row, started)
+                log.measure({"bits": b, "rounding": method, "iters": n or None, "int8": int8},
+                            partial(ptq_row, b, method, n))
     print("\n" + log.table())
     return log.rows
 

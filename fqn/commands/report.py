@@ -149,6 +149,17 @@ class RowLog:
                 return row
         return None
 
+    def measure(self, key: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Add the row for ``key``: the resumed file's (`earlier`), or the one ``measure()`` returns, with its wall
+        time as ``minutes``; returns it."""
+        row = self.earlier(**key)
+        if row is None:
+            started = time.perf_counter()
+            row = measure()
+            row["minutes"] = (time.perf_counter() - started) / 60
+        self.add(row)
+        return row
+
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         write_json(self.out / f"{self.stem}.json", {**self.header, "rows": self.rows})
