@@ -207,8 +207,9 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
 
 
 def ptq_file_stem(bits: int, head_bits: int | None = None, reconstruction: str | None = None) -> str:
-    """The name of a PTQ model's files, e.g. ``ptq_w4a4_heads8_qdrop``: every option that changes the integer codes
-    is in it, so `fqn convert` and `fqn compare` name one model alike and two variants never share a file."""
+    """The name of a PTQ model's files, e.g. ``ptq_w4a4_heads8_qdrop``: its bits, its heads' bits and its
+    reconstruction, so `fqn convert` and `fqn compare` name one model alike and those variants never share a file
+    (the range rule and bias correction are in the file's metadata and its JSON record, not in its name)."""
     return f"ptq_w{bits}a{bits}" + (f"_heads{head_bits}" if head_bits else "") + (
         f"_{reconstruction}" if reconstruction else "")
 

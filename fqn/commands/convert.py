@@ -56,12 +56,13 @@ def run_convert(checkpoint: str | Path, out: str | Path, *, ptq_bits: Sequence[i
     hp = read_checkpoint(checkpoint)["hyper_parameters"]
     data = _data_or_none(checkpoint, config, needed=bool(ptq_bits))
     example = synthetic_scenes(1, hp["min_size"])  # drives the trace only: any image size runs afterwards
-    deployable, rcfg = [], reconstruction_config(reconstruction)
+    rcfg, deployable = reconstruction_config(reconstruction), []
+    method = rcfg.method if rcfg else None  # in the file's name
     for bits in ptq_bits or [None]:
         model = quantized_model(checkpoint, bits, data, calibration=calibration, bias_correction=bias_correction,
                                 n_cal=n_cal, head_bits=head_bits, reconstruction=reconstruction)
         cfg = quant_config(model)
-        stem = ptq_file_stem(bits, head_bits, rcfg and rcfg.method) if bits else f"qat_w{cfg.bits_w}a{cfg.bits_a}"
+        stem = ptq_file_stem(bits, head_bits, method) if bits else f"qat_w{cfg.bits_w}a{cfg.bits_a}"
         meta = _file_metadata(checkpoint, data)
         packed = fresh_file(out / f"{stem}.int4.onnx") if cfg.bits_w <= 4 else None  # storage: same trace
         path = convert_int8(model, fresh_file(out / f"{stem}.onnx"), example, metadata=meta, packed_path=packed)
