@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fqn.commands.common import file_digest, provenance, ptq_inputs
+from fqn.commands.common import ptq_header, ptq_inputs
 from fqn.commands.options import add_ptq_measurement
 from fqn.commands.report import RowLog, columns
 from fqn.evaluation import evaluate_map
@@ -37,9 +37,7 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
         raise ValueError(f"unknown range rules {sorted(unknown)}; choose from {CALIBRATIONS}")
     torch.set_num_threads(threads)
     model, val, cal = ptq_inputs(float_ckpt, config, n_cal, num_val)
-    log = RowLog(out, "ptq_calibrations", TABLE,
-                 {"float": str(float_ckpt), "float_sha256": file_digest(float_ckpt), "config": config, "n_cal": n_cal,
-                  "num_val": num_val, "provenance": provenance(threads)}, resume=resume)
+    log = RowLog(out, "ptq_calibrations", TABLE, ptq_header(float_ckpt, config, n_cal, num_val, threads), resume=resume)
 
     fp32 = log.measure({"model": "FP32"}, lambda: {"model": "FP32", "ranges": "-",
                                                    **evaluate_map(model, val, progress=progress)})["AP"]

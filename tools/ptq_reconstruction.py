@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fqn.commands.common import file_digest, provenance, ptq_inputs
+from fqn.commands.common import ptq_header, ptq_inputs
 from fqn.commands.options import add_ptq_measurement
 from fqn.commands.report import Column, RowLog, columns
 from fqn.evaluation import evaluate_map
@@ -80,8 +80,7 @@ def run(float_ckpt: str | Path, config: str | None, out: Path, *, bits: list[int
     example = batch_images(cal[0])[:1]
     cal_images = sum(len(batch_images(b)) for b in cal)
     log = RowLog(out, "ptq_reconstruction", TABLE,
-                 {"float": str(float_ckpt), "float_sha256": file_digest(float_ckpt), "config": config, "n_cal": n_cal,
-                  "cal_images": cal_images, "num_val": num_val, "scope": scope, "provenance": provenance(threads)},
+                 ptq_header(float_ckpt, config, n_cal, num_val, threads, cal_images=cal_images, scope=scope),
                  resume=resume)
 
     fp32 = log.measure({"model": "FP32"}, lambda: {"model": "FP32", "rounding": "-",

@@ -106,6 +106,14 @@ def quantized_model(checkpoint: str | Path, ptq_bits: int | None, data: Detectio
     return model
 
 
+def ptq_header(float_ckpt: str | Path, config: str | None, n_cal: int, num_val: int | None, threads: int,
+               **inputs: Any) -> dict[str, Any]:
+    """What a PTQ measurement's results file says it measured (`ptq_inputs`' arguments, the checkpoint's content,
+    any further ``inputs``) and where: a resumed file must match all of it but the provenance."""
+    return {"float": str(float_ckpt), "float_sha256": file_digest(float_ckpt), "config": config, "n_cal": n_cal,
+            "num_val": num_val, **inputs, "provenance": provenance(threads)}
+
+
 def ptq_inputs(float_ckpt: str | Path, config: str | None, n_cal: int,
                num_val: int | None = None) -> tuple[torch.nn.Module, list, list]:
     """The FP32 model, its validation batches and ``n_cal`` calibration batches: what a PTQ measurement starts from.
