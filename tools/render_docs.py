@@ -205,7 +205,8 @@ def exactness_table() -> str:
 
 RECONSTRUCTION = {"synthetic": ["ptq_reconstruction_synthetic_w4.json", "ptq_reconstruction_synthetic_w8.json",
                                  "ptq_reconstruction_synthetic_iters.json", "ptq_reconstruction_synthetic_heads8.json",
-                                 "ptq_reconstruction_synthetic_headsfloat.json"]}
+                                 "ptq_reconstruction_synthetic_headsfloat.json"],
+                  "street": ["ptq_reconstruction_street_w4.json", "ptq_reconstruction_street_w8.json"]}
 RECONSTRUCTION_QAT = {"synthetic": ["reconstruction_qat_synthetic_200.json", "reconstruction_qat_synthetic_400.json"]}
 EVERY_LAYER = "every layer"
 ROUNDINGS = ("-", "nearest", "adaround", "brecq", "qdrop")
@@ -274,7 +275,7 @@ def _qat_rows(data: str) -> list[dict[str, Any]]:
     """The QAT rows of the data's ablate results (one file per step count) with their steps, share of FP32, int8 gap
     and calibration images; the FP32 row first, once."""
     rows: list[dict[str, Any]] = []
-    for file in RECONSTRUCTION_QAT[data]:
+    for file in RECONSTRUCTION_QAT.get(data, []):
         if not (RESULTS / file).is_file():
             continue
         record = results(file)
@@ -319,12 +320,16 @@ def reconstruction_gap(data: str) -> str:
 
 
 def reconstruction_renderers(data: str) -> dict[str, Callable[[], str]]:
-    """The blocks of one data set's reconstruction measurements, ``reconstruction-PART-DATA``."""
+    """The blocks of one data set's reconstruction measurements, ``reconstruction-PART-DATA``: the scoped table and
+    the QAT table only where the data set has those measurements (the docs must use every block registered)."""
     parts: dict[str, Callable[[], str]] = {
-        "table": lambda: reconstruction_table(data), "scope": lambda: reconstruction_table(data, scoped=True),
-        "qat": lambda: reconstruction_qat_table(data), "best": lambda: reconstruction_best(data),
-        "best-heads8": lambda: reconstruction_best(data, scope="rpn.head.*: 8-bit"),
+        "table": lambda: reconstruction_table(data), "best": lambda: reconstruction_best(data),
         "gap": lambda: reconstruction_gap(data)}
+    if any(r["scope"] not in (EVERY_LAYER, "-") for r in _ptq_rows(data)):
+        parts |= {"scope": lambda: reconstruction_table(data, scoped=True),
+                  "best-heads8": lambda: reconstruction_best(data, scope="rpn.head.*: 8-bit")}
+    if RECONSTRUCTION_QAT.get(data):
+        parts["qat"] = lambda: reconstruction_qat_table(data)
     return {f"reconstruction-{part}-{data}": render for part, render in parts.items()}
 
 
