@@ -207,7 +207,8 @@ RECONSTRUCTION = {"synthetic": ["ptq_reconstruction_synthetic_w4.json", "ptq_rec
                                  "ptq_reconstruction_synthetic_iters.json", "ptq_reconstruction_synthetic_heads8.json",
                                  "ptq_reconstruction_synthetic_headsfloat.json"],
                   "street": ["ptq_reconstruction_street_w4.json", "ptq_reconstruction_street_w8.json"]}
-RECONSTRUCTION_QAT = {"synthetic": ["reconstruction_qat_synthetic_200.json", "reconstruction_qat_synthetic_400.json"]}
+RECONSTRUCTION_QAT = {"synthetic": ["reconstruction_qat_synthetic_200.json", "reconstruction_qat_synthetic_400.json"],
+                      "street": ["reconstruction_qat_street_400.json"]}
 EVERY_LAYER = "every layer"
 ROUNDINGS = ("-", "nearest", "adaround", "brecq", "qdrop")
 
@@ -301,6 +302,20 @@ def reconstruction_qat_table(data: str) -> str:
     return markdown_table(_qat_rows(data), cols) + "\n\n" + _sources(RECONSTRUCTION_QAT[data])
 
 
+QAT_TARGET = 97.0  # the level QAT w4a4 from a PTQ start is held to within 400 steps (% of FP32 AP)
+
+
+def reconstruction_qat_best(data: str) -> str:
+    """The best QAT row at the longest measured run, and how far it is from the target, inline."""
+    rows = _qat_rows(data)[1:]
+    steps = max(r["steps"] for r in rows)
+    best = max((r for r in rows if r["steps"] == steps), key=lambda r: r["AP"])
+    gap = QAT_TARGET - best["pct_fp32"]
+    where = "below" if gap > 0 else "above"
+    return (f"{best['row']} after {steps} steps, {best['pct_fp32']:.1f}% of FP32 AP, {abs(gap):.1f} points "
+            f"{where} {QAT_TARGET:.0f}%")
+
+
 GAP_TARGET = 0.003  # int8 within 0.3 AP points of the fake-quant model: the rows past it are named
 
 
@@ -329,7 +344,7 @@ def reconstruction_renderers(data: str) -> dict[str, Callable[[], str]]:
         parts |= {"scope": lambda: reconstruction_table(data, scoped=True),
                   "best-heads8": lambda: reconstruction_best(data, scope="rpn.head.*: 8-bit")}
     if RECONSTRUCTION_QAT.get(data):
-        parts["qat"] = lambda: reconstruction_qat_table(data)
+        parts |= {"qat": lambda: reconstruction_qat_table(data), "qat-best": lambda: reconstruction_qat_best(data)}
     return {f"reconstruction-{part}-{data}": render for part, render in parts.items()}
 
 
