@@ -266,10 +266,13 @@ def reconstruction_best(data: str, bits: int = 4, scope: str = EVERY_LAYER) -> s
     rows = [r for r in _ptq_rows(data) if r.get("bits") == bits and r["rounding"] != "nearest"
             and r["scope"].startswith(scope)]
     best = max(rows, key=lambda r: r["AP"])
-    gap = PTQ_TARGET - best["pct_fp32"]
-    where = "below" if gap > 0 else "above"
-    return (f"`{best['rounding']}` at {best['iters']} iterations per unit, {best['pct_fp32']:.1f}% of FP32 AP, "
-            f"{abs(gap):.1f} points {where} {PTQ_TARGET:.0f}%")
+    return f"`{best['rounding']}` at {best['iters']} iterations per unit, " + _against(best["pct_fp32"], PTQ_TARGET)
+
+
+def _against(pct: float, target: float) -> str:
+    """A share of FP32 AP and its distance from a target, as the docs' sentences state both."""
+    gap = target - pct
+    return f"{pct:.1f}% of FP32 AP, {abs(gap):.1f} points {'below' if gap > 0 else 'above'} {target:.0f}%"
 
 
 def _qat_rows(data: str) -> list[dict[str, Any]]:
@@ -310,10 +313,7 @@ def reconstruction_qat_best(data: str) -> str:
     rows = _qat_rows(data)[1:]
     steps = max(r["steps"] for r in rows)
     best = max((r for r in rows if r["steps"] == steps), key=lambda r: r["AP"])
-    gap = QAT_TARGET - best["pct_fp32"]
-    where = "below" if gap > 0 else "above"
-    return (f"{best['row']} after {steps} steps, {best['pct_fp32']:.1f}% of FP32 AP, {abs(gap):.1f} points "
-            f"{where} {QAT_TARGET:.0f}%")
+    return f"{best['row']} after {steps} steps, " + _against(best["pct_fp32"], QAT_TARGET)
 
 
 GAP_TARGET = 0.003  # int8 within 0.3 AP points of the fake-quant model: the rows past it are named
