@@ -208,7 +208,7 @@ RECONSTRUCTION = {"synthetic": ["ptq_reconstruction_synthetic_w4.json", "ptq_rec
                                  "ptq_reconstruction_synthetic_headsfloat.json"],
                   "street": ["ptq_reconstruction_street_w4.json", "ptq_reconstruction_street_w8.json"]}
 RECONSTRUCTION_QAT = {"synthetic": ["reconstruction_qat_synthetic_200.json", "reconstruction_qat_synthetic_400.json"],
-                      "street": ["reconstruction_qat_street_400.json"]}
+                      "street": ["reconstruction_qat_street_400.json", "reconstruction_qat_street_200.json"]}
 EVERY_LAYER = "every layer"
 ROUNDINGS = ("-", "nearest", "adaround", "brecq", "qdrop")
 
@@ -277,7 +277,8 @@ def _against(pct: float, target: float) -> str:
 
 def _qat_rows(data: str) -> list[dict[str, Any]]:
     """The QAT rows of the data's ablate results (one file per step count) with their steps, share of FP32, int8 gap
-    and calibration images; the FP32 row first, once."""
+    and calibration images; the FP32 row first, and again before a file whose float model scores otherwise (the
+    rows of a file are shares of their own float model)."""
     rows: list[dict[str, Any]] = []
     for file in RECONSTRUCTION_QAT.get(data, []):
         if not (RESULTS / file).is_file():
@@ -285,13 +286,19 @@ def _qat_rows(data: str) -> list[dict[str, Any]]:
         record = results(file)
         grid = record["meta"]["grid"]
         fp32 = next(r for r in record["rows"] if r["row"] == "FP32")
-        if not rows:
-            rows.append({**fp32, "steps": "-"})
+        if not any(r.get("float") and r["AP"] == fp32["AP"] for r in rows):
+            rows.append({**fp32, "steps": "-", "float": True,
+                         "row": "FP32 (another float model: the rows below)" if rows else "FP32"})
         batch = grid.get("batch_size")
         rows += [{**r, "steps": grid["steps"], "pct_fp32": 100 * r["AP"] / fp32["AP"],
                   "int8_gap": r["int8_AP"] - r["AP"], "cal_images": r["config"]["n_cal"] * batch if batch else None}
                  for r in record["rows"] if r["row"] != "FP32"]
     return rows
+
+
+def _qat_runs(data: str) -> list[dict[str, Any]]:
+    """The QAT rows alone, without the FP32 rows they are shares of."""
+    return [r for r in _qat_rows(data) if not r.get("float")]
 
 
 def reconstruction_qat_table(data: str) -> str:
@@ -310,7 +317,7 @@ QAT_TARGET = 97.0  # the level QAT w4a4 from a PTQ start is held to within 400 s
 
 def reconstruction_qat_best(data: str) -> str:
     """The best QAT row at the longest measured run, and how far it is from the target, inline."""
-    rows = _qat_rows(data)[1:]
+    rows = _qat_runs(data)
     steps = max(r["steps"] for r in rows)
     best = max((r for r in rows if r["steps"] == steps), key=lambda r: r["AP"])
     return f"{best['row']} after {steps} steps, " + _against(best["pct_fp32"], QAT_TARGET)
@@ -327,7 +334,7 @@ def reconstruction_gap(data: str) -> str:
         return f"{r['model']} {r['rounding']}{iters}{scope}"
 
     rows = [(name(r), r["int8_gap"]) for r in _ptq_rows(data) if r.get("int8_gap") is not None]
-    rows += [(f"{r['row']} ({r['steps']} steps)", r["int8_gap"]) for r in _qat_rows(data)[1:]]
+    rows += [(f"{r['row']} ({r['steps']} steps)", r["int8_gap"]) for r in _qat_runs(data)]
     worst_name, worst = max(rows, key=lambda r: abs(r[1]))
     over = [n for n, g in rows if abs(g) > GAP_TARGET]
     text = f"at most {abs(worst) * 100:.1f} AP points ({worst_name}) over the {len(rows)} PTQ and QAT rows"
