@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import yaml
 from fqn.models.checkpoint import load_detector
 from fqn.models.faster_rcnn import recalibrate_bn
 from fqn.quant.state import quant_config
-from tests.test_configs import COCO_IDS, REPO, coco_files, fqn, qat_checkpoint
+from tests.test_configs import COCO_IDS, REPO, coco_files, qat_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +40,23 @@ def torch_home(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tmp_path):
-    env = {**os.environ, "TORCH_HOME": str(torch_home)}
+def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tmp_path, monkeypatch):
+    """Through the CLI's entry point in this process (a console script's start-up costs 6-10 s; test_install.py runs
+    the installed `fqn` itself); torch.hub reads TORCH_HOME at each load, as the real command does."""
+    from fqn.commands.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.chdir(tmp_path)
     files = coco_files(tmp_path / "coco", COCO_IDS)
     config = tmp_path / "coco_tiny.yaml"  # the shipped recipe, pointed at the tiny data
     config.write_text(yaml.safe_dump({"__base__": str(REPO / "configs" / "coco_r50_w4a4.yaml"),
                                       "data": dict(zip(("train_images", "train_ann", "val_images", "val_ann"), files),
                                                    num_workers=0)}))
-    fit = fqn("fit", "--config", str(config), "--model.min_size", "128", "--model.max_size", "128",
-              "--data.batch_size", "2", "--model.quant.n_cal", "2", "--trainer.max_steps", "2",
-              "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-              "--trainer.precision", "32-true",  # on a CPU, as the recipe says: its 16-mixed is bf16 autocast
-              cwd=tmp_path, env=env)                # here, ~4x slower (194 s against 51 s for this fit)
-    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert main(["fit", "--config", str(config), "--model.min_size", "128", "--model.max_size", "128",
+                 "--data.batch_size", "2", "--model.quant.n_cal", "2", "--trainer.max_steps", "2",
+                 "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.precision", "32-true"]) == 0  # on a CPU, as the recipe says: its 16-mixed is bf16
+    # autocast here, ~4x slower (194 s against 51 s for this fit)
     ckpt = qat_checkpoint(tmp_path)
     model, hp = load_detector(ckpt)
     assert hp["weights"] == "DEFAULT" and hp["frozen_bn"] is True and quant_config(model).flags == "FPC"
@@ -68,11 +71,8 @@ def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tm
     # no peer rows (ORT quantize_static and torchao are tested on tiny models there); the data: the checkpoint's own
     assert ckpt == tmp_path / "runs" / "coco_tiny" / "checkpoints" / "last.ckpt"  # the run folder of its config
     # (fqn's PTQ of an R50 runs in test_configs.py's custom_coco chain)
-    compare = fqn("compare", "--qat", str(ckpt), "--out", str(tmp_path / "cmp"),
-                  "--no-ptq", "--no-peers", "--runs", "1", "--n-cal", "2", "--threads", "1",
-                  "--runtime", "onnxruntime", cwd=tmp_path,
-                  env=env)
-    assert compare.returncode == 0, compare.stderr[-3000:]
+    assert main(["compare", "--qat", str(ckpt), "--out", str(tmp_path / "cmp"), "--no-ptq", "--no-peers", "--runs",
+                 "1", "--n-cal", "2", "--threads", "1", "--runtime", "onnxruntime"]) == 0
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["machine"]["data_source"] == "coco" and saved["machine"]["val_images"] == 2
     rows = {r["name"]: r for r in saved["rows"]}
