@@ -47,6 +47,18 @@ def checkpoints(tmp_path_factory):
     return float_ckpt, _save(qat, root / "qat_w4a4.ckpt", cfg.to_dict())
 
 
+@pytest.fixture(scope="module")
+def qat_int8(checkpoints, tmp_path_factory):
+    """`fqn convert QAT_CKPT --out OUT` once for the tests that read its files: the folder and what it printed."""
+    import contextlib
+    import io
+
+    out, printed = tmp_path_factory.mktemp("convert") / "int8", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["convert", str(checkpoints[1]), "--out", str(out)]) == 0
+    return out, printed.getvalue()
+
+
 QAT = "fqn QAT w4a4 (qat_w4a4)"  # a QAT row is named after its run
 
 
@@ -106,16 +118,15 @@ def test_compare_writes_every_row_with_finite_numbers(checkpoints, tmp_path):
     assert all(name in table for name in names) and "threads" in table
 
 
-def test_convert_cli_qat_ptq_and_bad_input(checkpoints, tmp_path, capsys):
+def test_convert_cli_qat_ptq_and_bad_input(checkpoints, qat_int8, tmp_path, capsys):
     float_ckpt, qat_ckpt = checkpoints
-    out = tmp_path / "int8"
-    assert main(["convert", str(qat_ckpt), "--out", str(out)]) == 0
+    out, printed = qat_int8
     deployed = load_int8(out / "qat_w4a4.onnx")
     assert deployed.metadata["fqn.bits"] == "w4a4"
     # the file records what it came from: class names for `fqn predict`, the data for `fqn evaluate`
     assert json.loads(deployed.metadata["fqn.class_names"]) == tiny_data().class_names
     assert json.loads(deployed.metadata["fqn.data"])["num_val"] == 2
-    printed = capsys.readouterr().out  # at 4 bits: the deployable file and the packed storage file, each named
+    # at 4 bits: the deployable file and the packed storage file, each named
     assert "qat_w4a4.onnx" in printed and "deploy" in printed and "qat_w4a4.int4.onnx" in printed
     assert "storage" in printed
     assert load_int8(out / "qat_w4a4.int4.onnx").metadata["fqn.weights"] == "int4-packed"
@@ -143,14 +154,13 @@ def test_convert_cli_qat_ptq_and_bad_input(checkpoints, tmp_path, capsys):
         main(["convert", str(bare), "--out", str(tmp_path / "b"), "--ptq-bits", "8"])
 
 
-def test_evaluate_scores_the_int8_file_and_the_checkpoint_alike(checkpoints, tmp_path):
+def test_evaluate_scores_the_int8_file_and_the_checkpoint_alike(checkpoints, qat_int8, tmp_path):
     """`fqn evaluate` on the int8 file (its recorded data) and on the checkpoint: the int8 file's mAP is
     the one `evaluate_map` gives on the same images, computed here independently of the command."""
     from fqn.evaluation import evaluate_map
 
     _, qat_ckpt = checkpoints
-    main(["convert", str(qat_ckpt), "--out", str(tmp_path / "int8")])
-    onnx_file = tmp_path / "int8" / "qat_w4a4.onnx"
+    onnx_file = qat_int8[0] / "qat_w4a4.onnx"
     assert main(["evaluate", str(onnx_file), "--out", str(tmp_path / "e8"), "--threads", "1"]) == 0
     record = json.loads((tmp_path / "e8" / "metrics.json").read_text())
     data = tiny_data(num_val=2, augment=False)
