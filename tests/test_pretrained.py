@@ -52,11 +52,11 @@ def test_coco_pretrained_detector_through_qat_convert_and_compare(torch_home, tm
     config.write_text(yaml.safe_dump({"__base__": str(REPO / "configs" / "coco_r50_w4a4.yaml"),
                                       "data": dict(zip(("train_images", "train_ann", "val_images", "val_ann"), files),
                                                    num_workers=0)}))
+    # 32-true on a CPU, as the recipe says: its 16-mixed is bf16 autocast here, ~4x slower (194 s against 51 s)
     assert main(["fit", "--config", str(config), "--model.min_size", "128", "--model.max_size", "128",
                  "--data.batch_size", "2", "--model.quant.n_cal", "2", "--trainer.max_steps", "2",
                  "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-                 "--trainer.precision", "32-true"]) == 0  # on a CPU, as the recipe says: its 16-mixed is bf16
-    # autocast here, ~4x slower (194 s against 51 s for this fit)
+                 "--trainer.precision", "32-true"]) == 0
     ckpt = qat_checkpoint(tmp_path)
     model, hp = load_detector(ckpt)
     assert hp["weights"] == "DEFAULT" and hp["frozen_bn"] is True and quant_config(model).flags == "FPC"
